@@ -1,0 +1,96 @@
+"""Reference (torch) kernels: the ground truth every fast kernel is tested against.
+
+They run on any device. Integer GEMMs accumulate exactly in int32 (``torch._int_mm``
+where the shape allows, else float64, which is exact for int8 products up to K = 2^37).
+Outputs are computed in float32 and cast to the activation dtype.
+"""
+from __future__ import annotations
+
+import torch
+
+from .. import primitives as P
+
+
+def w4a16_dequant(packed: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None,
+                  group_size: int, in_features: int, g_idx: torch.Tensor | None = None) -> torch.Tensor:
+    """Canonical packed int4 ``[out, in/8]`` -> float32 weight ``[out, in]``.
+
+    ``g_idx`` (act-order): input column ``k`` uses group ``g_idx[k]`` instead of ``k // group_size``.
+    """
+    q = P.unpack_int4(packed, in_features).float()  # [out, in]
+    if g_idx is None:
+        return P.int4_dequantize(q, scales, zeros, group_size)
+    s = scales.float()[:, g_idx.long()]  # [out, in]
+    z = zeros.float()[:, g_idx.long()] if zeros is not None else 0.0
+    return (q - z) * s
+
+
+def w4a16_linear(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None,
+                 group_size: int, bias: torch.Tensor | None = None, g_idx: torch.Tensor | None = None) -> torch.Tensor:
+    """``x @ dequant(W).T + bias``; x: [..., in] -> [..., out]."""
+    in_features = x.shape[-1]
+    w = w4a16_dequant(packed, scales, zeros, group_size, in_features, g_idx)
+    out = x.float() @ w.t()
+    if bias is not None:
+        out = out + bias.float()
+    return out.to(x.dtype)
+
+
+def act_quant_int8(x: torch.Tensor, input_scale: torch.Tensor | None = None,
+                   smooth: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Activation quantization: x [M, K] -> (int8 [M, K], float32 scale [M, 1]).
+
+    Dynamic per-token absmax unless a static per-tensor ``input_scale`` is given.
+    ``smooth`` [K]: SmoothQuant divisor applied before rounding (x / smooth).
+    """
+    xf = x.float()
+    if smooth is not None:
+        xf = xf / smooth.float()
+    if input_scale is None:
+        scale = P.int8_scale(xf, "token")
+    else:
+        scale = input_scale.float().reshape(1, 1).expand(xf.shape[0], 1)
+    return P.int8_quantize(xf, scale), scale
+
+
+def int8_matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Exact int32 ``a [M, K] @ b [N, K].T`` for int8 inputs."""
+    m, k = a.shape
+    n = b.shape[0]
+    if a.device.type == "cpu" or (m > 16 and k % 8 == 0 and n % 8 == 0):
+        try:
+            return torch._int_mm(a, b.t())
+        except RuntimeError:
+            pass
+    return (a.double() @ b.double().t()).to(torch.int32)
+
+
+def w8a8_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
+                input_scale: torch.Tensor | None = None, smooth: torch.Tensor | None = None,
+                bias: torch.Tensor | None = None) -> torch.Tensor:
+    """INT8 W8A8: per-channel int8 weight [N, K] (scale [N, 1]) x int8 activations -> x.dtype."""
+    shape = x.shape
+    x2 = x.reshape(-1, shape[-1])
+    xq, xs = act_quant_int8(x2, input_scale, smooth)
+    acc = int8_matmul(xq, weight)  # [M, N] int32
+    out = acc.float() * xs * weight_scale.float().reshape(1, -1)
+    if bias is not None:
+        out = out + bias.float()
+    return out.to(x.dtype).reshape(*shape[:-1], weight.shape[0])
+
+
+def act_quant_fp8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Dynamic per-token fp8 e4m3: x [M, K] -> (fp8 [M, K], float32 scale [M, 1])."""
+    return P.quantize_fp8(x, "token")
+
+
+def fp8_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
+               bias: torch.Tensor | None = None) -> torch.Tensor:
+    """FP8: per-row e4m3 weight [N, K] x dynamic per-token e4m3 activations, float32 accumulation."""
+    shape = x.shape
+    x2 = x.reshape(-1, shape[-1])
+    xq, xs = act_quant_fp8(x2)
+    out = (xq.float() @ weight.float().t()) * xs * weight_scale.float().reshape(1, -1)
+    if bias is not None:
+        out = out + bias.float()
+    return out.to(x.dtype).reshape(*shape[:-1], weight.shape[0])

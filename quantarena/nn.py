@@ -1,0 +1,159 @@
+"""Quantized Linear modules. Each holds the real codes and scales (never fake-quantized floats)
+and computes through :mod:`quantarena.kernels.ops`.
+
+Buffer names follow compressed-tensors (``weight_packed``, ``weight_scale``, ``weight_zero_point``,
+``weight_g_idx``, ``input_scale``) so export is a rename-free copy.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from . import primitives as P
+from .kernels import ops, reference
+
+
+class QuantLinearBase(nn.Module):
+    """Common parts: shapes, optional bias, byte accounting."""
+
+    in_features: int
+    out_features: int
+
+    def _init_common(self, in_features: int, out_features: int, bias: torch.Tensor | None) -> None:
+        self.in_features, self.out_features = in_features, out_features
+        self.register_buffer("bias", None if bias is None else bias.detach().clone())
+
+    def weight_bytes(self) -> int:
+        """Bytes of weights and their quantization parameters (what a checkpoint stores)."""
+        return sum(b.numel() * b.element_size() for n, b in self.named_buffers() if b is not None and n != "bias")
+
+    def dequantize(self) -> torch.Tensor:
+        raise NotImplementedError
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
+
+
+class BF16Linear(QuantLinearBase):
+    """Weights stored in bfloat16; compute in the activation dtype."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None):
+        super().__init__()
+        self._init_common(weight.shape[1], weight.shape[0], bias)
+        self.register_buffer("weight", weight.detach().to(torch.bfloat16))
+
+    @classmethod
+    def from_float(cls, linear: nn.Linear) -> "BF16Linear":
+        return cls(linear.weight, linear.bias)
+
+    def dequantize(self) -> torch.Tensor:
+        return self.weight.float()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        bias = None if self.bias is None else self.bias.to(x.dtype)
+        return nn.functional.linear(x, self.weight.to(x.dtype), bias)
+
+
+class W4A16Linear(QuantLinearBase):
+    """int4 group-wise weights (canonical packed layout, bf16 scales), 16-bit activations."""
+
+    def __init__(self, codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None, group_size: int,
+                 bias: torch.Tensor | None = None, g_idx: torch.Tensor | None = None):
+        super().__init__()
+        out_features, in_features = codes.shape
+        group_size = in_features if group_size == -1 else group_size
+        P.check_group_size(in_features, group_size)
+        self._init_common(in_features, out_features, bias)
+        self.group_size = group_size
+        self.symmetric = zeros is None  # symmetric weights carry no zero points
+        self.register_buffer("weight_packed", P.pack_int4(codes))                  # [out, in/8] int32
+        self.register_buffer("weight_scale", scales.detach().to(torch.bfloat16))   # [out, in/g]
+        self.register_buffer("weight_zero_point", None if self.symmetric else zeros.to(torch.int8))
+        self.register_buffer("weight_g_idx", None if g_idx is None else g_idx.to(torch.int32))
+
+    @classmethod
+    def from_float(cls, linear: nn.Linear, group_size: int = 128, symmetric: bool = True) -> "W4A16Linear":
+        """Round-to-nearest."""
+        q, s, z = P.quantize_int4(linear.weight.detach(), group_size, symmetric)
+        return cls(q, s, None if symmetric else z, group_size, linear.bias)
+
+    def codes(self) -> torch.Tensor:
+        return P.unpack_int4(self.weight_packed, self.in_features)
+
+    def dequantize(self) -> torch.Tensor:
+        return reference.w4a16_dequant(self.weight_packed, self.weight_scale, self.weight_zero_point,
+                                       self.group_size, self.in_features, self.weight_g_idx)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return ops.w4a16_linear(x, self.weight_packed, self.weight_scale, self.weight_zero_point,
+                                self.group_size, self.bias, self.weight_g_idx)
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + f", group_size={self.group_size}, symmetric={self.symmetric}"
+
+
+class W8A8Linear(QuantLinearBase):
+    """Per-channel int8 weights; int8 activations, dynamic per-token or static per-tensor (``input_scale``).
+
+    ``smooth_scale`` [in] is an optional SmoothQuant divisor applied to activations inside the
+    activation-quant step, for layers whose smoothing cannot be folded into a preceding op.
+    """
+
+    def __init__(self, weight: torch.Tensor, weight_scale: torch.Tensor, bias: torch.Tensor | None = None,
+                 input_scale: torch.Tensor | None = None, smooth_scale: torch.Tensor | None = None):
+        super().__init__()
+        self._init_common(weight.shape[1], weight.shape[0], bias)
+        self.register_buffer("weight", weight.to(torch.int8))                           # [out, in]
+        self.register_buffer("weight_scale", weight_scale.float().reshape(-1, 1))       # [out, 1]
+        self.register_buffer("input_scale", None if input_scale is None else input_scale.float().reshape(1))
+        self.register_buffer("smooth_scale", None if smooth_scale is None else smooth_scale.float())
+
+    @classmethod
+    def from_float(cls, linear: nn.Linear, input_scale: torch.Tensor | None = None,
+                   smooth_scale: torch.Tensor | None = None) -> "W8A8Linear":
+        w = linear.weight.detach()
+        P.check_finite(w, "weight")
+        if smooth_scale is not None:
+            w = w * smooth_scale.to(w.dtype)  # the activation is divided by s, so the weight carries s
+        q, s = P.quantize_int8(w, "channel")
+        return cls(q, s, linear.bias, input_scale, smooth_scale)
+
+    @property
+    def static(self) -> bool:
+        return self.input_scale is not None
+
+    def dequantize(self) -> torch.Tensor:
+        w = P.dequantize_int8(self.weight, self.weight_scale)
+        return w if self.smooth_scale is None else w / self.smooth_scale.float()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return ops.w8a8_linear(x, self.weight, self.weight_scale, self.input_scale, self.smooth_scale, self.bias)
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + f", static={self.static}"
+
+
+class FP8Linear(QuantLinearBase):
+    """Per-row fp8 e4m3 weights, dynamic per-token fp8 activations."""
+
+    def __init__(self, weight: torch.Tensor, weight_scale: torch.Tensor, bias: torch.Tensor | None = None):
+        super().__init__()
+        self._init_common(weight.shape[1], weight.shape[0], bias)
+        self.register_buffer("weight", weight.to(P.FP8_DTYPE))
+        self.register_buffer("weight_scale", weight_scale.float().reshape(-1, 1))
+
+    @classmethod
+    def from_float(cls, linear: nn.Linear) -> "FP8Linear":
+        w = linear.weight.detach()
+        P.check_finite(w, "weight")
+        q, s = P.quantize_fp8(w, "row")
+        return cls(q, s, linear.bias)
+
+    def dequantize(self) -> torch.Tensor:
+        return P.dequantize_fp8(self.weight, self.weight_scale)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return ops.fp8_linear(x, self.weight, self.weight_scale, self.bias)
+
+
+QUANT_LINEARS = (BF16Linear, W4A16Linear, W8A8Linear, FP8Linear)
