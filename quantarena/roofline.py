@@ -253,8 +253,8 @@ def supported(scheme: str | Scheme | WeightFormat, gpu: GPUSpec) -> bool:
 
 @dataclass(frozen=True)
 class Crossover:
-    """``faster_small`` wins at batch 1; ``faster_large`` overtakes it from ``batch`` on (None: never, up to
-    the search limit; equal to 1 when the same scheme wins everywhere... then both names are the same)."""
+    """``faster_small`` wins at batch 1 (``tie`` when within :data:`TIE`); ``faster_large`` is faster from
+    ``batch`` on. ``batch`` is None when nothing changes up to the search limit."""
     pair: tuple[str, str]
     faster_small: str
     faster_large: str
@@ -264,24 +264,39 @@ class Crossover:
     def key(self) -> str:
         return f"{self.pair[0]} vs {self.pair[1]}"
 
+    def describe(self) -> str:
+        a, b = self.pair
+        if self.batch is None:
+            return f"{a} and {b} equal at every batch" if self.faster_small == "tie" else \
+                f"{self.faster_small} faster than {b if self.faster_small == a else a} at every batch"
+        if self.faster_small == "tie":
+            return f"{a} and {b} equal up to batch {self.batch - 1}, then {self.faster_large} faster"
+        return f"{self.faster_large} overtakes {self.faster_small} at batch {self.batch}"
+
+
+TIE = 0.005  # relative step-time difference below which two schemes count as equal
+
 
 def crossover(shape: ModelShape, a: str, b: str, gpu: GPUSpec, context: int = 1,
               eff: Efficiency = DEFAULT_EFFICIENCY, max_batch: int = 16384) -> Crossover:
-    """Smallest batch at which the scheme slower at batch 1 becomes faster (bisection on a monotone gap)."""
-    def gap(m: int) -> float:
-        return step_seconds(shape, a, gpu, m, context, eff) - step_seconds(shape, b, gpu, m, context, eff)
-    g1 = gap(1)
-    small, large = (a, b) if g1 <= 0 else (b, a)
-    sign = 1.0 if g1 <= 0 else -1.0         # sign * gap(m) > 0 once `large` is faster
-
-    def flipped(m: int) -> bool:
-        return sign * gap(m) > 0
+    """Smallest batch at which the scheme slower (or tied) at batch 1 becomes faster; bisection assumes the
+    step-time difference changes sign at most once, which holds for the max(memory, compute) model."""
+    def rel_gap(m: int) -> float:
+        ta, tb = (step_seconds(shape, s, gpu, m, context, eff) for s in (a, b))
+        return (ta - tb) / min(ta, tb)
+    g1 = rel_gap(1)
+    if abs(g1) < TIE:
+        small, flipped = "tie", (lambda m: abs(rel_gap(m)) >= TIE)
+    else:
+        small = a if g1 < 0 else b
+        flipped = (lambda m: rel_gap(m) > 0) if g1 < 0 else (lambda m: rel_gap(m) < 0)
     if not flipped(max_batch):
         return Crossover((a, b), small, small, None)
     lo, hi = 1, max_batch
     while hi - lo > 1:
         mid = (lo + hi) // 2
         lo, hi = (lo, mid) if flipped(mid) else (mid, hi)
+    large = a if rel_gap(hi) < 0 else b
     return Crossover((a, b), small, large, hi)
 
 

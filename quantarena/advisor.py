@@ -1,0 +1,399 @@
+"""The W4A16-vs-W8A8 decision for a model, a GPU and a traffic pattern, with its working.
+
+For every scenario (a decode batch at a context length) the advisor keeps the schemes that the GPU
+can run, that fit in its memory and that stay within the accuracy limit, and picks the fastest:
+measured decode times when a decode benchmark of this model on this GPU exists, roofline
+predictions (with measured kernel ceilings when a kernel benchmark exists) otherwise.
+:func:`decide` is pure; :func:`advise` gathers the inputs (model shape, GPU, benchmark files, the
+accuracy comparison) and calls it.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from . import roofline as R
+from .gpus import DEFAULT_EFFICIENCY, Efficiency, GPUError, GPUSpec, apply_kernel_benchmark, benchmark_files, \
+    detect_gpu, get_gpu, known_gpus, load_json
+from .schemes import SchemeError, parse_scheme
+
+DEFAULT_SCHEMES = ["bf16", "w4a16-gptq", "w4a16-awq", "w8a8-sq", "fp8"]
+DEFAULT_BATCHES = [1, 8, 32, 128, 256]
+DEFAULT_CONTEXT = 2048
+BENCH_DIR = Path("benchmarks/results")
+CURVE_BATCHES = [1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512, 768, 1024]
+HIGH_PPL_COST = 5.0   # percent: above this the table suggests --max-ppl-increase
+
+EXPORTS = {
+    "bf16": "safetensors (unquantized): any engine",
+    "w4a16": "compressed-tensors pack-quantized -> vLLM / SGLang (Marlin, Machete on Hopper); GGUF Q4 -> llama.cpp",
+    "w8a8": "compressed-tensors int-quantized -> vLLM / SGLang (CUTLASS int8 GEMM)",
+    "fp8": "compressed-tensors float-quantized -> vLLM / SGLang (Ada or Hopper fp8 tensor cores)",
+    "w4a8": "QServe / LMDeploy (quantarena does not export W4A8 yet)",
+}
+
+
+class AdviceError(ValueError):
+    """Bad advisor input: unknown GPU, empty batch list, mismatched options."""
+
+
+@dataclass
+class Row:
+    """One line of the decision table."""
+    scenario: str
+    batch: int
+    context: int
+    scheme: str | None
+    why: str
+    speedup: float | None          # step time of bf16 / step time of the scheme (None: bf16 does not fit)
+    accuracy: str
+    export: str
+    source: str                    # measured | roofline
+    ms_per_step: dict[str, float] = field(default_factory=dict)
+    rejected: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass
+class Advice:
+    model: str
+    gpu: GPUSpec
+    context: int
+    batches: list[int]
+    schemes: list[str]
+    rows: list[Row]
+    crossovers: list[R.Crossover]
+    ideal_crossovers: list[R.Crossover]
+    memory: list[R.MemoryFit]
+    accuracy: dict[str, dict[str, float]] | None
+    accuracy_note: str
+    source: str
+    curve_batches: list[int]
+    curves_ms: dict[str, list[float]]
+    ideal_ms: dict[str, list[float]]
+    measured_ms: dict[str, list[tuple[int, float]]]
+    measured_crossover: Any = None
+    notes: list[str] = field(default_factory=list)
+    outliers: dict[str, float] | None = None
+
+    def to_dict(self) -> dict:
+        return {
+            "model": self.model, "gpu": asdict(self.gpu), "context": self.context, "batches": self.batches,
+            "schemes": self.schemes, "source": self.source, "accuracy_note": self.accuracy_note,
+            "rows": [asdict(r) for r in self.rows],
+            "crossover": {c.key: {"batch": c.batch, "faster_small": c.faster_small, "faster_large": c.faster_large}
+                          for c in self.crossovers},
+            "crossover_ideal": {c.key: c.batch for c in self.ideal_crossovers},
+            "crossover_measured": self.measured_crossover,
+            "memory": [dict(asdict(m), total_gb=m.total_gb, fits=m.fits, gpus_needed=m.gpus_needed)
+                       for m in self.memory],
+            "accuracy": self.accuracy, "notes": self.notes,
+        }
+
+
+# -- inputs ----------------------------------------------------------------------------------------
+
+def family(scheme: str) -> str:
+    """``w4a16-gptq-g64`` -> ``w4a16``; families pass through."""
+    if scheme in R.FORMATS:
+        return scheme
+    try:
+        return parse_scheme(scheme).family
+    except SchemeError:
+        head = scheme.lower().split("-")[0]
+        if head in R.FORMATS:
+            return head
+        raise
+
+
+def accuracy_table(rows: list[dict]) -> dict[str, dict[str, float]]:
+    """Per scheme: ppl, kld, bytes and ``ppl_increase_pct`` relative to the ``bf16`` row (or the lowest ppl)."""
+    rows = [r for r in rows if r.get("ppl") is not None]
+    if not rows:
+        return {}
+    base = next((r for r in rows if r["scheme"] == "bf16"), min(rows, key=lambda r: r["ppl"]))
+    return {r["scheme"]: {"ppl": float(r["ppl"]), "kld": None if r.get("kld") is None else float(r["kld"]),
+                          "bytes": r.get("bytes"), "ppl_increase_pct": 100.0 * (r["ppl"] / base["ppl"] - 1.0)}
+            for r in rows}
+
+
+def measured_points(decode: dict) -> dict[str, list[tuple[int, float]]]:
+    """``{scheme: [(batch, ms per step), ...]}`` from a ``<gpu>-decode.json`` benchmark."""
+    out: dict[str, list[tuple[int, float]]] = {}
+    for row in decode.get("rows", []):
+        try:
+            batch, ms = int(row["batch"]), float(row.get("ms_per_token") or 1e3 * row["batch"] / row["decode_tok_s"])
+        except (KeyError, TypeError, ValueError, ZeroDivisionError):
+            continue
+        out.setdefault(str(row["scheme"]), []).append((batch, ms))
+    return {k: sorted(v) for k, v in out.items()}
+
+
+def interpolate(points: list[tuple[int, float]], batch: int) -> float | None:
+    """Log-log interpolation inside the measured batch range; None outside it."""
+    for (b0, t0), (b1, t1) in zip(points, points[1:]):
+        if b0 <= batch <= b1:
+            if b0 == b1:
+                return t0
+            w = (math.log(batch) - math.log(b0)) / (math.log(b1) - math.log(b0))
+            return math.exp((1 - w) * math.log(t0) + w * math.log(t1))
+    return next((t for b, t in points if b == batch), None)
+
+
+def measured_crossover(points: dict[str, list[tuple[int, float]]], small: str = "w4a16",
+                       large: str = "w8a8") -> int | None:
+    """First measured batch where the best ``large``-family scheme is faster than the best ``small`` one."""
+    def best(fam: str) -> dict[int, float]:
+        out: dict[int, float] = {}
+        for scheme, pts in points.items():
+            if _family_or_none(scheme) == fam:
+                for b, t in pts:
+                    out[b] = min(out.get(b, math.inf), t)
+        return out
+    a, b = best(small), best(large)
+    return next((m for m in sorted(set(a) & set(b)) if b[m] < a[m]), None)
+
+
+def _family_or_none(scheme: str) -> str | None:
+    try:
+        return family(scheme)
+    except SchemeError:
+        return None
+
+
+def _same_model(bench_model: str, model: str) -> bool:
+    norm = lambda s: "".join(ch for ch in s.lower().split(":")[-1].split("/")[-1] if ch.isalnum())
+    return bool(bench_model) and norm(bench_model) == norm(model)
+
+
+# -- the decision ----------------------------------------------------------------------------------
+
+def _why(shape: R.ModelShape, scheme: str, gpu: GPUSpec, batch: int, context: int, eff: Efficiency) -> str:
+    parts = R.decode_step(shape, scheme, gpu, batch, context, eff)
+    total = parts["total"]
+    kind, ratio = R.bound(parts["linears"])
+    fmt = R.weight_format(scheme)
+    lin = (f"Linears memory-bound {ratio:.1f}x (weight reads vs {fmt.math} math)" if kind == "memory"
+           else f"Linears compute-bound {ratio:.1f}x ({fmt.math} math vs weight reads)")
+    shares = {"weights": (parts["linears"].memory_s + parts["lm_head"].memory_s),
+              "KV cache": parts["attention"].memory_s, "launch overhead": total.overhead_s}
+    denom = sum(shares.values()) + parts["linears"].compute_s
+    detail = ", ".join(f"{k} {100 * v / denom:.0f}%" for k, v in shares.items() if v / denom >= 0.1)
+    head_share = parts["lm_head"].bytes / max(total.bytes, 1)
+    extra = f"; bf16 lm_head is {100 * head_share:.0f}% of bytes" if head_share >= 0.25 else ""
+    return f"{lin}; step: {detail}{extra}" if detail else lin + extra
+
+
+def decide(shape: R.ModelShape, gpu: GPUSpec, batches: list[int], context: int, schemes: list[str],
+           accuracy: dict[str, dict[str, float]] | None = None, max_ppl_increase: float | None = None,
+           measured: dict[str, list[tuple[int, float]]] | None = None, eff: Efficiency = DEFAULT_EFFICIENCY,
+           accuracy_note: str = "", source: str = "roofline", scenario_names: list[str] | None = None) -> Advice:
+    """The decision table for ``shape`` on ``gpu``; pure (no I/O)."""
+    if not batches or any(b < 1 for b in batches):
+        raise AdviceError(f"batch sizes must be positive integers, got {batches}")
+    measured = measured or {}
+    runnable = [s for s in schemes if R.supported(s, gpu)]
+    rows = []
+    for i, batch in enumerate(batches):
+        name = scenario_names[i] if scenario_names else f"batch {batch}, context {context}"
+        rows.append(_decide_one(shape, gpu, batch, context, schemes, runnable, accuracy, max_ppl_increase,
+                                measured, eff, name))
+    families = list(dict.fromkeys(family(s) for s in runnable))
+    crossovers = R.crossovers(shape, families, gpu, context, eff)
+    ideal = R.crossovers(shape, families, gpu, context, R.IDEAL)
+    fit_batch = max(batches)
+    memory = [R.memory_fit(shape, s, gpu, fit_batch, context) for s in families]
+    notes = []
+    if not gpu.has_fp8 and any(family(s) == "fp8" for s in schemes):
+        notes.append(f"{gpu.name} has no fp8 tensor cores: fp8 left out.")
+    if accuracy:
+        worst = [s for s, a in accuracy.items() if a["ppl_increase_pct"] > HIGH_PPL_COST]
+        if worst and max_ppl_increase is None:
+            notes.append(f"{', '.join(worst)} cost more than {HIGH_PPL_COST:g}% perplexity; "
+                         "pass --max-ppl-increase P to exclude schemes above P%.")
+    return Advice(model=shape.name, gpu=gpu, context=context, batches=list(batches), schemes=list(schemes), rows=rows,
+                  crossovers=crossovers, ideal_crossovers=ideal, memory=memory, accuracy=accuracy or None,
+                  accuracy_note=accuracy_note, source=source, curve_batches=CURVE_BATCHES,
+                  curves_ms={f: [1e3 * t for t in ts] for f, ts in R.curve(shape, families, gpu, CURVE_BATCHES,
+                                                                           context, eff).items()},
+                  ideal_ms={f: [1e3 * t for t in ts] for f, ts in R.curve(shape, families, gpu, CURVE_BATCHES,
+                                                                          context, R.IDEAL).items()},
+                  measured_ms=measured, measured_crossover=measured_crossover(measured) if measured else None,
+                  notes=notes)
+
+
+def _decide_one(shape: R.ModelShape, gpu: GPUSpec, batch: int, context: int, schemes: list[str],
+                runnable: list[str], accuracy: dict | None, max_ppl_increase: float | None,
+                measured: dict[str, list[tuple[int, float]]], eff: Efficiency, name: str) -> Row:
+    rejected = {s: f"{gpu.name} has no {R.weight_format(s).math} tensor cores" for s in schemes if s not in runnable}
+    times: dict[str, float] = {}
+    sources: dict[str, str] = {}
+    for s in runnable:
+        meas = interpolate(measured.get(s, []), batch)
+        times[s] = meas if meas is not None else 1e3 * R.step_seconds(shape, s, gpu, batch, context, eff)
+        sources[s] = "measured" if meas is not None else "roofline"
+    candidates = []
+    for s in runnable:
+        fit = R.memory_fit(shape, s, gpu, batch, context)
+        acc = (accuracy or {}).get(s)
+        if not fit.fits:
+            rejected[s] = f"needs {fit.total_gb:.1f} GB > {fit.usable_gb:.1f} GB usable"
+        elif max_ppl_increase is not None and acc and acc["ppl_increase_pct"] > max_ppl_increase:
+            rejected[s] = f"+{acc['ppl_increase_pct']:.1f}% perplexity > {max_ppl_increase:g}% limit"
+        else:
+            candidates.append(s)
+    ms = {s: round(t, 4) for s, t in times.items()}
+    if not candidates:
+        fits = [R.memory_fit(shape, s, gpu, batch, context) for s in runnable]
+        smallest = min(fits, key=lambda f: f.total_gb, default=None)
+        why = "nothing fits" if smallest is None else (
+            f"nothing fits: smallest is {smallest.scheme} at {smallest.total_gb:.1f} GB (weights "
+            f"{smallest.weights_gb:.1f} + KV {smallest.kv_gb:.1f} + runtime {smallest.overhead_gb:.1f}) > "
+            f"{smallest.usable_gb:.1f} GB usable; needs {smallest.gpus_needed} x {gpu.name} (tensor parallel), "
+            "a shorter context or fewer bits")
+        return Row(name, batch, context, None, why, None, "-", "-", "roofline", ms, rejected)
+    acc_rank = lambda s: (accuracy or {}).get(s, {}).get("ppl_increase_pct", 0.0)
+    best = min(candidates, key=lambda s: (round(times[s], 6), acc_rank(s)))
+    base = "bf16" if "bf16" in candidates else None
+    speedup = times[base] / times[best] if base else None
+    why = _why(shape, best, gpu, batch, context, eff)
+    if base is None and "bf16" in rejected:
+        why += f"; bf16 {rejected['bf16']}"
+    runner_up = min((s for s in candidates if family(s) != family(best)), key=lambda s: times[s], default=None)
+    if runner_up:
+        why += f"; {times[runner_up] / times[best]:.2f}x faster than {runner_up}"
+    return Row(name, batch, context, best, why, speedup, _accuracy_text(best, accuracy),
+               EXPORTS[family(best)], sources[best], ms, rejected)
+
+
+def _accuracy_text(scheme: str, accuracy: dict | None) -> str:
+    if accuracy is None:
+        return "not measured"
+    acc = accuracy.get(scheme)
+    if acc is None:
+        return "not measured for this scheme"
+    kld = "" if acc.get("kld") is None else f", KLD {acc['kld']:.4f}"
+    return f"ppl {acc['ppl']:.2f} ({acc['ppl_increase_pct']:+.1f}%{kld})"
+
+
+# -- gathering inputs ------------------------------------------------------------------------------
+
+def resolve_gpu(name: str | None) -> tuple[GPUSpec, str]:
+    """The GPU asked for, else the local one; a one-line error listing known GPUs otherwise."""
+    if name:
+        return get_gpu(name), "named"
+    local = detect_gpu()
+    if local is None:
+        raise AdviceError(f"no GPU given and none detected; pass --gpu NAME (known: {', '.join(known_gpus())})")
+    return local, "detected"
+
+
+def scenarios(batch: list[int] | None, concurrency: int | None, context: int) -> tuple[list[int], list[str]]:
+    """Batches and scenario names from ``--batch LIST`` or ``--concurrency N`` (not both)."""
+    if batch and concurrency:
+        raise AdviceError("give --batch or --concurrency, not both")
+    if concurrency is not None:
+        if concurrency < 1:
+            raise AdviceError(f"--concurrency must be >= 1, got {concurrency}")
+        return [1, concurrency] if concurrency > 1 else [1], (
+            [f"single user, context {context}"] +
+            ([f"{concurrency} concurrent requests (decode batch {concurrency}), context {context}"]
+             if concurrency > 1 else []))
+    batches = sorted(set(batch or DEFAULT_BATCHES))
+    return batches, [f"batch {b}, context {context}" for b in batches]
+
+
+def advise(shape: R.ModelShape, gpu: str | GPUSpec | None = None, batch: list[int] | None = None,
+           concurrency: int | None = None, context: int = DEFAULT_CONTEXT, max_ppl_increase: float | None = None,
+           schemes: list[str] | None = None, accuracy_rows: list[dict] | None = None, accuracy_note: str = "",
+           kernels_file: str | Path | None = None, decode_file: str | Path | None = None,
+           bench_dir: str | Path | None = BENCH_DIR, eff: Efficiency = DEFAULT_EFFICIENCY) -> Advice:
+    """Decision table for a model shape, with benchmark files found or given and accuracy rows precomputed."""
+    spec, how = resolve_gpu(gpu) if not isinstance(gpu, GPUSpec) else (gpu, "named")
+    if context < 1:
+        raise AdviceError(f"--context must be >= 1, got {context}")
+    schemes = schemes or DEFAULT_SCHEMES
+    for s in schemes:
+        family(s)
+    batches, names = scenarios(batch, concurrency, context)
+    found = benchmark_files(spec, bench_dir) if bench_dir else {}
+    kernels_path = Path(kernels_file) if kernels_file else found.get("kernels")
+    decode_path = Path(decode_file) if decode_file else found.get("decode")
+    source = f"roofline: {spec.name} datasheet x efficiency measured on H100 (gpus.Efficiency)"
+    if kernels_path:
+        spec = apply_kernel_benchmark(spec, load_json(kernels_path), source=str(kernels_path))
+        source = f"roofline with ceilings measured in {kernels_path} ({', '.join(spec.measured)})"
+    measured: dict[str, list[tuple[int, float]]] = {}
+    notes = []
+    if decode_path:
+        decode = load_json(decode_path)
+        if _same_model(str(decode.get("model", "")), shape.name):
+            measured = {s: p for s, p in measured_points(decode).items() if s in schemes}
+            source = f"measured decode times from {decode_path} where batch is in range; " + source
+        else:
+            notes.append(f"{decode_path} measured {decode.get('model')!r}, not {shape.name!r}: "
+                         "its decode times are not used")
+        if decode.get("crossover") is not None:
+            notes.append(f"crossover reported by {decode_path}: {decode['crossover']}")
+    if how == "detected":
+        notes.append(f"GPU detected: {spec.name}")
+    accuracy = accuracy_table(accuracy_rows) if accuracy_rows else None
+    advice = decide(shape, spec, batches, context, schemes, accuracy, max_ppl_increase, measured, eff,
+                    accuracy_note or ("" if accuracy else "accuracy not measured"), source, names)
+    advice.notes = notes + advice.notes
+    return advice
+
+
+def advise_model(source: str = "default", compare: Callable[..., list[dict]] | None = None,
+                 **kwargs: Any) -> Advice:
+    """:func:`advise` for a model source: shapes from its config; accuracy from ``compare`` (real models only).
+
+    ``compare(loaded_model, schemes) -> rows`` with ``scheme``, ``ppl``, ``kld``, ``bytes`` per scheme.
+    Presets have random weights, so their accuracy is skipped and the table says so.
+    """
+    from . import models
+    if source.startswith("preset:"):
+        name = source.split(":", 1)[1]
+        shape = R.shape_from_config(models.preset_config(name), name)
+        return advise(shape, accuracy_note="skipped: preset:" + name + " has random weights, accuracy means nothing",
+                      **kwargs)
+    loaded = models.load_model(source)
+    shape = R.shape_from_config(loaded.config, loaded.name)
+    rows, note = None, "accuracy not measured (no compare function)"
+    if compare is not None and kwargs.get("accuracy_rows") is None:
+        rows = compare(loaded, kwargs.get("schemes") or DEFAULT_SCHEMES)
+        note = f"measured on {loaded.name}"
+    kwargs.setdefault("accuracy_rows", rows)
+    return advise(shape, accuracy_note=note, **kwargs)
+
+
+# -- output ----------------------------------------------------------------------------------------
+
+def format_table(advice: Advice) -> str:
+    """The decision table and the crossovers as plain text."""
+    g = advice.gpu
+    lines = [f"quantarena advise: {advice.model} on {g.name} ({g.memory_gb:g} GB, {g.bandwidth_tbs:g} TB/s, "
+             f"bf16 {g.bf16_tflops:g} / int8 {g.int8_tops:g} / fp8 {g.fp8_tflops or '-'} T/s)",
+             f"numbers: {advice.source}", f"accuracy: {advice.accuracy_note}", ""]
+    for r in advice.rows:
+        speed = f"{r.speedup:.2f}x vs bf16" if r.speedup else "bf16 does not fit"
+        lines += [f"* {r.scenario}: {r.scheme or 'NO SCHEME FITS'}" + (f"  [{speed}, {r.source}]" if r.scheme else ""),
+                  f"    why: {r.why}"]
+        if r.scheme:
+            lines += [f"    accuracy: {r.accuracy}", f"    export: {r.export}"]
+        for s, reason in r.rejected.items():
+            lines.append(f"    not {s}: {reason}")
+    lines += ["", "crossover (roofline with efficiencies; ideal: datasheet peaks, no overheads):"]
+    ideal = {c.key: c.batch for c in advice.ideal_crossovers}
+    for c in advice.crossovers:
+        lines.append(f"  {c.describe()}" + (f" (ideal roofline: {ideal[c.key] or 'never'})" if c.batch else ""))
+    if advice.measured_crossover is not None:
+        lines.append(f"  measured w4a16 -> w8a8: {advice.measured_crossover}")
+    lines += ["", f"memory at context {advice.context} (usable {advice.memory[0].usable_gb:.1f} GB):"
+              if advice.memory else ""]
+    for m in advice.memory:
+        lines.append(f"  {m.scheme:6s} weights {m.weights_gb:6.1f} GB, max batch {m.max_batch}"
+                     + ("" if m.max_batch else f"  (needs {m.gpus_needed} GPUs)"))
+    lines += [f"note: {n}" for n in advice.notes]
+    return "\n".join(lines)
