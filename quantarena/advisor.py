@@ -130,15 +130,30 @@ def measured_points(decode: dict) -> dict[str, list[tuple[int, float]]]:
     return {k: sorted(v) for k, v in out.items()}
 
 
+def for_schemes(points: dict[str, list[tuple[int, float]]], schemes: list[str]) -> dict[str, list[tuple[int, float]]]:
+    """Measured points per requested scheme: its own, else those of a measured scheme of the same family
+    (speed depends on the storage format, not on how the weights were found)."""
+    out = {}
+    for s in schemes:
+        same = [m for m in points if _family_or_none(m) == family(s)]
+        pick = s if s in points else (same[0] if same else None)
+        if pick is not None:
+            out[s] = points[pick]
+    return out
+
+
 def interpolate(points: list[tuple[int, float]], batch: int) -> float | None:
     """Log-log interpolation inside the measured batch range; None outside it."""
+    exact = next((t for b, t in points if b == batch), None)
+    if exact is not None:
+        return exact
     for (b0, t0), (b1, t1) in zip(points, points[1:]):
         if b0 <= batch <= b1:
             if b0 == b1:
                 return t0
             w = (math.log(batch) - math.log(b0)) / (math.log(b1) - math.log(b0))
             return math.exp((1 - w) * math.log(t0) + w * math.log(t1))
-    return next((t for b, t in points if b == batch), None)
+    return None
 
 
 def measured_crossover(points: dict[str, list[tuple[int, float]]], small: str = "w4a16",
@@ -229,10 +244,17 @@ def _decide_one(shape: R.ModelShape, gpu: GPUSpec, batch: int, context: int, sch
     rejected = {s: f"{gpu.name} has no {R.weight_format(s).math} tensor cores" for s in schemes if s not in runnable}
     times: dict[str, float] = {}
     sources: dict[str, str] = {}
+    predicted = {s: 1e3 * R.step_seconds(shape, s, gpu, batch, context, eff) for s in runnable}
     for s in runnable:
         meas = interpolate(measured.get(s, []), batch)
-        times[s] = meas if meas is not None else 1e3 * R.step_seconds(shape, s, gpu, batch, context, eff)
-        sources[s] = "measured" if meas is not None else "roofline"
+        if meas is not None:
+            times[s], sources[s] = meas, "measured"
+    ratios = sorted(times[s] / predicted[s] for s in times)
+    scale = ratios[len(ratios) // 2] if ratios else 1.0   # put unmeasured schemes on the measured scale
+    for s in runnable:
+        if s not in times:
+            times[s] = predicted[s] * scale
+            sources[s] = "roofline" if not ratios else f"roofline x {scale:.2f} (measured/predicted here)"
     candidates = []
     for s in runnable:
         fit = R.memory_fit(shape, s, gpu, batch, context)
@@ -329,7 +351,7 @@ def advise(shape: R.ModelShape, gpu: str | GPUSpec | None = None, batch: list[in
     if decode_path:
         decode = load_json(decode_path)
         if _same_model(str(decode.get("model", "")), shape.name):
-            measured = {s: p for s, p in measured_points(decode).items() if s in schemes}
+            measured = for_schemes(measured_points(decode), schemes)
             source = f"measured decode times from {decode_path} where batch is in range; " + source
         else:
             notes.append(f"{decode_path} measured {decode.get('model')!r}, not {shape.name!r}: "
