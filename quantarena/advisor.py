@@ -108,14 +108,17 @@ def family(scheme: str) -> str:
 
 
 def accuracy_table(rows: list[dict]) -> dict[str, dict[str, float]]:
-    """Per scheme: ppl, kld, bytes and ``ppl_increase_pct`` relative to the ``bf16`` row (or the lowest ppl)."""
+    """Per scheme: ppl, kld, bytes and ``ppl_increase_pct``: the row's ``delta_pct`` (vs the unquantized model)
+    when present, else relative to the ``bf16`` row (or the lowest ppl)."""
     rows = [r for r in rows if r.get("ppl") is not None]
     if not rows:
         return {}
     base = next((r for r in rows if r["scheme"] == "bf16"), min(rows, key=lambda r: r["ppl"]))
+
+    def increase(r: dict) -> float:   # compare() rows carry delta_pct against the unquantized model
+        return float(r["delta_pct"]) if r.get("delta_pct") is not None else 100.0 * (r["ppl"] / base["ppl"] - 1.0)
     return {r["scheme"]: {"ppl": float(r["ppl"]), "kld": None if r.get("kld") is None else float(r["kld"]),
-                          "bytes": r.get("bytes"), "ppl_increase_pct": 100.0 * (r["ppl"] / base["ppl"] - 1.0)}
-            for r in rows}
+                          "bytes": r.get("bytes"), "ppl_increase_pct": increase(r)} for r in rows}
 
 
 def measured_points(decode: dict) -> dict[str, list[tuple[int, float]]]:
@@ -367,27 +370,86 @@ def advise(shape: R.ModelShape, gpu: str | GPUSpec | None = None, batch: list[in
     return advice
 
 
-def advise_model(source: str = "default", compare: Callable[..., list[dict]] | None = None,
-                 **kwargs: Any) -> Advice:
-    """:func:`advise` for a model source: shapes from its config; accuracy from ``compare`` (real models only).
+# preference per family for the accuracy comparison: every available method of the first tier is measured
+ACCURACY_TIERS = {"bf16": [["bf16"]], "w4a16": [["w4a16-gptq", "w4a16-awq"], ["w4a16-rtn"]],
+                  "w8a8": [["w8a8-sq"], ["w8a8-int8"]], "fp8": [["fp8"]]}
 
-    ``compare(loaded_model, schemes) -> rows`` with ``scheme``, ``ppl``, ``kld``, ``bytes`` per scheme.
-    Presets have random weights, so their accuracy is skipped and the table says so.
-    """
+
+def available_schemes(schemes: list[str], model_type: str) -> tuple[list[str], list[str]]:
+    """(schemes the quantizer can run now, those it cannot), asking :func:`quantize.block_processor`."""
+    from .models import arch_for
+    from .quantize import block_processor
+    arch = arch_for(model_type)
+    ok, missing = [], []
+    for s in schemes:
+        scheme = parse_scheme(s)
+        try:
+            if scheme.needs_calibration:
+                block_processor(scheme, arch)
+            ok.append(s)
+        except ValueError:
+            missing.append(s)
+    return ok, missing
+
+
+def accuracy_schemes(model_type: str, families: list[str] | None = None) -> tuple[list[str], list[str]]:
+    """Per family, the best tier of methods the quantizer can run (GPTQ/AWQ before RTN, SmoothQuant before
+    plain int8); returns (schemes to measure, schemes skipped because they are not available)."""
+    chosen, skipped = [], []
+    for fam in families or list(ACCURACY_TIERS):
+        for tier in ACCURACY_TIERS[fam]:
+            ok, missing = available_schemes(tier, model_type)
+            skipped += missing
+            if ok:
+                chosen += ok
+                break
+    return chosen, skipped
+
+
+def _config_of(source: str):
+    """The model's config without loading weights where possible."""
+    from transformers import AutoConfig
+    from . import models
+    if source == models.DEFAULT_MODEL:
+        return AutoConfig.from_pretrained(models.default_model_dir()), models.DEFAULT_NAME
+    path = Path(source).expanduser()
+    if path.is_dir() and (path / "config.json").exists():
+        return AutoConfig.from_pretrained(path), path.name
+    loaded = models.load_model(source)
+    return loaded.config, loaded.name
+
+
+def advise_model(source: str = "default", settings: Any = None, measure_accuracy: bool = True,
+                 progress: bool = False, log: Callable[[str], None] = print, **kwargs: Any) -> Advice:
+    """:func:`advise` for a model source: shapes from its config, accuracy from :func:`compare.compare` on
+    the model (the best available method per family, unless ``schemes`` or ``accuracy_rows`` are given).
+    Presets have random weights, so their accuracy is skipped and the table says so."""
     from . import models
     if source.startswith("preset:"):
         name = source.split(":", 1)[1]
         shape = R.shape_from_config(models.preset_config(name), name)
-        return advise(shape, accuracy_note="skipped: preset:" + name + " has random weights, accuracy means nothing",
+        kwargs.pop("accuracy_rows", None)
+        return advise(shape, accuracy_note=f"skipped: preset:{name} has random weights, so accuracy means nothing",
                       **kwargs)
-    loaded = models.load_model(source)
-    shape = R.shape_from_config(loaded.config, loaded.name)
-    rows, note = None, "accuracy not measured (no compare function)"
-    if compare is not None and kwargs.get("accuracy_rows") is None:
-        rows = compare(loaded, kwargs.get("schemes") or DEFAULT_SCHEMES)
-        note = f"measured on {loaded.name}"
-    kwargs.setdefault("accuracy_rows", rows)
-    return advise(shape, accuracy_note=note, **kwargs)
+    config, name = _config_of(source)
+    shape = R.shape_from_config(config, name)
+    if kwargs.get("accuracy_rows") is not None or not measure_accuracy:
+        return advise(shape, accuracy_note="" if measure_accuracy else "not measured (--no-accuracy)", **kwargs)
+    from .compare import EvalSettings, compare
+    if kwargs.get("schemes"):
+        schemes, skipped = available_schemes(kwargs["schemes"], config.model_type)
+    else:
+        schemes, skipped = accuracy_schemes(config.model_type)
+        kwargs["schemes"] = schemes
+    settings = settings or EvalSettings()
+    log(f"advise: measuring accuracy of {', '.join(schemes)} on {name} ({settings.tokens} tokens)")
+    result = compare(source, schemes, settings, progress=progress, log=log)
+    note = (f"measured on {result['model']}: perplexity vs the unquantized model on {result['reference']['tokens']} "
+            f"tokens (unquantized {result['reference']['ppl']:.2f})")
+    if skipped:
+        note += f"; not available in the quantizer yet: {', '.join(skipped)}"
+    advice = advise(shape, accuracy_rows=result["rows"], accuracy_note=note, **kwargs)
+    return advice
 
 
 # -- output ----------------------------------------------------------------------------------------

@@ -1,0 +1,418 @@
+"""W4A16 Triton kernels: int4 group-wise weights x bf16/fp16 activations.
+
+Three paths, chosen by :mod:`quantarena.kernels.ops` from the batch size M:
+
+* ``gemv`` (M <= 4): CUDA-core FMA kernel, split-K, for the weight-read-bound decode case.
+* ``mma`` (small to medium M): tiled tensor-core kernel that dequantizes a weight tile in registers.
+* ``dequant`` (large M): dequantize the whole weight to bf16 once, then cuBLAS.
+
+Kernel layout ("striped"). The canonical layout (compressed-tensors) puts input elements
+``8c .. 8c+7`` in word ``c``. The kernels use a layout repacked once per weight: the input dim is cut
+into stripe blocks of ``S`` elements (``S = min(128, group)``, so a block never spans two groups),
+and inside a block word ``w`` holds elements ``w, w + S/8, ..., w + 7 S/8`` (nibble ``j`` is element
+``j * S/8 + w``). For a fixed nibble ``j`` the activations a row of words needs are then contiguous
+(vector loads), every nibble needs one constant shift, and all eight nibbles of a word share one
+group scale. Words hold ``q + 8`` like the canonical layout.
+
+Cheap dequantization (gemv): a nibble ``u`` or-ed into the mantissa of the float ``1.0`` gives
+``f = 1 + u * 2^-p`` with one mask-or and no int->float convert (half the nibbles also need a shift,
+shared by two nibbles); ``sum u x`` is recovered from ``sum f x - sum x`` per word, and the ``- 8 - zero``
+offset from ``sum x``, which is shared by all the rows of a tile.
+
+Split-K without extra launches: programs of one output tile write fp32 partials to a workspace;
+the last one to arrive (an atomic counter per tile) sums them, adds the bias, writes the output and
+resets its counter to zero, so a counter buffer is reusable across calls and CUDA-graph replays.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+STRIPE_MAX = 128
+INTERPRETING = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def stripe_size(group_size: int) -> int:
+    """Stripe block (elements): the largest of 128, 64, 32, 16, 8 dividing ``group_size``."""
+    for s in (128, 64, 32, 16, 8):
+        if group_size % s == 0:
+            return s
+    raise ValueError(f"group size {group_size} is not a multiple of 8; the W4A16 kernels need one")
+
+
+def repack_striped(packed: torch.Tensor, in_features: int, stripe: int) -> torch.Tensor:
+    """Canonical packed int32 ``[N, K/8]`` -> striped kernel layout int32 ``[N, K/8]`` (see module doc)."""
+    n = packed.shape[0]
+    shifts = torch.arange(0, 32, 4, dtype=torch.int32, device=packed.device)
+    u = (packed.unsqueeze(-1) >> shifts) & 0xF                       # [N, K/8, 8], element k = 8c + j
+    u = u.reshape(n, in_features // stripe, 8, stripe // 8)            # [N, blocks, j, w]: k = b*S + j*S/8 + w
+    u = u.transpose(2, 3)                                              # [N, blocks, w, j]
+    words = torch.sum(u.to(torch.int64) << shifts.to(torch.int64), dim=-1)  # [N, K/8] in [0, 2^32)
+    words = torch.where(words >= 2**31, words - 2**32, words)              # same 32 bits as int32
+    return words.to(torch.int32).reshape(n, in_features // 8).contiguous()
+
+
+# ----------------------------------------------------------------------------- split-K finish
+
+@triton.jit
+def _split_k_finish(part, ws_ptr, cnt_ptr, bias_ptr, out_ptr, rm, rn, M, N, stride_om,
+                    pid_k, tile_id, SPLIT_K: tl.constexpr, HAS_BIAS: tl.constexpr):
+    """part: fp32 [BM, BN] partial sum of this program. Writes out (bf16/fp16) once all splits are in."""
+    mask = (rm[:, None] < M) & (rn[None, :] < N)
+    if SPLIT_K == 1:
+        total = part
+        if HAS_BIAS:
+            total += tl.load(bias_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)[None, :]
+        tl.store(out_ptr + rm[:, None] * stride_om + rn[None, :], total.to(out_ptr.dtype.element_ty), mask=mask)
+    else:
+        ws_off = rm[:, None] * N + rn[None, :]
+        tl.store(ws_ptr + pid_k * M * N + ws_off, part, mask=mask)
+        tl.debug_barrier()  # every thread's partial is written before the release below
+        arrived = tl.atomic_add(cnt_ptr + tile_id, 1, sem="acq_rel", scope="gpu")
+        if arrived == SPLIT_K - 1:
+            total = tl.zeros_like(part)
+            for s in range(SPLIT_K):
+                total += tl.load(ws_ptr + s * M * N + ws_off, mask=mask, other=0.0, cache_modifier=".cg")
+            if HAS_BIAS:
+                total += tl.load(bias_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)[None, :]
+            tl.store(out_ptr + rm[:, None] * stride_om + rn[None, :], total.to(out_ptr.dtype.element_ty),
+                     mask=mask)
+            tl.atomic_xchg(cnt_ptr + tile_id, 0, sem="relaxed", scope="gpu")
+
+
+# ----------------------------------------------------------------------------- gemv (M <= 4)
+
+@triton.jit
+def _mantissa_float(bits, MASK: tl.constexpr):
+    """The float 1.0 with the nibble at ``MASK`` (bits 12..15 or 16..19) or-ed into its mantissa."""
+    return ((bits & MASK) | 0x3F800000).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _gemv_row_step(acc, words, s, zc, x_row_ptr, xoff, J_STRIDE: tl.constexpr):
+    """One activation row: acc [BN, BKW] += scale * sum_j q_j x_j over the eight nibbles of each word.
+
+    Nibble j sits at bits 4j. Four shifts of the word (<<16, <<8, >>8, >>16) bring every nibble to
+    bits 12..15 (class A: f = 1 + u/2048) or 16..19 (class B: f = 1 + u/128); one mask-or each then
+    gives a float without an int->float convert. With tA = sum_A f x, XA = sum_A x (same for B):
+    sum_j q_j x_j = 2048 (tA - XA) + 128 (tB - XB) - (8 + zero) (XA + XB)."""
+    tA = tl.zeros_like(acc)
+    tB = tl.zeros_like(acc)
+    XA = tl.sum(tl.zeros_like(acc), axis=0)              # [BKW]
+    XB = tl.sum(tl.zeros_like(acc), axis=0)
+    up16 = words << 16
+    up8 = words << 8
+    dn8 = (words >> 8) & 0x00FFFFFF                      # logical shifts: the masks below keep 4 bits
+    dn16 = (words >> 16) & 0x0000FFFF
+    for j in tl.static_range(8):
+        xj = tl.load(x_row_ptr + xoff + j * J_STRIDE).to(tl.float32)   # [BKW], contiguous per stripe
+        if j == 0:
+            tB += _mantissa_float(up16, 0xF0000) * xj[None, :]
+        elif j == 1:
+            tA += _mantissa_float(up8, 0xF000) * xj[None, :]
+        elif j == 2:
+            tB += _mantissa_float(up8, 0xF0000) * xj[None, :]
+        elif j == 3:
+            tA += _mantissa_float(words, 0xF000) * xj[None, :]
+        elif j == 4:
+            tB += _mantissa_float(words, 0xF0000) * xj[None, :]
+        elif j == 5:
+            tA += _mantissa_float(dn8, 0xF000) * xj[None, :]
+        elif j == 6:
+            tB += _mantissa_float(dn8, 0xF0000) * xj[None, :]
+        else:
+            tA += _mantissa_float(dn16, 0xF000) * xj[None, :]
+        if j % 2 == 1:
+            XA += xj
+        else:
+            XB += xj
+    dot = 2048.0 * (tA - XA[None, :]) + 128.0 * (tB - XB[None, :]) - zc * (XA + XB)[None, :]
+    return acc + s * dot
+
+
+@triton.jit
+def w4a16_gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, bias_ptr, out_ptr, ws_ptr, cnt_ptr,
+                      M, N, K, KW, G, stride_xm, stride_om,
+                      GROUP: tl.constexpr, STRIPE: tl.constexpr, HAS_ZERO: tl.constexpr,
+                      HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                      BLOCK_KW: tl.constexpr, SPLIT_K: tl.constexpr, EVEN_N: tl.constexpr):
+    """out[m, n] = sum_k x[m, k] * (q[n, k] - zero) * scale for M <= BLOCK_M <= 4 rows; one program per
+    (N tile, K split). Weights in the striped layout; needs KW % BLOCK_KW == 0 and BLOCK_KW % (STRIPE/8) == 0,
+    so no load along K is masked (the launcher checks)."""
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    WPS: tl.constexpr = STRIPE // 8                      # words per stripe block
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)          # [BN]
+    if not EVEN_N:
+        rn = tl.minimum(rn, N - 1)                        # clamp: rows past N recompute row N-1, never stored
+    c = tl.arange(0, BLOCK_KW)
+    xoff = (c // WPS) * STRIPE + c % WPS                  # element of nibble 0 of each word, tile-relative
+    words_per_split = tl.cdiv(KW // BLOCK_KW, SPLIT_K) * BLOCK_KW
+    k_start = pid_k * words_per_split
+    k_end = tl.minimum(k_start + words_per_split, KW)
+    # rows past M re-read row M-1 (valid memory); their results are never stored
+    x0 = x_ptr
+    x1 = x_ptr + tl.minimum(1, M - 1) * stride_xm
+    x2 = x_ptr + tl.minimum(2, M - 1) * stride_xm
+    x3 = x_ptr + tl.minimum(3, M - 1) * stride_xm
+
+    acc0 = tl.zeros((BLOCK_N, BLOCK_KW), dtype=tl.float32)
+    acc1 = tl.zeros((BLOCK_N, BLOCK_KW), dtype=tl.float32)
+    acc2 = tl.zeros((BLOCK_N, BLOCK_KW), dtype=tl.float32)
+    acc3 = tl.zeros((BLOCK_N, BLOCK_KW), dtype=tl.float32)
+    for kw0 in range(k_start, k_end, BLOCK_KW):
+        cw = kw0 + c                                      # [BKW] word columns
+        words = tl.load(w_ptr + rn[:, None] * KW + cw[None, :])           # [BN, BKW] int32
+        grp = (cw * 8) // GROUP
+        s = tl.load(s_ptr + rn[:, None] * G + grp[None, :]).to(tl.float32)
+        if HAS_ZERO:
+            zc = 8.0 + tl.load(z_ptr + rn[:, None] * G + grp[None, :]).to(tl.float32)
+        else:
+            zc = 8.0
+        xk = kw0 * 8
+        acc0 = _gemv_row_step(acc0, words, s, zc, x0 + xk, xoff, WPS)
+        if BLOCK_M > 1:
+            acc1 = _gemv_row_step(acc1, words, s, zc, x1 + xk, xoff, WPS)
+        if BLOCK_M > 2:
+            acc2 = _gemv_row_step(acc2, words, s, zc, x2 + xk, xoff, WPS)
+            acc3 = _gemv_row_step(acc3, words, s, zc, x3 + xk, xoff, WPS)
+
+    # gather the rows into one [BLOCK_M, BN] tile for the shared finish
+    rm = tl.arange(0, BLOCK_M)
+    part = tl.where(rm[:, None] == 0, tl.sum(acc0, axis=1)[None, :], 0.0)
+    if BLOCK_M > 1:
+        part = tl.where(rm[:, None] == 1, tl.sum(acc1, axis=1)[None, :], part)
+    if BLOCK_M > 2:
+        part = tl.where(rm[:, None] == 2, tl.sum(acc2, axis=1)[None, :], part)
+        part = tl.where(rm[:, None] == 3, tl.sum(acc3, axis=1)[None, :], part)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    _split_k_finish(part, ws_ptr, cnt_ptr, bias_ptr, out_ptr, rm, rn, M, N, stride_om,
+                    pid_k, pid_n, SPLIT_K, HAS_BIAS)
+
+
+# ----------------------------------------------------------------------------- mma (tensor cores)
+
+@triton.jit
+def _dot(a, b, INTERPRET: tl.constexpr):
+    """a @ b with float32 accumulation. Under TRITON_INTERPRET the 16-bit operands are widened first:
+    the interpreter (triton 3.9) miscomputes dots of bf16 tensors made inside the kernel."""
+    if INTERPRET:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32))
+    return tl.dot(a, b)
+
+
+@triton.jit
+def w4a16_mma_kernel(x_ptr, w_ptr, s_ptr, z_ptr, bias_ptr, out_ptr, ws_ptr, cnt_ptr,
+                     M, N, K, KW, G, stride_xm, stride_om,
+                     GROUP: tl.constexpr, STRIPE: tl.constexpr, HAS_ZERO: tl.constexpr,
+                     HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                     BLOCK_KW: tl.constexpr, SPLIT_K: tl.constexpr, EVEN_N: tl.constexpr,
+                     INTERPRET: tl.constexpr = False):
+    """Tiled tensor-core W4A16: each step dequantizes a [BN, 8*BKW] weight tile to bf16 in registers.
+
+    The tile's K order is (word, nibble); the activation tile is gathered in the same order, so the
+    dot product is unchanged. When a step lies inside one group the scale multiplies the dot's
+    result instead of every weight (exact integer weights in the dot)."""
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    pid_k = tl.program_id(2)
+    num_n = tl.cdiv(N, BLOCK_N)
+    WPS: tl.constexpr = STRIPE // 8
+    BK: tl.constexpr = BLOCK_KW * 8
+    SCALE_AFTER: tl.constexpr = GROUP % BK == 0
+    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    m_mask = rm < M
+    n_mask = rn < N
+    words_per_split = tl.cdiv(tl.cdiv(KW, BLOCK_KW), SPLIT_K) * BLOCK_KW
+    k_start = pid_k * words_per_split
+    k_end = tl.minimum(k_start + words_per_split, KW)
+    nib = tl.arange(0, 8)                                                  # [8]
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for kw0 in range(k_start, k_end, BLOCK_KW):
+        cw = kw0 + tl.arange(0, BLOCK_KW)
+        cmask = cw < k_end
+        wmask = n_mask[:, None] & cmask[None, :]
+        words = tl.load(w_ptr + rn[:, None] * KW + cw[None, :], mask=wmask, other=0)   # [BN, BKW]
+        # nibble u as the float 2^23 + u (or-ing into the mantissa of 2^23 is cheaper than int->float)
+        u = (((words[:, :, None] >> (nib * 4)[None, None, :]) & 0xF) | 0x4B000000).to(tl.float32, bitcast=True)
+        # element index of (word c, nibble j): block * S + j * S/8 + w
+        xcol = ((cw // WPS) * STRIPE + cw % WPS)[:, None] + (nib * WPS)[None, :]       # [BKW, 8]
+        xcol = tl.reshape(xcol, (BK,))
+        kmask = tl.reshape(cmask[:, None] & (nib[None, :] < 8), (BK,))
+        a = tl.load(x_ptr + rm[:, None] * stride_xm + xcol[None, :],
+                    mask=m_mask[:, None] & kmask[None, :], other=0.0)                  # [BM, BK]
+        if SCALE_AFTER:
+            grp = (kw0 * 8) // GROUP
+            s = tl.load(s_ptr + rn * G + grp, mask=n_mask, other=0.0).to(tl.float32)      # [BN]
+            if HAS_ZERO:
+                z = tl.load(z_ptr + rn * G + grp, mask=n_mask, other=0).to(tl.float32)
+                q = u - (8388608.0 + 8.0 + z[:, None, None])
+            else:
+                q = u - (8388608.0 + 8.0)
+            b = tl.reshape(q.to(a.dtype), (BLOCK_N, BK))
+            acc += _dot(a, tl.trans(b), INTERPRET) * s[None, :]
+        else:
+            grp = (cw * 8) // GROUP
+            s = tl.load(s_ptr + rn[:, None] * G + grp[None, :], mask=wmask, other=0.0).to(tl.float32)
+            if HAS_ZERO:
+                z = tl.load(z_ptr + rn[:, None] * G + grp[None, :], mask=wmask, other=0).to(tl.float32)
+                w = (u - (8388608.0 + 8.0 + z[:, :, None])) * s[:, :, None]
+            else:
+                w = (u - (8388608.0 + 8.0)) * s[:, :, None]
+            b = tl.reshape(w.to(a.dtype), (BLOCK_N, BK))
+            acc += _dot(a, tl.trans(b), INTERPRET)
+    tile_id = pid_m * num_n + pid_n
+    _split_k_finish(acc, ws_ptr, cnt_ptr, bias_ptr, out_ptr, rm, rn, M, N, stride_om,
+                    pid_k, tile_id, SPLIT_K, HAS_BIAS)
+
+
+# ----------------------------------------------------------------------------- dequant (large M)
+
+@triton.jit
+def w4a16_dequant_kernel(w_ptr, s_ptr, z_ptr, out_ptr, N, K,
+                         GROUP: tl.constexpr, STRIPE: tl.constexpr, HAS_ZERO: tl.constexpr,
+                         BLOCK_N: tl.constexpr, BLOCK_KW: tl.constexpr):
+    """Striped int4 [N, K/8] -> dense weight [N, K] in out's dtype (for the cuBLAS path)."""
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    KW = K // 8
+    G = K // GROUP
+    WPS: tl.constexpr = STRIPE // 8
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    cw = pid_k * BLOCK_KW + tl.arange(0, BLOCK_KW)
+    nib = tl.arange(0, 8)
+    wmask = (rn[:, None] < N) & (cw[None, :] < KW)
+    words = tl.load(w_ptr + rn[:, None] * KW + cw[None, :], mask=wmask, other=0)
+    grp = (cw * 8) // GROUP
+    s = tl.load(s_ptr + rn[:, None] * G + grp[None, :], mask=wmask, other=0.0).to(tl.float32)
+    u = ((words[:, :, None] >> (nib * 4)[None, None, :]) & 0xF).to(tl.float32)
+    if HAS_ZERO:
+        z = tl.load(z_ptr + rn[:, None] * G + grp[None, :], mask=wmask, other=0).to(tl.float32)
+        w = (u - 8.0 - z[:, :, None]) * s[:, :, None]
+    else:
+        w = (u - 8.0) * s[:, :, None]
+    col = ((cw // WPS) * STRIPE + cw % WPS)[:, None] + (nib * WPS)[None, :]           # [BKW, 8]
+    tl.store(out_ptr + rn[:, None, None] * K + col[None, :, :], w.to(out_ptr.dtype.element_ty),
+             mask=wmask[:, :, None] & (nib[None, None, :] < 8))
+
+
+# ----------------------------------------------------------------------------- launchers
+
+class StripedWeight:
+    """A W4A16 weight in the kernels' layout, built once from the canonical tensors.
+
+    ``counters`` are the split-K arrival counters (zero between calls; the kernels reset them)."""
+
+    def __init__(self, packed: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None, group_size: int):
+        n, kw = packed.shape
+        self.out_features, self.in_features = n, kw * 8
+        self.group_size = group_size
+        self.stripe = stripe_size(group_size)
+        self.words = repack_striped(packed, self.in_features, self.stripe)         # [N, K/8] int32
+        self.scales = scales.contiguous()                                          # [N, K/g] bf16
+        self.zeros = None if zeros is None else zeros.to(torch.int8).contiguous()  # [N, K/g] int8
+        self.counters = torch.zeros(MAX_TILES_M * triton.cdiv(n, 16), dtype=torch.int32, device=packed.device)
+
+
+MAX_TILES_M = 8   # split-K is used only while the M tiles of one launch fit the counter buffer
+
+
+def _split_for(tiles: int, k_steps: int, target_programs: int) -> int:
+    """Smallest power-of-two split of K that gives about ``target_programs`` programs."""
+    split = 1
+    while tiles * split < target_programs and split * 2 <= k_steps and split < 16:
+        split *= 2
+    return split
+
+
+def _sm_count(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 8
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def _block_kw(kw: int, stripe: int, want: int) -> int:
+    """Largest power of two <= want that divides the K words and is a multiple of the stripe's words."""
+    block = want
+    while block > stripe // 8 and (kw % block or block % (stripe // 8)):
+        block //= 2
+    return max(block, stripe // 8)
+
+
+def gemv_config(m: int, n: int, k: int, stripe: int, sms: int) -> dict:
+    block_n = 16
+    block_kw = _block_kw(k // 8, stripe, 64)
+    split = _split_for(triton.cdiv(n, block_n), k // 8 // block_kw, 4 * sms)
+    return dict(BLOCK_M=1 if m == 1 else (2 if m == 2 else 4), BLOCK_N=block_n, BLOCK_KW=block_kw,
+                SPLIT_K=split, num_warps=4, num_stages=3)
+
+
+def mma_config(m: int, n: int, k: int, stripe: int, sms: int) -> dict:
+    block_m = 16 if m <= 16 else (32 if m <= 32 else 64)
+    block_n = 64 if m <= 64 else 128
+    block_kw = 16
+    tiles_m = triton.cdiv(m, block_m)
+    tiles = tiles_m * triton.cdiv(n, block_n)
+    split = _split_for(tiles, triton.cdiv(k // 8, block_kw), 2 * sms) if tiles_m <= MAX_TILES_M else 1
+    return dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_KW=block_kw, SPLIT_K=split,
+                num_warps=4, num_stages=3)
+
+
+def _launch(kernel, grid, x2: torch.Tensor, w: StripedWeight, bias: torch.Tensor | None, cfg: dict) -> torch.Tensor:
+    m = x2.shape[0]
+    n, k = w.out_features, w.in_features
+    out = torch.empty((m, n), dtype=x2.dtype, device=x2.device)
+    split = cfg["SPLIT_K"]
+    ws = torch.empty((split, m, n) if split > 1 else (1,), dtype=torch.float32, device=x2.device)
+    dummy = w.scales
+    kernel[grid](x2, w.words, w.scales, dummy if w.zeros is None else w.zeros, dummy if bias is None else bias,
+                 out, ws, w.counters, m, n, k, k // 8, k // w.group_size, x2.stride(0), out.stride(0),
+                 GROUP=w.group_size, STRIPE=w.stripe, HAS_ZERO=w.zeros is not None, HAS_BIAS=bias is not None,
+                 EVEN_N=n % cfg["BLOCK_N"] == 0, **cfg)
+    return out
+
+
+def w4a16_gemv(x2: torch.Tensor, w: StripedWeight, bias: torch.Tensor | None = None,
+               cfg: dict | None = None) -> torch.Tensor:
+    """x2: [M <= 4, K] contiguous -> [M, N] (CUDA-core split-K GEMV)."""
+    m, n, k = x2.shape[0], w.out_features, w.in_features
+    if m > 4:
+        raise ValueError(f"the W4A16 GEMV takes at most 4 rows, got {m}")
+    cfg = cfg or gemv_config(m, n, k, w.stripe, _sm_count(x2.device))
+    if (k // 8) % cfg["BLOCK_KW"] or cfg["BLOCK_KW"] % (w.stripe // 8):
+        raise ValueError(f"BLOCK_KW {cfg['BLOCK_KW']} must divide {k // 8} words and be a multiple of {w.stripe // 8}")
+    grid = (triton.cdiv(n, cfg["BLOCK_N"]), cfg["SPLIT_K"])
+    return _launch(w4a16_gemv_kernel, grid, x2, w, bias, cfg)
+
+
+def w4a16_mma(x2: torch.Tensor, w: StripedWeight, bias: torch.Tensor | None = None,
+              cfg: dict | None = None) -> torch.Tensor:
+    """x2: [M, K] contiguous -> [M, N] (tensor-core tiles, dequantized in registers)."""
+    m, n, k = x2.shape[0], w.out_features, w.in_features
+    cfg = cfg or mma_config(m, n, k, w.stripe, _sm_count(x2.device))
+    if cfg["SPLIT_K"] > 1 and triton.cdiv(m, cfg["BLOCK_M"]) * triton.cdiv(n, cfg["BLOCK_N"]) > w.counters.numel():
+        cfg = dict(cfg, SPLIT_K=1)
+    grid = (triton.cdiv(m, cfg["BLOCK_M"]), triton.cdiv(n, cfg["BLOCK_N"]), cfg["SPLIT_K"])
+    return _launch(w4a16_mma_kernel, grid, x2, w, bias, dict(cfg, INTERPRET=INTERPRETING))
+
+
+def w4a16_dequantize(w: StripedWeight, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+    """Dense ``[N, K]`` weight in ``dtype`` (canonical element order)."""
+    n, k = w.out_features, w.in_features
+    out = torch.empty((n, k), dtype=dtype, device=w.words.device)
+    block_n, block_kw = 32, 32
+    grid = (triton.cdiv(n, block_n), triton.cdiv(k // 8, block_kw))
+    dummy = w.scales
+    w4a16_dequant_kernel[grid](w.words, w.scales, dummy if w.zeros is None else w.zeros, out, n, k,
+                               GROUP=w.group_size, STRIPE=w.stripe, HAS_ZERO=w.zeros is not None,
+                               BLOCK_N=block_n, BLOCK_KW=block_kw, num_warps=4)
+    return out
+
+
+def w4a16_dequant_matmul(x2: torch.Tensor, w: StripedWeight, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """Large M: dequantize once, then cuBLAS."""
+    return torch.nn.functional.linear(x2, w4a16_dequantize(w, x2.dtype), bias)
