@@ -279,7 +279,10 @@ def _decide_one(shape: R.ModelShape, gpu: GPUSpec, batch: int, context: int, sch
             "a shorter context or fewer bits")
         return Row(name, batch, context, None, why, None, "-", "-", "roofline", ms, rejected)
     acc_rank = lambda s: (accuracy or {}).get(s, {}).get("ppl_increase_pct", 0.0)
-    best = min(candidates, key=lambda s: (round(times[s], 6), acc_rank(s)))
+    # ties (same bytes, memory-bound) go to the more accurate scheme, then to fp8 over int8: on H100,
+    # torch._int_mm fell behind bf16 at M=256-1024 while fp8 _scaled_mm stayed 1.6-1.8x ahead
+    # (benchmarks/results/h100-roofline-check.json)
+    best = min(candidates, key=lambda s: (round(times[s], 6), acc_rank(s), family(s) != "fp8"))
     base = "bf16" if "bf16" in candidates else None
     speedup = times[base] / times[best] if base else None
     why = _why(shape, best, gpu, batch, context, eff)
