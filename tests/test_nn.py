@@ -1,0 +1,91 @@
+"""Each QuantLinear against a float reference within a stated relative error, and the reference kernels' exactness."""
+import pytest
+import torch
+from torch import nn
+
+from quantarena import nn as qn
+from quantarena import primitives as P
+from quantarena.kernels import reference as R
+
+
+def rel_err(a, b):
+    return ((a.float() - b.float()).norm() / b.float().norm()).item()
+
+
+@pytest.fixture
+def layer():
+    torch.manual_seed(0)
+    lin = nn.Linear(256, 96, bias=True)
+    x = torch.randn(2, 5, 256)
+    return lin, x
+
+
+# Stated tolerances (Gaussian weights and activations): the relative output error of each format.
+TOL = {"bf16": 0.005, "w4a16": 0.12, "w4a16-asym": 0.12, "w8a8": 0.02, "w8a8-static": 0.03, "fp8": 0.06}
+
+
+def test_quant_linears_vs_float(layer):
+    lin, x = layer
+    ref = lin(x)
+    mods = {
+        "bf16": qn.BF16Linear.from_float(lin),
+        "w4a16": qn.W4A16Linear.from_float(lin, 64, True),
+        "w4a16-asym": qn.W4A16Linear.from_float(lin, 128, False),
+        "w8a8": qn.W8A8Linear.from_float(lin),
+        "w8a8-static": qn.W8A8Linear.from_float(lin, input_scale=x.abs().amax() / 127),
+        "fp8": qn.FP8Linear.from_float(lin),
+    }
+    for name, mod in mods.items():
+        out = mod(x)
+        assert out.shape == ref.shape and out.dtype == x.dtype
+        assert rel_err(out, ref) < TOL[name], name
+        # the module computes exactly with its own dequantized weights (up to float summation order)
+        if name.startswith(("bf16", "w4a16")):
+            assert rel_err(out, nn.functional.linear(x, mod.dequantize(), lin.bias)) < 1e-5
+
+
+def test_modules_hold_real_codes(layer):
+    lin, _ = layer
+    w4 = qn.W4A16Linear.from_float(lin, 128, False)
+    assert w4.weight_packed.dtype == torch.int32 and w4.weight_packed.shape == (96, 32)
+    assert w4.weight_zero_point.dtype == torch.int8
+    assert qn.W8A8Linear.from_float(lin).weight.dtype == torch.int8
+    assert qn.FP8Linear.from_float(lin).weight.dtype == torch.float8_e4m3fn
+    assert w4.weight_bytes() == 96 * 32 * 4 + 96 * 2 * 2 + 96 * 2
+
+
+def test_int8_matmul_exact():
+    torch.manual_seed(3)
+    for m, k, n in [(1, 40, 24), (17, 64, 8), (33, 128, 40)]:
+        a = torch.randint(-128, 128, (m, k), dtype=torch.int8)
+        b = torch.randint(-128, 128, (n, k), dtype=torch.int8)
+        assert torch.equal(R.int8_matmul(a, b), (a.long() @ b.long().t()).int())
+
+
+def test_w8a8_reference_matches_formula(layer):
+    lin, x = layer
+    mod = qn.W8A8Linear.from_float(lin)
+    x2 = x.reshape(-1, 256)
+    xq, xs = P.quantize_int8(x2, "token")
+    expect = (xq.long() @ mod.weight.long().t()).float() * xs * mod.weight_scale.t() + lin.bias
+    assert torch.allclose(mod(x).reshape(-1, 96), expect, rtol=1e-6, atol=1e-6)
+
+
+def test_smooth_scale_is_equivalent(layer):
+    lin, x = layer
+    s = torch.rand(256) + 0.5
+    plain = qn.W8A8Linear.from_float(lin)
+    smoothed = qn.W8A8Linear.from_float(lin, smooth_scale=s)
+    assert rel_err(smoothed(x), lin(x)) < TOL["w8a8"]
+    assert rel_err(smoothed.dequantize(), lin.weight) < 0.02 and rel_err(plain.dequantize(), lin.weight) < 0.02
+
+
+def test_act_order_g_idx():
+    torch.manual_seed(4)
+    w = torch.randn(8, 64)
+    q, s, z = P.quantize_int4(w, 32)
+    perm = torch.randperm(64)
+    g_idx = torch.arange(64) // 32
+    # permuting columns together with g_idx gives the same dequantized weight, column-permuted
+    deq = R.w4a16_dequant(P.pack_int4(q[:, perm]), s, None, 32, 64, g_idx[perm])
+    assert torch.equal(deq, P.int4_dequantize(q, s, None, 32)[:, perm])
