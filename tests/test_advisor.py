@@ -5,7 +5,11 @@ import pytest
 
 from quantarena import advisor as A
 from quantarena.gpus import GPUError, get_gpu
-from test_roofline import LLAMA3_70B, LLAMA3_8B
+from quantarena.models import preset_config
+from quantarena.roofline import shape_from_config
+
+LLAMA3_8B = shape_from_config(preset_config("llama-3-8b"), "llama-3-8b")
+LLAMA3_70B = shape_from_config(preset_config("llama-3-70b"), "llama-3-70b")
 
 ROWS = [dict(scheme="bf16", ppl=10.0, kld=0.0, bytes=100), dict(scheme="w4a16-gptq", ppl=10.8, kld=0.05, bytes=30),
         dict(scheme="w4a16-awq", ppl=10.6, kld=0.04, bytes=30), dict(scheme="w8a8-sq", ppl=10.1, kld=0.01, bytes=55),
@@ -116,3 +120,13 @@ def test_preset_skips_accuracy_and_says_so():
     adv = A.advise_model("preset:llama-3-8b", gpu="H100", batch=[1], bench_dir=None)
     assert adv.accuracy is None and "random weights" in adv.accuracy_note
     assert adv.model == "llama-3-8b"
+
+
+def test_activation_outliers_on_a_tiny_model():
+    import torch
+    from quantarena.models import load_model
+    lm = load_model("preset:tiny-llama")
+    windows = torch.randint(0, 512, (2, 16))
+    ratios = A.activation_outliers(lm.model, lm.arch, windows)
+    assert set(ratios) == {f"{i}.{n}" for i in range(2) for n in ("q_proj", "o_proj", "gate_proj", "down_proj")}
+    assert all(r >= 1.0 for r in ratios.values())

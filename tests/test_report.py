@@ -11,8 +11,12 @@ pytest.importorskip("matplotlib")
 
 from quantarena import advisor as A
 from quantarena.report import render_html, render_markdown, write_report
-from test_advisor import ROWS
-from test_roofline import LLAMA3_8B
+from quantarena.models import preset_config
+from quantarena.roofline import shape_from_config
+
+LLAMA3_8B = shape_from_config(preset_config("llama-3-8b"), "llama-3-8b")
+ROWS = [dict(scheme="bf16", ppl=10.0, kld=0.0, bytes=100), dict(scheme="w4a16-gptq", ppl=10.8, kld=0.05, bytes=30),
+        dict(scheme="w8a8-sq", ppl=10.1, kld=0.01, bytes=55), dict(scheme="fp8", ppl=10.05, kld=0.008, bytes=55)]
 
 
 @pytest.fixture(scope="module")
