@@ -1,25 +1,188 @@
-"""Kernel dispatch: one function per quantized linear, chosen by device (and, on CUDA, by batch size).
+"""Kernel dispatch: one function per quantized linear, chosen by device and batch size M.
 
-CPU (and any device without a fast path) runs :mod:`quantarena.kernels.reference`.
+CPU (and any device or shape without a fast path) runs :mod:`quantarena.kernels.reference`. On CUDA the
+work goes through ``torch.library`` custom ops (``quantarena::w4a16_linear``, ``::w8a8_linear``,
+``::fp8_linear``) with fake implementations, so ``torch.compile`` traces them and CUDA graphs capture them.
+
+W4A16 paths by M (thresholds measured on H100, see benchmarks/results): ``gemv`` for M <= 4, tensor-core
+``mma`` up to ``W4A16_DEQUANT_MIN_M``, then dequantize + cuBLAS. The kernel-layout copy of each W4A16
+weight is built once, on first use, and kept while the canonical tensor lives (keyed on the tensor
+object, dropped with it). Build it before CUDA-graph capture: run the layer once first, as every
+graph capture needs a warm-up call anyway.
 """
 from __future__ import annotations
+
+import weakref
 
 import torch
 
 from . import reference
 
+W4A16_GEMV_MAX_M = 4
+W4A16_DEQUANT_MIN_M = 512
+
+
+def _triton_ok(x: torch.Tensor) -> bool:
+    if x.device.type != "cuda" or x.dtype not in (torch.bfloat16, torch.float16):
+        return False
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+# ----------------------------------------------------------------------------- W4A16
+
+class _Prepared:
+    """Kernel-layout weight (+ act-order column permutation) derived from one canonical packed tensor."""
+
+    def __init__(self, striped, perm: torch.Tensor | None, version: int):
+        self.striped, self.perm, self.version = striped, perm, version
+
+
+_W4A16_CACHE: dict[int, tuple[weakref.ref, _Prepared]] = {}
+
+
+def _act_order_perm(g_idx: torch.Tensor | None, group_size: int, in_features: int) -> torch.Tensor | None | bool:
+    """None when ``g_idx`` is absent or the plain ``k // group_size``; else the column order that makes
+    groups contiguous; False when the groups are not all ``group_size`` columns (no fast kernel)."""
+    if g_idx is None:
+        return None
+    plain = torch.arange(in_features, device=g_idx.device) // group_size
+    if torch.equal(g_idx.long(), plain):
+        return None
+    counts = torch.bincount(g_idx.long(), minlength=in_features // group_size)
+    if not bool((counts == group_size).all()):
+        return False
+    return torch.argsort(g_idx.long(), stable=True)
+
+
+def _prepared(packed: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None, group_size: int,
+              g_idx: torch.Tensor | None) -> _Prepared | None:
+    from . import triton_w4a16 as T
+    from .. import primitives as P
+
+    key = id(packed)
+    hit = _W4A16_CACHE.get(key)
+    if hit is not None and hit[0]() is packed and hit[1].version == packed._version:
+        return hit[1]
+    in_features = packed.shape[1] * 8
+    perm = _act_order_perm(g_idx, group_size, in_features)
+    if perm is False:
+        return None
+    if perm is not None:  # act order: permute the columns so that each group is contiguous
+        packed_k = P.pack_int4(P.unpack_int4(packed, in_features)[:, perm])
+    else:
+        packed_k = packed
+    prep = _Prepared(T.StripedWeight(packed_k, scales, zeros, group_size), perm, packed._version)
+    _W4A16_CACHE[key] = (weakref.ref(packed, lambda _: _W4A16_CACHE.pop(key, None)), prep)
+    return prep
+
+
+def w4a16_path(m: int) -> str:
+    """Which W4A16 CUDA kernel serves M rows."""
+    if m <= W4A16_GEMV_MAX_M:
+        return "gemv"
+    return "mma" if m < W4A16_DEQUANT_MIN_M else "dequant"
+
+
+@torch.library.custom_op("quantarena::w4a16_linear", mutates_args=())
+def _w4a16_op(x2: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None,
+              group_size: int, bias: torch.Tensor | None, g_idx: torch.Tensor | None, path: str) -> torch.Tensor:
+    from . import triton_w4a16 as T
+
+    prep = _prepared(packed, scales, zeros, group_size, g_idx)
+    if prep is None:
+        return reference.w4a16_linear(x2, packed, scales, zeros, group_size, bias, g_idx)
+    x2 = x2.contiguous() if prep.perm is None else x2[:, prep.perm].contiguous()
+    if path == "gemv":
+        return T.w4a16_gemv(x2, prep.striped, bias)
+    if path == "mma":
+        return T.w4a16_mma(x2, prep.striped, bias)
+    return T.w4a16_dequant_matmul(x2, prep.striped, bias)
+
+
+@_w4a16_op.register_fake
+def _(x2, packed, scales, zeros, group_size, bias, g_idx, path):
+    return x2.new_empty((x2.shape[0], packed.shape[0]))
+
 
 def w4a16_linear(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None,
-                 group_size: int, bias: torch.Tensor | None = None, g_idx: torch.Tensor | None = None) -> torch.Tensor:
-    return reference.w4a16_linear(x, packed, scales, zeros, group_size, bias, g_idx)
+                 group_size: int, bias: torch.Tensor | None = None, g_idx: torch.Tensor | None = None,
+                 path: str | None = None) -> torch.Tensor:
+    """``x @ dequant(W).T + bias``; ``path`` forces a CUDA kernel (``gemv``/``mma``/``dequant``; benchmarks)."""
+    in_features = x.shape[-1]
+    if not _triton_ok(x) or in_features % 8 or group_size % 8:
+        return reference.w4a16_linear(x, packed, scales, zeros, group_size, bias, g_idx)
+    x2 = x.reshape(-1, in_features)
+    path = path or w4a16_path(x2.shape[0])
+    if path == "gemv" and x2.shape[0] > W4A16_GEMV_MAX_M:
+        raise ValueError(f"the W4A16 GEMV serves at most {W4A16_GEMV_MAX_M} rows, got {x2.shape[0]}")
+    bias = None if bias is None else bias.to(x.dtype)
+    out = _w4a16_op(x2, packed, scales.to(x.dtype), zeros, group_size, bias, g_idx, path)
+    return out.reshape(*x.shape[:-1], packed.shape[0])
+
+
+# ----------------------------------------------------------------------------- W8A8 INT8
+
+@torch.library.custom_op("quantarena::w8a8_linear", mutates_args=())
+def _w8a8_op(x2: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor, input_scale: torch.Tensor | None,
+             smooth: torch.Tensor | None, bias: torch.Tensor | None) -> torch.Tensor:
+    from .triton_act_quant import act_quant
+    from .triton_w8a8 import int8_gemm
+
+    xq, xs = act_quant(x2.contiguous(), fp8=False, input_scale=input_scale, smooth=smooth)
+    return int8_gemm(xq, xs, weight, weight_scale, bias, x2.dtype)
+
+
+@_w8a8_op.register_fake
+def _(x2, weight, weight_scale, input_scale, smooth, bias):
+    return x2.new_empty((x2.shape[0], weight.shape[0]))
 
 
 def w8a8_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
                 input_scale: torch.Tensor | None = None, smooth: torch.Tensor | None = None,
                 bias: torch.Tensor | None = None) -> torch.Tensor:
-    return reference.w8a8_linear(x, weight, weight_scale, input_scale, smooth, bias)
+    if not _triton_ok(x):
+        return reference.w8a8_linear(x, weight, weight_scale, input_scale, smooth, bias)
+    shape = x.shape
+    x2 = x.reshape(-1, shape[-1])
+    out = _w8a8_op(x2, weight, weight_scale.float(), input_scale, None if smooth is None else smooth.float(),
+                   None if bias is None else bias.to(x.dtype))
+    return out.reshape(*shape[:-1], weight.shape[0])
+
+
+# ----------------------------------------------------------------------------- FP8
+
+@torch.library.custom_op("quantarena::fp8_linear", mutates_args=())
+def _fp8_op(x2: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
+            bias: torch.Tensor | None) -> torch.Tensor:
+    from .triton_act_quant import act_quant
+
+    xq, xs = act_quant(x2.contiguous(), fp8=True)
+    # weight [N, K] row-major: .t() is the column-major [K, N] operand cuBLASLt wants; rowwise scales
+    return torch._scaled_mm(xq, weight.t(), scale_a=xs, scale_b=weight_scale.reshape(1, -1),
+                            bias=bias, out_dtype=x2.dtype)
+
+
+@_fp8_op.register_fake
+def _(x2, weight, weight_scale, bias):
+    return x2.new_empty((x2.shape[0], weight.shape[0]))
+
+
+def _fp8_supported(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    if not _triton_ok(x) or x.dtype != torch.bfloat16:
+        return False  # rowwise-scaled _scaled_mm writes bf16 only
+    major, _ = torch.cuda.get_device_capability(x.device)
+    return major >= 9 and weight.shape[1] % 16 == 0 and weight.shape[0] % 16 == 0
 
 
 def fp8_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
                bias: torch.Tensor | None = None) -> torch.Tensor:
-    return reference.fp8_linear(x, weight, weight_scale, bias)
+    if not _fp8_supported(x, weight):
+        return reference.fp8_linear(x, weight, weight_scale, bias)
+    shape = x.shape
+    x2 = x.reshape(-1, shape[-1])
+    out = _fp8_op(x2, weight, weight_scale.float(), None if bias is None else bias.to(x.dtype))
+    return out.reshape(*shape[:-1], weight.shape[0])

@@ -97,40 +97,40 @@ def _gemv_row_step(acc, words, s, zc, x_row_ptr, xoff, J_STRIDE: tl.constexpr):
 
     Nibble j sits at bits 4j. Four shifts of the word (<<16, <<8, >>8, >>16) bring every nibble to
     bits 12..15 (class A: f = 1 + u/2048) or 16..19 (class B: f = 1 + u/128); one mask-or each then
-    gives a float without an int->float convert. With tA = sum_A f x, XA = sum_A x (same for B):
-    sum_j q_j x_j = 2048 (tA - XA) + 128 (tB - XB) - (8 + zero) (XA + XB)."""
-    tA = tl.zeros_like(acc)
-    tB = tl.zeros_like(acc)
-    XA = tl.sum(tl.zeros_like(acc), axis=0)              # [BKW]
-    XB = tl.sum(tl.zeros_like(acc), axis=0)
+    gives a float without an int->float convert. Activations are pre-multiplied by 2048 (A) or 128 (B),
+    exact powers of two, so one FMA chain gives t = sum_j x_j (2^p + u_j) and
+    sum_j q_j x_j = t - sum_A 2048 x - sum_B 128 x - (8 + zero) sum_j x_j (per column, shared by rows)."""
     up16 = words << 16
     up8 = words << 8
     dn8 = (words >> 8) & 0x00FFFFFF                      # logical shifts: the masks below keep 4 bits
     dn16 = (words >> 16) & 0x0000FFFF
-    for j in tl.static_range(8):
-        xj = tl.load(x_row_ptr + xoff + j * J_STRIDE).to(tl.float32)   # [BKW], contiguous per stripe
-        if j == 0:
-            tB += _mantissa_float(up16, 0xF0000) * xj[None, :]
-        elif j == 1:
-            tA += _mantissa_float(up8, 0xF000) * xj[None, :]
-        elif j == 2:
-            tB += _mantissa_float(up8, 0xF0000) * xj[None, :]
-        elif j == 3:
-            tA += _mantissa_float(words, 0xF000) * xj[None, :]
-        elif j == 4:
-            tB += _mantissa_float(words, 0xF0000) * xj[None, :]
-        elif j == 5:
-            tA += _mantissa_float(dn8, 0xF000) * xj[None, :]
-        elif j == 6:
-            tB += _mantissa_float(dn8, 0xF0000) * xj[None, :]
-        else:
-            tA += _mantissa_float(dn16, 0xF000) * xj[None, :]
-        if j % 2 == 1:
-            XA += xj
-        else:
-            XB += xj
-    dot = 2048.0 * (tA - XA[None, :]) + 128.0 * (tB - XB[None, :]) - zc * (XA + XB)[None, :]
-    return acc + s * dot
+    x0 = tl.load(x_row_ptr + xoff).to(tl.float32)[None, :]               # [1, BKW], contiguous per stripe
+    x1 = tl.load(x_row_ptr + xoff + J_STRIDE).to(tl.float32)[None, :]
+    x2 = tl.load(x_row_ptr + xoff + 2 * J_STRIDE).to(tl.float32)[None, :]
+    x3 = tl.load(x_row_ptr + xoff + 3 * J_STRIDE).to(tl.float32)[None, :]
+    x4 = tl.load(x_row_ptr + xoff + 4 * J_STRIDE).to(tl.float32)[None, :]
+    x5 = tl.load(x_row_ptr + xoff + 5 * J_STRIDE).to(tl.float32)[None, :]
+    x6 = tl.load(x_row_ptr + xoff + 6 * J_STRIDE).to(tl.float32)[None, :]
+    x7 = tl.load(x_row_ptr + xoff + 7 * J_STRIDE).to(tl.float32)[None, :]
+    xsum = (x0 + x2 + x4 + x6) + (x1 + x3 + x5 + x7)
+    a0 = x0 * 128.0
+    a1 = x1 * 2048.0
+    a2 = x2 * 128.0
+    a3 = x3 * 2048.0
+    a4 = x4 * 128.0
+    a5 = x5 * 2048.0
+    a6 = x6 * 128.0
+    a7 = x7 * 2048.0
+    offset = ((a0 + a2) + (a4 + a6)) + ((a1 + a3) + (a5 + a7)) + zc * xsum  # [1, BKW] or [BN, BKW]
+    t = _mantissa_float(up16, 0xF0000) * a0
+    t += _mantissa_float(up8, 0xF000) * a1
+    t += _mantissa_float(up8, 0xF0000) * a2
+    t += _mantissa_float(words, 0xF000) * a3
+    t += _mantissa_float(words, 0xF0000) * a4
+    t += _mantissa_float(dn8, 0xF000) * a5
+    t += _mantissa_float(dn8, 0xF0000) * a6
+    t += _mantissa_float(dn16, 0xF000) * a7
+    return acc + s * (t - offset)
 
 
 @triton.jit
@@ -305,7 +305,7 @@ def w4a16_dequant_kernel(w_ptr, s_ptr, z_ptr, out_ptr, N, K,
 class StripedWeight:
     """A W4A16 weight in the kernels' layout, built once from the canonical tensors.
 
-    ``counters`` are the split-K arrival counters (zero between calls; the kernels reset them)."""
+    ``words`` replace the canonical packed codes; scales and zero points are used as stored."""
 
     def __init__(self, packed: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None, group_size: int):
         n, kw = packed.shape
@@ -315,10 +315,18 @@ class StripedWeight:
         self.words = repack_striped(packed, self.in_features, self.stripe)         # [N, K/8] int32
         self.scales = scales.contiguous()                                          # [N, K/g] bf16
         self.zeros = None if zeros is None else zeros.to(torch.int8).contiguous()  # [N, K/g] int8
-        self.counters = torch.zeros(MAX_TILES_M * triton.cdiv(n, 16), dtype=torch.int32, device=packed.device)
 
 
-MAX_TILES_M = 8   # split-K is used only while the M tiles of one launch fit the counter buffer
+MAX_TILES = 1 << 16   # split-K is used only while one launch has at most this many output tiles
+_COUNTERS: dict[torch.device, torch.Tensor] = {}
+
+
+def split_k_counters(device: torch.device) -> torch.Tensor:
+    """The per-device pool of split-K arrival counters (all zero between launches: the last program of
+    each tile resets its counter). Launches on one stream never overlap, so one pool serves all kernels."""
+    if device not in _COUNTERS:
+        _COUNTERS[device] = torch.zeros(MAX_TILES, dtype=torch.int32, device=device)
+    return _COUNTERS[device]
 
 
 def _split_for(tiles: int, k_steps: int, target_programs: int) -> int:
@@ -357,7 +365,7 @@ def mma_config(m: int, n: int, k: int, stripe: int, sms: int) -> dict:
     block_kw = 16
     tiles_m = triton.cdiv(m, block_m)
     tiles = tiles_m * triton.cdiv(n, block_n)
-    split = _split_for(tiles, triton.cdiv(k // 8, block_kw), 2 * sms) if tiles_m <= MAX_TILES_M else 1
+    split = _split_for(tiles, triton.cdiv(k // 8, block_kw), 2 * sms) if tiles <= MAX_TILES else 1
     return dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_KW=block_kw, SPLIT_K=split,
                 num_warps=4, num_stages=3)
 
@@ -370,7 +378,7 @@ def _launch(kernel, grid, x2: torch.Tensor, w: StripedWeight, bias: torch.Tensor
     ws = torch.empty((split, m, n) if split > 1 else (1,), dtype=torch.float32, device=x2.device)
     dummy = w.scales
     kernel[grid](x2, w.words, w.scales, dummy if w.zeros is None else w.zeros, dummy if bias is None else bias,
-                 out, ws, w.counters, m, n, k, k // 8, k // w.group_size, x2.stride(0), out.stride(0),
+                 out, ws, split_k_counters(x2.device), m, n, k, k // 8, k // w.group_size, x2.stride(0), out.stride(0),
                  GROUP=w.group_size, STRIPE=w.stripe, HAS_ZERO=w.zeros is not None, HAS_BIAS=bias is not None,
                  EVEN_N=n % cfg["BLOCK_N"] == 0, **cfg)
     return out
@@ -394,7 +402,7 @@ def w4a16_mma(x2: torch.Tensor, w: StripedWeight, bias: torch.Tensor | None = No
     """x2: [M, K] contiguous -> [M, N] (tensor-core tiles, dequantized in registers)."""
     m, n, k = x2.shape[0], w.out_features, w.in_features
     cfg = cfg or mma_config(m, n, k, w.stripe, _sm_count(x2.device))
-    if cfg["SPLIT_K"] > 1 and triton.cdiv(m, cfg["BLOCK_M"]) * triton.cdiv(n, cfg["BLOCK_N"]) > w.counters.numel():
+    if cfg["SPLIT_K"] > 1 and triton.cdiv(m, cfg["BLOCK_M"]) * triton.cdiv(n, cfg["BLOCK_N"]) > MAX_TILES:
         cfg = dict(cfg, SPLIT_K=1)
     grid = (triton.cdiv(m, cfg["BLOCK_M"]), triton.cdiv(n, cfg["BLOCK_N"]), cfg["SPLIT_K"])
     return _launch(w4a16_mma_kernel, grid, x2, w, bias, dict(cfg, INTERPRET=INTERPRETING))

@@ -1,0 +1,75 @@
+"""Activation quantization: bf16/fp16 rows -> int8 or fp8 e4m3 codes + per-token scales, one kernel.
+
+One program per row. Dynamic: pass 1 finds the row's absmax (after the optional SmoothQuant divide),
+pass 2 rounds. Static (a given per-tensor ``input_scale``): one pass. The arithmetic is the reference's
+(:func:`quantarena.kernels.reference.act_quant_int8` / ``act_quant_fp8``) step for step in float32 with
+correctly rounded division, so int8 codes and scales match it bit for bit.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+TINY = 1e-12  # the absmax floor of quantarena.primitives
+
+
+@triton.jit
+def _rint(y):
+    """Round half to even for |y| < 2^22 (adding 1.5 * 2^23 leaves no fraction bits), like torch.round."""
+    return (y + 12582912.0) - 12582912.0
+
+
+@triton.jit
+def _load_row(x_row, smooth_ptr, k, K, HAS_SMOOTH: tl.constexpr):
+    x = tl.load(x_row + k, mask=k < K, other=0.0).to(tl.float32)
+    if HAS_SMOOTH:
+        x = tl.math.div_rn(x, tl.load(smooth_ptr + k, mask=k < K, other=1.0))
+    return x
+
+
+@triton.jit
+def act_quant_kernel(x_ptr, smooth_ptr, q_ptr, scale_ptr, static_scale_ptr, K, stride_xm, stride_qm,
+                     HAS_SMOOTH: tl.constexpr, STATIC: tl.constexpr, FP8: tl.constexpr,
+                     QMAX: tl.constexpr, BLOCK_K: tl.constexpr):
+    """q[row] = round(x[row] / smooth / scale[row]); scale = absmax / QMAX (dynamic) or the static scale."""
+    row = tl.program_id(0)
+    x_row = x_ptr + row * stride_xm
+    if STATIC:
+        scale = tl.load(static_scale_ptr).to(tl.float32)
+    else:
+        absmax = tl.zeros((BLOCK_K,), dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            x = _load_row(x_row, smooth_ptr, k0 + tl.arange(0, BLOCK_K), K, HAS_SMOOTH)
+            absmax = tl.maximum(absmax, tl.abs(x))
+        scale = tl.math.div_rn(tl.maximum(tl.max(absmax, axis=0), 1e-12), QMAX)
+        tl.store(scale_ptr + row, scale)
+    for k0 in range(0, K, BLOCK_K):
+        k = k0 + tl.arange(0, BLOCK_K)
+        y = tl.math.div_rn(_load_row(x_row, smooth_ptr, k, K, HAS_SMOOTH), scale + tl.zeros_like(k).to(tl.float32))
+        if FP8:
+            q = tl.clamp(y, -QMAX, QMAX).to(q_ptr.dtype.element_ty)
+        else:
+            q = _rint(tl.clamp(y, -128.0, 127.0)).to(tl.int8)
+        tl.store(q_ptr + row * stride_qm + k, q, mask=k < K)
+
+
+def act_quant(x2: torch.Tensor, fp8: bool = False, input_scale: torch.Tensor | None = None,
+              smooth: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """x2 [M, K] -> (codes int8 or float8_e4m3fn [M, K], float32 scale [M, 1]).
+
+    ``input_scale`` (per-tensor, static) skips the absmax pass; ``smooth`` [K] divides x first."""
+    m, k = x2.shape
+    q = torch.empty((m, k), dtype=torch.float8_e4m3fn if fp8 else torch.int8, device=x2.device)
+    if input_scale is not None:
+        static = input_scale.float().reshape(1).contiguous()
+        scale = static.reshape(1, 1).expand(m, 1)
+    else:
+        static = None
+        scale = torch.empty((m, 1), dtype=torch.float32, device=x2.device)
+    block_k = min(4096, triton.next_power_of_2(k))
+    act_quant_kernel[(m,)](x2, smooth if smooth is not None else x2, q, scale,
+                           static if static is not None else scale, k, x2.stride(0), q.stride(0),
+                           HAS_SMOOTH=smooth is not None, STATIC=static is not None, FP8=fp8,
+                           QMAX=448.0 if fp8 else 127.0, BLOCK_K=block_k, num_warps=8 if block_k >= 2048 else 4)
+    return q, scale

@@ -1,0 +1,125 @@
+"""W8A8 INT8 Triton GEMM: int8 activations x per-channel int8 weights, int32 accumulation, fused epilogue.
+
+``out[m, n] = acc[m, n] * a_scale[m] * w_scale[n] (+ bias[n])`` in the activation dtype, where ``acc`` is
+the exact int32 product. Activations come from :mod:`quantarena.kernels.triton_act_quant` (dynamic
+per-token, or a static per-tensor scale: ``a_scale`` is then read with stride 0).
+
+Small M uses split-K so that enough programs run; partial int32 sums go to a workspace and the last
+program of a tile (an atomic counter, reset by that program) adds them exactly and runs the epilogue.
+Large M uses grouped tile order so that neighbouring programs share weight tiles in L2.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .triton_w4a16 import MAX_TILES, split_k_counters
+
+
+@triton.jit
+def _epilogue(acc, a_scale_ptr, w_scale_ptr, bias_ptr, out_ptr, rm, rn, M, N, stride_as, stride_om,
+              HAS_BIAS: tl.constexpr):
+    mask = (rm[:, None] < M) & (rn[None, :] < N)
+    a_s = tl.load(a_scale_ptr + rm * stride_as, mask=rm < M, other=0.0)
+    w_s = tl.load(w_scale_ptr + rn, mask=rn < N, other=0.0)
+    out = acc.to(tl.float32) * a_s[:, None] * w_s[None, :]
+    if HAS_BIAS:
+        out += tl.load(bias_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)[None, :]
+    tl.store(out_ptr + rm[:, None] * stride_om + rn[None, :], out.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def int8_gemm_kernel(a_ptr, b_ptr, a_scale_ptr, w_scale_ptr, bias_ptr, out_ptr, ws_ptr, cnt_ptr,
+                     M, N, K, stride_am, stride_bn, stride_as, stride_om,
+                     HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                     BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, SPLIT_K: tl.constexpr,
+                     EVEN_K: tl.constexpr):
+    """a: int8 [M, K]; b: int8 [N, K] (the weight, row-major); out [M, N]."""
+    pid = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    num_m = tl.cdiv(M, BLOCK_M)
+    num_n = tl.cdiv(N, BLOCK_N)
+    # grouped order: GROUP_M row tiles walk the N tiles together (weight tiles reused from L2)
+    group = pid // (GROUP_M * num_n)
+    first_m = group * GROUP_M
+    size_m = tl.minimum(num_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % (GROUP_M * num_n)) % size_m
+    pid_n = (pid % (GROUP_M * num_n)) // size_m
+    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    ram = tl.max_contiguous(tl.multiple_of(tl.minimum(rm, M - 1), BLOCK_M), BLOCK_M)   # clamped rows, not stored
+    rbn = tl.max_contiguous(tl.multiple_of(tl.minimum(rn, N - 1), BLOCK_N), BLOCK_N)
+    k_per_split = tl.cdiv(tl.cdiv(K, BLOCK_K), SPLIT_K) * BLOCK_K
+    k_start = pid_k * k_per_split
+    k_end = tl.minimum(k_start + k_per_split, K)
+    rk = tl.arange(0, BLOCK_K)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
+    for k0 in range(k_start, k_end, BLOCK_K):
+        k = k0 + rk
+        if EVEN_K:
+            a = tl.load(a_ptr + ram[:, None] * stride_am + k[None, :])
+            b = tl.load(b_ptr + rbn[:, None] * stride_bn + k[None, :])
+        else:
+            a = tl.load(a_ptr + ram[:, None] * stride_am + k[None, :], mask=k[None, :] < k_end, other=0)
+            b = tl.load(b_ptr + rbn[:, None] * stride_bn + k[None, :], mask=k[None, :] < k_end, other=0)
+        acc = tl.dot(a, tl.trans(b), acc, out_dtype=tl.int32)
+    if SPLIT_K == 1:
+        _epilogue(acc, a_scale_ptr, w_scale_ptr, bias_ptr, out_ptr, rm, rn, M, N, stride_as, stride_om, HAS_BIAS)
+    else:
+        mask = (rm[:, None] < M) & (rn[None, :] < N)
+        ws_off = rm[:, None] * N + rn[None, :]
+        tl.store(ws_ptr + pid_k * M * N + ws_off, acc, mask=mask)
+        tl.debug_barrier()  # every thread's partial is written before the release below
+        tile_id = pid_m * num_n + pid_n
+        arrived = tl.atomic_add(cnt_ptr + tile_id, 1, sem="acq_rel", scope="gpu")
+        if arrived == SPLIT_K - 1:
+            total = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
+            for s in range(SPLIT_K):
+                total += tl.load(ws_ptr + s * M * N + ws_off, mask=mask, other=0, cache_modifier=".cg")
+            _epilogue(total, a_scale_ptr, w_scale_ptr, bias_ptr, out_ptr, rm, rn, M, N, stride_as, stride_om,
+                      HAS_BIAS)
+            tl.atomic_xchg(cnt_ptr + tile_id, 0, sem="relaxed", scope="gpu")
+
+
+def _sm_count(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 8
+
+
+def int8_config(m: int, n: int, k: int, sms: int) -> dict:
+    """Tile shape by M: skinny tiles + split-K for decode sizes, big tiles for prefill sizes."""
+    if m <= 16:
+        cfg = dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=256, num_warps=4, num_stages=4)
+    elif m <= 64:
+        cfg = dict(BLOCK_M=triton.next_power_of_2(m), BLOCK_N=64, BLOCK_K=256, num_warps=4, num_stages=4)
+    elif m <= 256:
+        cfg = dict(BLOCK_M=64 if m <= 128 else 128, BLOCK_N=128, BLOCK_K=128, num_warps=4, num_stages=4)
+    else:
+        cfg = dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=128, num_warps=8, num_stages=3)
+    tiles = triton.cdiv(m, cfg["BLOCK_M"]) * triton.cdiv(n, cfg["BLOCK_N"])
+    split = 1
+    k_steps = triton.cdiv(k, cfg["BLOCK_K"])
+    while tiles * split < 2 * sms and split * 2 <= k_steps and split < 16 and tiles <= MAX_TILES:
+        split *= 2
+    cfg["SPLIT_K"] = split
+    cfg["GROUP_M"] = 8
+    return cfg
+
+
+def int8_gemm(a: torch.Tensor, a_scale: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
+              bias: torch.Tensor | None, out_dtype: torch.dtype, cfg: dict | None = None) -> torch.Tensor:
+    """a: int8 [M, K]; a_scale float32 [M, 1] (or an expanded static scalar, stride 0); weight int8 [N, K];
+    weight_scale float32 [N] or [N, 1] -> [M, N] in out_dtype."""
+    m, k = a.shape
+    n = weight.shape[0]
+    w_scale = weight_scale.reshape(-1)
+    cfg = dict(cfg or int8_config(m, n, k, _sm_count(a.device)))
+    split = cfg["SPLIT_K"]
+    out = torch.empty((m, n), dtype=out_dtype, device=a.device)
+    ws = torch.empty((split, m, n) if split > 1 else (1,), dtype=torch.int32, device=a.device)
+    grid = (triton.cdiv(m, cfg["BLOCK_M"]) * triton.cdiv(n, cfg["BLOCK_N"]), split)
+    int8_gemm_kernel[grid](a, weight, a_scale, w_scale, bias if bias is not None else w_scale, out, ws,
+                           split_k_counters(a.device), m, n, k, a.stride(0), weight.stride(0), a_scale.stride(0),
+                           out.stride(0),
+                           HAS_BIAS=bias is not None, EVEN_K=k % (cfg["BLOCK_K"] * split) == 0, **cfg)
+    return out
