@@ -15,8 +15,8 @@ from pathlib import Path
 from typing import Any, Callable
 
 from . import roofline as R
-from .gpus import DEFAULT_EFFICIENCY, Efficiency, GPUError, GPUSpec, apply_kernel_benchmark, benchmark_files, \
-    detect_gpu, get_gpu, known_gpus, load_json
+from .gpus import DEFAULT_EFFICIENCY, Efficiency, GPUSpec, apply_kernel_benchmark, benchmark_files, detect_gpu, \
+    get_gpu, known_gpus, load_json, probe_ceilings, with_measured
 from .schemes import SchemeError, parse_scheme
 
 DEFAULT_SCHEMES = ["bf16", "w4a16-gptq", "w4a16-awq", "w8a8-sq", "fp8"]
@@ -336,8 +336,10 @@ def advise(shape: R.ModelShape, gpu: str | GPUSpec | None = None, batch: list[in
            concurrency: int | None = None, context: int = DEFAULT_CONTEXT, max_ppl_increase: float | None = None,
            schemes: list[str] | None = None, accuracy_rows: list[dict] | None = None, accuracy_note: str = "",
            kernels_file: str | Path | None = None, decode_file: str | Path | None = None,
-           bench_dir: str | Path | None = BENCH_DIR, eff: Efficiency = DEFAULT_EFFICIENCY) -> Advice:
-    """Decision table for a model shape, with benchmark files found or given and accuracy rows precomputed."""
+           bench_dir: str | Path | None = BENCH_DIR, eff: Efficiency = DEFAULT_EFFICIENCY,
+           probe: bool = True) -> Advice:
+    """Decision table for a model shape, with benchmark files found or given and accuracy rows precomputed.
+    On the GPU it advises for (and with no kernel benchmark), ``probe`` measures bandwidth and matmul ceilings."""
     spec, how = resolve_gpu(gpu) if not isinstance(gpu, GPUSpec) else (gpu, "named")
     if context < 1:
         raise AdviceError(f"--context must be >= 1, got {context}")
@@ -352,6 +354,9 @@ def advise(shape: R.ModelShape, gpu: str | GPUSpec | None = None, batch: list[in
     if kernels_path:
         spec = apply_kernel_benchmark(spec, load_json(kernels_path), source=str(kernels_path))
         source = f"roofline with ceilings measured in {kernels_path} ({', '.join(spec.measured)})"
+    elif probe and _is_local(spec):
+        spec = with_measured(spec, **probe_ceilings(), source="probed on this GPU")
+        source = f"roofline with ceilings probed on this GPU ({', '.join(spec.measured)})"
     measured: dict[str, list[tuple[int, float]]] = {}
     notes = []
     if decode_path:
@@ -371,6 +376,11 @@ def advise(shape: R.ModelShape, gpu: str | GPUSpec | None = None, batch: list[in
                     accuracy_note or ("" if accuracy else "accuracy not measured"), source, names)
     advice.notes = notes + advice.notes
     return advice
+
+
+def _is_local(spec: GPUSpec) -> bool:
+    local = detect_gpu()
+    return local is not None and local.name == spec.name
 
 
 # preference per family for the accuracy comparison: every available method of the first tier is measured

@@ -4,7 +4,7 @@ import json
 import pytest
 
 from quantarena import advisor as A
-from quantarena.gpus import GPUError, get_gpu
+from quantarena.gpus import GPUError
 from quantarena.models import preset_config
 from quantarena.roofline import shape_from_config
 
