@@ -351,12 +351,19 @@ def _block_kw(kw: int, stripe: int, want: int) -> int:
     return max(block, stripe // 8)
 
 
+# GEMV tile configs measured best per (N, K) on H100 by benchmarks/kernels.py --tune (M = 1)
+TUNED_GEMV: dict[tuple[int, int], dict] = {}
+
+
 def gemv_config(m: int, n: int, k: int, stripe: int, sms: int) -> dict:
+    block_m = 1 if m == 1 else (2 if m == 2 else 4)
+    tuned = TUNED_GEMV.get((n, k))
+    if tuned is not None and (k // 8) % tuned["BLOCK_KW"] == 0 and tuned["BLOCK_KW"] % (stripe // 8) == 0:
+        return dict(tuned, BLOCK_M=block_m)
     block_n = 16
     block_kw = _block_kw(k // 8, stripe, 64)
     split = _split_for(triton.cdiv(n, block_n), k // 8 // block_kw, 4 * sms)
-    return dict(BLOCK_M=1 if m == 1 else (2 if m == 2 else 4), BLOCK_N=block_n, BLOCK_KW=block_kw,
-                SPLIT_K=split, num_warps=4, num_stages=3)
+    return dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_KW=block_kw, SPLIT_K=split, num_warps=4, num_stages=3)
 
 
 def mma_config(m: int, n: int, k: int, stripe: int, sms: int) -> dict:

@@ -1,0 +1,63 @@
+"""GPU timing: every contender is timed the same way, as the replay of a CUDA graph with L2 flushed.
+
+Graph replay removes host launch overhead (which otherwise dominates small decode-size kernels);
+a 2x-L2 memset before each replay makes every run read its weights from device memory, as a decode
+step does when each layer's weights were evicted by the previous layers. The memset is enqueued before
+the start event, so the GPU is busy while the host enqueues the replay: no host gap is timed.
+"""
+from __future__ import annotations
+
+import statistics
+from typing import Callable
+
+import torch
+
+
+class L2Flush:
+    def __init__(self, device: torch.device | str = "cuda"):
+        l2 = getattr(torch.cuda.get_device_properties(device), "L2_cache_size", 50 * 2**20)
+        self.buf = torch.empty(max(2 * l2, 128 * 2**20), dtype=torch.uint8, device=device)
+
+    def __call__(self) -> None:
+        self.buf.zero_()
+
+
+def capture(fn: Callable[[], object], warmup: int = 2) -> torch.cuda.CUDAGraph:
+    """Warm ``fn`` up on a side stream (compiles kernels, builds caches), then capture it in a graph."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(warmup):
+            fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    torch.cuda.synchronize()
+    return graph
+
+
+def time_graph(graph: torch.cuda.CUDAGraph, flush: L2Flush | None, reps: int = 20) -> float:
+    """Median microseconds of one replay of ``graph`` (L2 flushed before each when ``flush`` is given)."""
+    graph.replay()  # first replay uploads the graph
+    times = []
+    for _ in range(reps):
+        if flush is not None:
+            flush()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) * 1000.0)
+    return statistics.median(times)
+
+
+def time_fn(fn: Callable[[], object], flush: L2Flush | None = None, reps: int = 20) -> float:
+    """Capture ``fn`` in a CUDA graph and return the median microseconds of a replay."""
+    graph = capture(fn)
+    try:
+        return time_graph(graph, flush, reps)
+    finally:
+        del graph
