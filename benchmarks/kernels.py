@@ -62,10 +62,12 @@ def main() -> None:
         print(f"tuning took {time.time() - t0:.0f}s", flush=True)
     for model in models:
         result = K.sweep([model], [int(b) for b in args.batch.split(",")], with_gemlite=not args.no_gemlite,
-                         budget_s=args.budget_s, log=lambda s: print(s, flush=True))
+                         budget_s=args.budget_s, log=lambda s: print(s, flush=True),
+                         partial_path=os.path.join(args.out, f"kernels-{model}.json"))
         result["tuned_gemv"] = {f"{n}x{k}": v for (n, k), v in T4.TUNED_GEMV.items()}
         K.write(result, os.path.join(args.out, f"kernels-{model}.json"))
-        print(K.table(result), flush=True)
+        with open(os.path.join(args.out, f"table-{model}.txt"), "w") as f:
+            f.write(K.table(result))
 
 
 if __name__ == "__main__":

@@ -162,7 +162,7 @@ def bytes_moved(op: str, k: int, n: int, m: int) -> int:
 
 
 def sweep(models: list[str], batches: list[int], with_gemlite: bool = True, reps: int = 20,
-          budget_s: float | None = None, log=print) -> dict:
+          budget_s: float | None = None, log=print, partial_path: str | None = None) -> dict:
     """Run the sweep; returns the results object (schema of benchmarks/results/<gpu>-kernels.json)."""
     started = time.time()
     flush = L2Flush()
@@ -191,6 +191,12 @@ def sweep(models: list[str], batches: list[int], with_gemlite: bool = True, reps
                 log(f"{model} {label} M={m} done ({time.time() - started:.0f}s)")
             del layer
             torch.cuda.empty_cache()
+            if partial_path:
+                write(_result(rows), partial_path)
+    return _result(rows)
+
+
+def _result(rows: list[dict]) -> dict:
     return {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": _triton_version(),
             "date": datetime.date.today().isoformat(), "group_size": GROUP,
             "timing": "median of CUDA-graph replays, L2 flushed before each", "rows": rows}
