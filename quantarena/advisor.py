@@ -497,11 +497,16 @@ def advise_model(source: str = "default", settings: Any = None, measure_accuracy
 
 # -- output ----------------------------------------------------------------------------------------
 
+def gpu_line(g: GPUSpec) -> str:
+    fp8 = f"{g.fp8_tflops:.0f}" if g.fp8_tflops else "-"
+    return (f"{g.name} ({g.memory_gb:g} GB, {g.bandwidth_tbs:.2f} TB/s, dense bf16 {g.bf16_tflops:.0f} / int8 "
+            f"{g.int8_tops:.0f} / fp8 {fp8} T/s, {g.source})")
+
+
 def format_table(advice: Advice) -> str:
     """The decision table and the crossovers as plain text."""
     g = advice.gpu
-    lines = [f"quantarena advise: {advice.model} on {g.name} ({g.memory_gb:g} GB, {g.bandwidth_tbs:g} TB/s, "
-             f"bf16 {g.bf16_tflops:g} / int8 {g.int8_tops:g} / fp8 {g.fp8_tflops or '-'} T/s)",
+    lines = [f"quantarena advise: {advice.model} on {gpu_line(g)}",
              f"numbers: {advice.source}", f"accuracy: {advice.accuracy_note}", ""]
     for r in advice.rows:
         speed = f"{r.speedup:.2f}x vs bf16" if r.speedup else "bf16 does not fit"

@@ -13,7 +13,7 @@ import textwrap
 from pathlib import Path
 from typing import Any
 
-from .advisor import Advice, format_table
+from .advisor import Advice, format_table, gpu_line
 
 COLORS = {"bf16": "#555555", "w4a16": "#1f77b4", "w8a8": "#d62728", "fp8": "#2ca02c", "w4a8": "#9467bd"}
 
@@ -41,6 +41,15 @@ def _family(scheme: str) -> str:
         return family(scheme)
     except ValueError:
         return scheme
+
+
+def _plain_ticks(ax) -> None:
+    import math
+    from matplotlib.ticker import FormatStrFormatter, FuncFormatter
+    ax.yaxis.set_major_formatter(FormatStrFormatter("%g"))
+    lead = lambda v: round(v / 10 ** math.floor(math.log10(v))) if v > 0 else 0
+    ax.yaxis.set_minor_formatter(FuncFormatter(lambda v, _: f"{v:g}" if lead(v) in (2, 5) else ""))
+    ax.tick_params(axis="y", which="minor", labelsize=7)
 
 
 def plot_time(advice: Advice) -> str:
@@ -82,11 +91,13 @@ def plot_time(advice: Advice) -> str:
         a.set_xlabel("decode batch (sequences)")
         a.grid(True, which="both", alpha=0.3)
     ax.set_yscale("log")
+    _plain_ticks(ax)
     ax.set_ylabel("ms per decode step (= per token of each sequence)")
     ax.set_title(f"{advice.model} on {advice.gpu.name}, context {advice.context}\n"
                  "solid: roofline with efficiencies, dotted: ideal, | then faded: past the memory limit", fontsize=9)
     ax.legend(fontsize=7, loc="upper left")
     ax2.set_yscale("log")
+    _plain_ticks(ax2)
     ax2.set_ylabel("tokens / s (all sequences)")
     ax2.set_title("throughput", fontsize=9)
     ax2.legend(fontsize=7, loc="upper left")
@@ -106,20 +117,22 @@ def plot_memory(advice: Advice) -> str:
     usable = advice.memory[0].usable_gb if advice.memory else advice.gpu.memory_gb
     ax.axhline(usable, color="black", ls="--", lw=1)
     ax.text(len(names) - 0.5, usable, f" usable {usable:.0f} GB", va="bottom", ha="right", fontsize=8)
+    tallest = max([w + k + o for w, k, o in zip(weights, kv, over)] + [usable])
+    ax.set_ylim(0, tallest * 1.3)
     ax.set_ylabel("GB")
     ax.set_title(f"memory at batch {max(advice.batches)}, context {advice.context} on {advice.gpu.name}", fontsize=9)
-    ax.legend(fontsize=7)
+    ax.legend(fontsize=7, ncol=3, loc="upper left")
     return _png(fig)
 
 
 def plot_accuracy(advice: Advice) -> str:
     """Perplexity increase and KL divergence per scheme, or a panel saying why there are none."""
-    fig, axes = _figure(9.0, 3.4, cols=2)
     if not advice.accuracy:
-        for a in axes:
-            a.axis("off")
-        axes[0].text(0.0, 0.5, textwrap.fill(f"accuracy: {advice.accuracy_note}", 60), fontsize=11)
+        fig, (ax,) = _figure(9.0, 0.8)
+        ax.axis("off")
+        ax.text(0.0, 0.5, textwrap.fill(f"accuracy: {advice.accuracy_note}", 90), fontsize=10, va="center")
         return _png(fig)
+    fig, axes = _figure(9.0, 3.4, cols=2)
     names = [s for s in advice.accuracy if s != "bf16"] or list(advice.accuracy)
     colors = [COLORS.get(_family(n), "#888") for n in names]
     axes[0].bar(names, [advice.accuracy[n]["ppl_increase_pct"] for n in names], color=colors)
@@ -181,8 +194,7 @@ def render_html(advice: Advice) -> str:
         f"<title>quantarena advise: {html.escape(advice.model)} on {html.escape(g.name)}</title>",
         f"<style>{CSS}</style></head><body>",
         f"<h1>quantarena advise: {html.escape(advice.model)} on {html.escape(g.name)}</h1>",
-        f"<p class='note'>{g.memory_gb:g} GB, {g.bandwidth_tbs:g} TB/s, dense bf16 {g.bf16_tflops:g} / int8 "
-        f"{g.int8_tops:g} / fp8 {g.fp8_tflops or '-'} T/s ({html.escape(g.source)}). Numbers: "
+        f"<p class='note'>{html.escape(gpu_line(g))}. Numbers: "
         f"{html.escape(advice.source)}. Accuracy: {html.escape(advice.accuracy_note)}.</p>",
         "<h2>Decision</h2>", _table(DECISION_HEADER, _decision_rows(advice)),
         "<h2>Crossover batch per scheme pair</h2>",
