@@ -24,7 +24,7 @@ DEFAULT_BATCHES = [1, 8, 32, 128, 256]
 DEFAULT_CONTEXT = 2048
 BENCH_DIR = Path("benchmarks/results")
 CURVE_BATCHES = [1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512, 768, 1024]
-HIGH_PPL_COST = 5.0   # percent: above this the table suggests --max-ppl-increase
+DEFAULT_MAX_PPL_INCREASE = 10.0  # percent, applied when accuracy was measured and no limit was given
 
 EXPORTS = {
     "bf16": "safetensors (unquantized): any engine",
@@ -198,6 +198,9 @@ def _why(shape: R.ModelShape, scheme: str, gpu: GPUSpec, batch: int, context: in
               "KV cache": parts["attention"].memory_s, "launch overhead": total.overhead_s}
     denom = sum(shares.values()) + parts["linears"].compute_s
     detail = ", ".join(f"{k} {100 * v / denom:.0f}%" for k, v in shares.items() if v / denom >= 0.1)
+    if total.overhead_s / total.seconds >= 0.5:
+        lin = (f"launch-bound: kernel launches are {100 * total.overhead_s / total.seconds:.0f}% of the step, "
+               f"so fewer bytes buy little; {lin}")
     head_share = parts["lm_head"].bytes / max(total.bytes, 1)
     extra = f"; bf16 lm_head is {100 * head_share:.0f}% of bytes" if head_share >= 0.25 else ""
     return f"{lin}; step: {detail}{extra}" if detail else lin + extra
@@ -211,6 +214,9 @@ def decide(shape: R.ModelShape, gpu: GPUSpec, batches: list[int], context: int, 
     if not batches or any(b < 1 for b in batches):
         raise AdviceError(f"batch sizes must be positive integers, got {batches}")
     measured = measured or {}
+    defaulted_limit = bool(accuracy) and max_ppl_increase is None
+    if defaulted_limit:
+        max_ppl_increase = DEFAULT_MAX_PPL_INCREASE
     runnable = [s for s in schemes if R.supported(s, gpu)]
     rows = []
     for i, batch in enumerate(batches):
@@ -225,11 +231,9 @@ def decide(shape: R.ModelShape, gpu: GPUSpec, batches: list[int], context: int, 
     notes = []
     if not gpu.has_fp8 and any(family(s) == "fp8" for s in schemes):
         notes.append(f"{gpu.name} has no fp8 tensor cores: fp8 left out.")
-    if accuracy:
-        worst = [s for s, a in accuracy.items() if a["ppl_increase_pct"] > HIGH_PPL_COST]
-        if worst and max_ppl_increase is None:
-            notes.append(f"{', '.join(worst)} cost more than {HIGH_PPL_COST:g}% perplexity; "
-                         "pass --max-ppl-increase P to exclude schemes above P%.")
+    if defaulted_limit:
+        notes.append(f"schemes costing more than {max_ppl_increase:g}% perplexity are rejected (default; "
+                     "change with --max-ppl-increase P).")
     return Advice(model=shape.name, gpu=gpu, context=context, batches=list(batches), schemes=list(schemes), rows=rows,
                   crossovers=crossovers, ideal_crossovers=ideal, memory=memory, accuracy=accuracy or None,
                   accuracy_note=accuracy_note, source=source, curve_batches=CURVE_BATCHES,

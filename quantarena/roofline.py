@@ -83,6 +83,7 @@ class LinearShape:
     in_features: int
     out_features: int
     count: int = 1
+    after_norm: bool = False   # input comes from a norm, which can quantize it in the same kernel (as vLLM does)
 
 
 @dataclass(frozen=True)
@@ -105,9 +106,9 @@ class ModelShape:
         """The quantized Linears of the decoder blocks, fused as serving engines run them."""
         q, kv = self.heads * self.head_dim, self.kv_heads * self.head_dim
         mlp_in = 2 * self.intermediate if self.gated_mlp else self.intermediate
-        return [LinearShape("qkv_proj", self.hidden, q + 2 * kv, self.layers),
+        return [LinearShape("qkv_proj", self.hidden, q + 2 * kv, self.layers, after_norm=True),
                 LinearShape("o_proj", q, self.hidden, self.layers),
-                LinearShape("gate_up_proj", self.hidden, mlp_in, self.layers),
+                LinearShape("gate_up_proj", self.hidden, mlp_in, self.layers, after_norm=True),
                 LinearShape("down_proj", self.intermediate, self.hidden, self.layers)]
 
     def lm_head(self) -> LinearShape:
@@ -183,15 +184,18 @@ def _kernel(nbytes: float, flops: float, bandwidth: float, flops_rate: float, ke
 
 
 def linear_cost(k: int, n: int, m: int, scheme: str | Scheme | WeightFormat, gpu: GPUSpec,
-                eff: Efficiency = DEFAULT_EFFICIENCY) -> Cost:
-    """One [m, k] x [k, n] Linear in ``scheme`` on ``gpu``: weights + scales + activations in and out."""
+                eff: Efficiency = DEFAULT_EFFICIENCY, fused_act_quant: bool = False) -> Cost:
+    """One [m, k] x [k, n] Linear in ``scheme`` on ``gpu``: weights + scales + activations in and out.
+    ``fused_act_quant``: the preceding norm already wrote int8/fp8 activations (no extra pass or kernel)."""
     fmt = weight_format(scheme)
     ceil = effective(gpu, eff)
     if ceil[fmt.math] is None:
         raise RooflineError(f"{gpu.name} has no {fmt.math} tensor cores; scheme {fmt.family} cannot run on it")
     nbytes = fmt.weight_bytes(k, n) + 2.0 * m * n
     kernels = 1
-    if fmt.act_quant:
+    if fmt.act_quant and fused_act_quant:
+        nbytes += 1.0 * m * k                # the GEMM reads int8 the norm wrote
+    elif fmt.act_quant:
         nbytes += m * k * (2.0 + 1.0 + 1.0)  # quant pass reads bf16, writes int8; the GEMM reads int8
         kernels += 1
     else:
@@ -209,7 +213,8 @@ def decode_step(shape: ModelShape, scheme: str | Scheme | WeightFormat, gpu: GPU
     ceil = effective(gpu, eff)
     linears = Cost()
     for lin in shape.linears():
-        linears = linears + linear_cost(lin.in_features, lin.out_features, batch, scheme, gpu, eff).scaled(lin.count)
+        cost = linear_cost(lin.in_features, lin.out_features, batch, scheme, gpu, eff, fused_act_quant=lin.after_norm)
+        linears = linears + cost.scaled(lin.count)
     head = shape.lm_head()
     lm_head = linear_cost(head.in_features, head.out_features, batch, "bf16", gpu, eff)
     kv = shape.kv_bytes_per_sequence(context, kv_bytes) * batch
