@@ -6,14 +6,34 @@ scales, GPTQ, AWQ, SmoothQuant) run block by block through :mod:`.calibration.se
 """
 from __future__ import annotations
 
+import logging
+from dataclasses import dataclass, replace
+
 import torch
 from torch import nn
 
 from . import primitives as P
+from .algorithms import awq, gptq, rtn, smoothquant
 from .calibration.sequential import BlockContext, run_sequential
-from .models import ArchSpec, arch_for, blocks, set_module
+from .calibration.stats import InputStats, ModuleCalls, observe
+from .models import ArchSpec, SmoothGroup, arch_for, blocks, set_module
 from .nn import BF16Linear, FP8Linear, W4A16Linear, W8A8Linear
 from .schemes import Scheme, parse_scheme
+
+log = logging.getLogger("quantarena.quantize")
+
+
+@dataclass(frozen=True)
+class CalibrationOptions:
+    """Knobs of the calibrated algorithms; the defaults are the ones measured in benchmarks/results."""
+    act_order: bool = True          # GPTQ: columns by decreasing Hessian diagonal (static groups)
+    percdamp: float = 0.01          # GPTQ: dampening, fraction of mean diag(H); grows if Cholesky fails
+    block_size: int = 128           # GPTQ: lazy-update block
+    awq_grid: int = 20              # AWQ: exponent grid points
+    awq_windows: int = 4            # AWQ: windows whose module outputs measure each candidate's loss
+    awq_clip: bool = True           # AWQ: weight-clipping search (not with GPTQ, which rounds itself)
+    sample_tokens: int = 512        # token rows kept per layer input for clipping / alpha searches
+    alpha_search: bool = False      # SmoothQuant: per-layer alpha on output error instead of scheme.alpha
 
 
 def make_linear(scheme: Scheme, linear: nn.Linear, input_scale: torch.Tensor | None = None,
@@ -73,15 +93,205 @@ def _static_rtn(scheme: Scheme, arch: ArchSpec):
     return process
 
 
-def block_processor(scheme: Scheme, arch: ArchSpec):
+def block_groups(arch: ArchSpec) -> list[SmoothGroup]:
+    """The architecture's smooth groups, plus a group with no ``prev`` for any Linear they miss."""
+    covered = {n for g in arch.groups for n in g.linears}
+    return list(arch.groups) + [SmoothGroup(None, "none", (n,)) for n in arch.linears if n not in covered]
+
+
+def _prev(block: nn.Module, group: SmoothGroup) -> nn.Module | None:
+    return block.get_submodule(group.prev) if group.prev else None
+
+
+def _smoothquant(ctx: BlockContext, groups: list[SmoothGroup], scheme: Scheme, opts: CalibrationOptions,
+                 runtime_smooth: dict[str, torch.Tensor], absmax: dict[str, torch.Tensor]) -> dict:
+    """SmoothQuant for every group of the block from one (early-stopped) float pass."""
+    stats = {g: InputStats(sample_tokens=opts.sample_tokens if opts.alpha_search else 0) for g in groups}
+    observe(ctx, {g.linears[0]: (ctx.block.get_submodule(g.linears[0]), stats[g]) for g in groups})
+    alphas = []
+    for g in groups:
+        linears = [ctx.block.get_submodule(n) for n in g.linears]
+        alpha = scheme.alpha
+        if opts.alpha_search:
+            alpha, _ = smoothquant.search_alpha(stats[g].sample(), [l.weight for l in linears], stats[g].absmax)
+        alphas.append(alpha)
+        s = smoothquant.smooth_scales(stats[g].absmax, smoothquant.weight_absmax(linears), alpha)
+        prev = _prev(ctx.block, g)
+        if smoothquant.can_fold(prev, g.prev_kind, linears[0].in_features):
+            smoothquant.fold_into_prev(prev, g.prev_kind, s)
+            smoothquant.scale_inputs(linears, s)
+        else:  # nothing can absorb 1/s: the W8A8 layer divides its input at run time
+            runtime_smooth.update({n: s for n in g.linears})
+        absmax.update({n: stats[g].absmax / s for n in g.linears})
+    return {"alpha": alphas} if opts.alpha_search else {}
+
+
+def _common_parent(names: tuple[str, ...]) -> str:
+    parents = {n.rpartition(".")[0] for n in names}
+    return parents.pop() if len(parents) == 1 else ""
+
+
+_NO_CLIP = ("q_proj", "k_proj", "qkv_proj")  # AWQ leaves query/key ranges alone (attention logits are sensitive)
+
+
+def _awq(ctx: BlockContext, groups: list[SmoothGroup], scheme: Scheme, opts: CalibrationOptions) -> dict:
+    """AWQ scale search per foldable group (loss on the output of the module the group feeds: attention,
+    MLP, or the Linear itself), folding, then the clipping search."""
+    foldable = [g for g in groups if smoothquant.can_fold(_prev(ctx.block, g), g.prev_kind,
+                                                        ctx.block.get_submodule(g.linears[0]).in_features)]
+    stats = {g: InputStats(sample_tokens=opts.sample_tokens) for g in groups}
+    watched = {}  # group -> (module whose outputs measure the loss, its recorded calls)
+    for g in foldable:
+        parent = _common_parent(g.linears) if g.prev_kind != "linear" else ""
+        module = ctx.block.get_submodule(parent or g.linears[0])
+        watched[g] = (module, ModuleCalls(), not parent)
+    observe(ctx, {g.linears[0]: (ctx.block.get_submodule(g.linears[0]), stats[g]) for g in groups},
+            calls={g.linears[0] + "#": (m, c) for g, (m, c, _) in watched.items()}, call_windows=opts.awq_windows)
+    total = 0.0
+    for g in foldable:
+        module, calls, single = watched[g]
+        linears = [ctx.block.get_submodule(n) for n in g.linears]
+        originals = [l.weight.detach().clone() for l in linears]
+        if single:  # the group's Linears on the inputs recorded at the first one
+            xs = [a[0] for a in calls.args]
+            refs = [[x @ W.t() for W in originals] for x in xs]
+        else:
+            refs = calls.outputs
+
+        def loss_fn(s: torch.Tensor) -> float:
+            fakes = [(rtn.fake_int4(W.float() * s, scheme.group_size, scheme.symmetric) / s).to(W.dtype)
+                     for W in originals]
+            if single:
+                return sum((x @ F.t() - r).float().pow(2).mean().item()
+                           for x, rs in zip(xs, refs) for F, r in zip(fakes, rs))
+            for lin, F in zip(linears, fakes):
+                lin.weight.data = F
+            try:
+                return sum((o - r).float().pow(2).mean().item() for o, r in zip(calls.replay(module), refs))
+            finally:
+                for lin, W in zip(linears, originals):
+                    lin.weight.data = W
+        s, _ratio, loss = awq.search_scales(stats[g].mean_abs, awq.weight_mean(originals, scheme.group_size),
+                                            loss_fn, n_grid=opts.awq_grid)
+        total += loss
+        smoothquant.fold_into_prev(_prev(ctx.block, g), g.prev_kind, s)
+        smoothquant.scale_inputs(linears, s)
+        stats[g].samples = [x / s for x in stats[g].samples]
+    if opts.awq_clip and not scheme.method.endswith("gptq"):
+        for g in groups:
+            x = stats[g].sample()
+            for n in g.linears:
+                if n.endswith(_NO_CLIP):
+                    continue
+                lin = ctx.block.get_submodule(n)
+                max_val = awq.search_clip(lin.weight.detach(), x, scheme.group_size, scheme.symmetric)
+                lin.weight.data = awq.apply_clip(lin.weight.detach(), max_val)
+    return {"loss": total}
+
+
+def _w8a8_module(linear: nn.Linear, codes: torch.Tensor, weight_scale: torch.Tensor, scheme: Scheme,
+                 absmax: torch.Tensor | None, smooth: torch.Tensor | None) -> W8A8Linear:
+    input_scale = None
+    if scheme.static:
+        input_scale = absmax.amax().clamp(min=1e-12) / P.INT8_MAX
+    return W8A8Linear(codes, weight_scale, linear.bias, input_scale, smooth)
+
+
+def _gptq_round(ctx: BlockContext, groups: list[SmoothGroup], scheme: Scheme, opts: CalibrationOptions,
+                runtime_smooth: dict[str, torch.Tensor]) -> dict:
+    """GPTQ, group after group: each group's Hessian comes from inputs produced by the already-quantized
+    earlier layers of the block (the pass stops once the group's input is seen)."""
+    bits = 4 if scheme.family == "w4a16" else 8
+    total = 0.0
+    for g in groups:
+        stats = InputStats(hessian=True)
+        observe(ctx, {g.linears[0]: (ctx.block.get_submodule(g.linears[0]), stats)})
+        H = stats.hessian
+        for n in g.linears:
+            linear = ctx.block.get_submodule(n)
+            W, Hn, s = linear.weight.detach(), H, runtime_smooth.get(n)
+            if s is not None:  # the layer computes (x / s) @ (W s)^T
+                W, Hn = W.float() * s, H / s.unsqueeze(0) / s.unsqueeze(1)
+            res = gptq.gptq(W, Hn, bits, scheme.group_size or -1, scheme.symmetric, opts.act_order,
+                            opts.block_size, opts.percdamp)
+            total += res.loss
+            if bits == 4:
+                module = W4A16Linear(res.codes, res.scales, res.zeros, scheme.group_size, linear.bias)
+            else:
+                absmax = stats.absmax if s is None else stats.absmax / s
+                module = _w8a8_module(linear, res.codes, res.scales, scheme, absmax, s)
+            set_module(ctx.block, n, module)
+    return {"loss": total}
+
+
+def _rtn_round(ctx: BlockContext, arch: ArchSpec, scheme: Scheme, runtime_smooth: dict[str, torch.Tensor],
+               absmax: dict[str, torch.Tensor]) -> None:
+    for n, linear in block_linears(ctx.block, arch).items():
+        if scheme.family == "w8a8":
+            codes, scale = rtn.rtn_int8(linear.weight.detach().float() * runtime_smooth[n]
+                                        if n in runtime_smooth else linear.weight.detach())
+            module = _w8a8_module(linear, codes, scale, scheme, absmax.get(n), runtime_smooth.get(n))
+        else:
+            module = make_linear(scheme, linear)
+        set_module(ctx.block, n, module)
+
+
+def _calibrated(scheme: Scheme, arch: ArchSpec, opts: CalibrationOptions):
+    """Transforms (SmoothQuant or AWQ scales folded into the previous op) then rounding (RTN or GPTQ)."""
+    def process(ctx: BlockContext) -> dict:
+        groups = block_groups(arch)
+        runtime_smooth: dict[str, torch.Tensor] = {}   # Linear -> s it divides its input by (unfoldable SQ)
+        absmax: dict[str, torch.Tensor] = {}           # Linear -> per-channel absmax of its smoothed input
+        info: dict = {}
+        if scheme.method.startswith("sq"):
+            info |= _smoothquant(ctx, groups, scheme, opts, runtime_smooth, absmax)
+        if scheme.method.startswith("awq"):
+            info |= _awq(ctx, groups, scheme, opts)
+        if scheme.method.endswith("gptq"):
+            info |= _gptq_round(ctx, groups, scheme, opts, runtime_smooth)
+        else:
+            _rtn_round(ctx, arch, scheme, runtime_smooth, absmax)
+        return info
+    return process
+
+
+def apply_transforms(model: nn.Module, scheme: str | Scheme, calibration: torch.Tensor,
+                     options: CalibrationOptions | None = None, progress: bool = False) -> list[dict]:
+    """Only the scheme's equivalence transforms, no rounding: SmoothQuant or AWQ scales folded into the
+    previous ops (AWQ without clipping). The model stays float and computes the same function up to float
+    error; SmoothQuant scales that nothing can absorb are reported per block (``runtime``), not applied."""
+    scheme = parse_scheme(scheme)
+    arch = arch_for(model.config.model_type)
+    opts = options or CalibrationOptions()
+    opts = replace(opts, awq_clip=False)
+    if not (scheme.method.startswith("sq") or scheme.method.startswith("awq")):
+        raise P.QuantizationError(f"scheme {scheme.name!r} has no transform (only SmoothQuant and AWQ do)")
+
+    def process(ctx: BlockContext) -> dict:
+        groups = block_groups(arch)
+        runtime: dict[str, torch.Tensor] = {}
+        if scheme.method.startswith("sq"):
+            _smoothquant(ctx, groups, scheme, opts, runtime, {})
+        else:
+            _awq(ctx, groups, scheme, opts)
+        return {"runtime": sorted(runtime)}
+    return run_sequential(model, arch, calibration, process, progress=progress, desc=f"transform {scheme.name}")
+
+
+def block_processor(scheme: Scheme, arch: ArchSpec, options: CalibrationOptions | None = None):
     """The per-block calibration step for ``scheme``."""
     if scheme.method == "rtn" and scheme.static:
         return _static_rtn(scheme, arch)
+    if scheme.method in ("gptq", "awq", "awq+gptq", "sq", "sq+gptq"):
+        if scheme.method.startswith("awq") and scheme.family != "w4a16":
+            raise P.QuantizationError(f"AWQ applies to 4-bit weights; {scheme.name!r} is {scheme.family}")
+        return _calibrated(scheme, arch, options or CalibrationOptions())
     raise P.QuantizationError(f"scheme {scheme.name!r} (method {scheme.method}) is not available yet")
 
 
 def quantize(model: nn.Module, scheme: str | Scheme, calibration: torch.Tensor | None = None, *,
-             device: str | torch.device | None = None, progress: bool = True) -> nn.Module:
+             device: str | torch.device | None = None, progress: bool = True,
+             options: CalibrationOptions | None = None) -> nn.Module:
     """Quantize every Linear of every decoder block of ``model`` in place (``lm_head`` and embeddings stay).
 
     ``calibration``: token windows ``[n, T]`` (BOS first), needed when ``scheme.needs_calibration``.
@@ -93,8 +303,9 @@ def quantize(model: nn.Module, scheme: str | Scheme, calibration: torch.Tensor |
     if scheme.needs_calibration:
         if calibration is None or len(calibration) == 0:
             raise P.QuantizationError(f"scheme {scheme.name!r} needs calibration windows")
-        run_sequential(model, arch, calibration, block_processor(scheme, arch), device=device,
-                       progress=progress, desc=f"calibrate {scheme.name}")
+        model.quantarena_calibration = run_sequential(
+            model, arch, calibration, block_processor(scheme, arch, options), device=device,
+            progress=progress, desc=f"calibrate {scheme.name}")
     else:
         for block in blocks(model, arch):
             for name, lin in block_linears(block, arch).items():

@@ -116,6 +116,13 @@ class BlockContext:
         with torch.no_grad():
             return run_block(block or self.block, self.hidden, self.kwargs, self.device, keep)
 
+    def inputs(self):
+        """Yield ``(hidden [1, T, H], kwargs)`` per window, on the compute device (for callers that run
+        the block themselves, e.g. to stop early once the layers they observe have run)."""
+        shared = _share(self.kwargs, self.device)
+        for h, kw in zip(self.hidden, shared):
+            yield h.to(self.device), kw
+
 
 @torch.no_grad()
 def run_sequential(model: nn.Module, arch: ArchSpec, windows: torch.Tensor,
