@@ -130,3 +130,18 @@ def test_activation_outliers_on_a_tiny_model():
     ratios = A.activation_outliers(lm.model, lm.arch, windows)
     assert set(ratios) == {f"{i}.{n}" for i in range(2) for n in ("q_proj", "o_proj", "gate_proj", "down_proj")}
     assert all(r >= 1.0 for r in ratios.values())
+
+
+def test_tiny_model_is_launch_bound_and_default_limit_applies():
+    from quantarena.roofline import ModelShape
+    gemma = ModelShape("gemma-3-270m", 640, 2048, 18, 4, 1, 256, 262144, tied_embeddings=True,
+                       sliding_window=512, sliding_layers=15)
+    rows = [dict(scheme="bf16", ppl=12.9, delta_pct=0.0, kld=0.0),
+            dict(scheme="w4a16-rtn", ppl=23.3, delta_pct=80.5, kld=0.68),
+            dict(scheme="fp8", ppl=13.1, delta_pct=1.7, kld=0.02)]
+    adv = A.advise(gemma, gpu="H100", batch=[1], accuracy_rows=rows, schemes=["bf16", "w4a16-rtn", "fp8"],
+                   bench_dir=None, probe=False)
+    row = adv.rows[0]
+    assert "launch-bound" in row.why and "lm_head" in row.why
+    assert "80.5% perplexity > 10% limit" in row.rejected["w4a16-rtn"]
+    assert any("default" in n for n in adv.notes)
