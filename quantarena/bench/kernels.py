@@ -97,7 +97,7 @@ def _scaled_mm(layer: Layer):
 def _gemlite(layer: Layer, op: str):
     key = "gemlite_" + op
     if key not in layer.extra:
-        import gemlite
+        from gemlite import helper as gemlite
         if op == "w4a16":
             u = (layer.extra["codes"].to(torch.int32) + 8).to(torch.uint8)
             zeros = torch.full_like(layer.scales, 8.0)

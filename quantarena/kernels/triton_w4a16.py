@@ -6,7 +6,8 @@ Three paths, chosen by :mod:`quantarena.kernels.ops` from the batch size M:
 * ``mma`` (small to medium M): tiled tensor-core kernel that dequantizes a weight tile in registers.
 * ``dequant`` (large M): dequantize the whole weight to bf16 once, then cuBLAS.
 
-Kernel layout ("striped"). The canonical layout (compressed-tensors) puts input elements
+Weight layouts. ``mma`` and ``dequant`` read the canonical packed tensor as it is. The GEMV reads a
+copy in a "striped" layout, built once per weight. The canonical layout (compressed-tensors) puts input elements
 ``8c .. 8c+7`` in word ``c``. The kernels use a layout repacked once per weight: the input dim is cut
 into stripe blocks of ``S`` elements (``S = min(128, group)``, so a block never spans two groups),
 and inside a block word ``w`` holds elements ``w, w + S/8, ..., w + 7 S/8`` (nibble ``j`` is element
@@ -92,18 +93,28 @@ def _mantissa_float(bits, MASK: tl.constexpr):
 
 
 @triton.jit
-def _gemv_row_step(acc, words, s, zc, x_row_ptr, xoff, J_STRIDE: tl.constexpr):
-    """One activation row: acc [BN, BKW] += scale * sum_j q_j x_j over the eight nibbles of each word.
+def _nibble_floats(words):
+    """The eight nibbles of each word as floats 1 + u * 2^-p (see _gemv_row_step), in nibble order.
 
     Nibble j sits at bits 4j. Four shifts of the word (<<16, <<8, >>8, >>16) bring every nibble to
-    bits 12..15 (class A: f = 1 + u/2048) or 16..19 (class B: f = 1 + u/128); one mask-or each then
-    gives a float without an int->float convert. Activations are pre-multiplied by 2048 (A) or 128 (B),
-    exact powers of two, so one FMA chain gives t = sum_j x_j (2^p + u_j) and
-    sum_j q_j x_j = t - sum_A 2048 x - sum_B 128 x - (8 + zero) sum_j x_j (per column, shared by rows)."""
+    bits 12..15 (odd j: f = 1 + u/2048) or 16..19 (even j: f = 1 + u/128); one mask-or each then
+    gives a float without an int->float convert."""
     up16 = words << 16
     up8 = words << 8
     dn8 = (words >> 8) & 0x00FFFFFF                      # logical shifts: the masks below keep 4 bits
     dn16 = (words >> 16) & 0x0000FFFF
+    return (_mantissa_float(up16, 0xF0000), _mantissa_float(up8, 0xF000), _mantissa_float(up8, 0xF0000),
+            _mantissa_float(words, 0xF000), _mantissa_float(words, 0xF0000), _mantissa_float(dn8, 0xF000),
+            _mantissa_float(dn8, 0xF0000), _mantissa_float(dn16, 0xF000))
+
+
+@triton.jit
+def _gemv_row_step(acc, f, s, zc, x_row_ptr, xoff, J_STRIDE: tl.constexpr):
+    """One activation row: acc [BN, BKW] += scale * sum_j q_j x_j over the eight nibbles of each word.
+
+    Activations are pre-multiplied by 128 (even j) or 2048 (odd j), exact powers of two, so one FMA
+    chain gives t = sum_j x_j (2^p + u_j), and sum_j q_j x_j = t - sum_j 2^p x_j - (8 + zero) sum_j x_j,
+    whose x part is per column (shared by all the rows of the tile)."""
     x0 = tl.load(x_row_ptr + xoff).to(tl.float32)[None, :]               # [1, BKW], contiguous per stripe
     x1 = tl.load(x_row_ptr + xoff + J_STRIDE).to(tl.float32)[None, :]
     x2 = tl.load(x_row_ptr + xoff + 2 * J_STRIDE).to(tl.float32)[None, :]
@@ -122,14 +133,15 @@ def _gemv_row_step(acc, words, s, zc, x_row_ptr, xoff, J_STRIDE: tl.constexpr):
     a6 = x6 * 128.0
     a7 = x7 * 2048.0
     offset = ((a0 + a2) + (a4 + a6)) + ((a1 + a3) + (a5 + a7)) + zc * xsum  # [1, BKW] or [BN, BKW]
-    t = _mantissa_float(up16, 0xF0000) * a0
-    t += _mantissa_float(up8, 0xF000) * a1
-    t += _mantissa_float(up8, 0xF0000) * a2
-    t += _mantissa_float(words, 0xF000) * a3
-    t += _mantissa_float(words, 0xF0000) * a4
-    t += _mantissa_float(dn8, 0xF000) * a5
-    t += _mantissa_float(dn8, 0xF0000) * a6
-    t += _mantissa_float(dn16, 0xF000) * a7
+    f0, f1, f2, f3, f4, f5, f6, f7 = f
+    t = f0 * a0
+    t += f1 * a1
+    t += f2 * a2
+    t += f3 * a3
+    t += f4 * a4
+    t += f5 * a5
+    t += f6 * a6
+    t += f7 * a7
     return acc + s * (t - offset)
 
 
@@ -173,12 +185,13 @@ def w4a16_gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, bias_ptr, out_ptr, ws_ptr, cnt
         else:
             zc = 8.0
         xk = kw0 * 8
-        acc0 = _gemv_row_step(acc0, words, s, zc, x0 + xk, xoff, WPS)
+        f = _nibble_floats(words)                         # dequantized once, used by every row
+        acc0 = _gemv_row_step(acc0, f, s, zc, x0 + xk, xoff, WPS)
         if BLOCK_M > 1:
-            acc1 = _gemv_row_step(acc1, words, s, zc, x1 + xk, xoff, WPS)
+            acc1 = _gemv_row_step(acc1, f, s, zc, x1 + xk, xoff, WPS)
         if BLOCK_M > 2:
-            acc2 = _gemv_row_step(acc2, words, s, zc, x2 + xk, xoff, WPS)
-            acc3 = _gemv_row_step(acc3, words, s, zc, x3 + xk, xoff, WPS)
+            acc2 = _gemv_row_step(acc2, f, s, zc, x2 + xk, xoff, WPS)
+            acc3 = _gemv_row_step(acc3, f, s, zc, x3 + xk, xoff, WPS)
 
     # gather the rows into one [BLOCK_M, BN] tile for the shared finish
     rm = tl.arange(0, BLOCK_M)
@@ -207,64 +220,52 @@ def _dot(a, b, INTERPRET: tl.constexpr):
 @triton.jit
 def w4a16_mma_kernel(x_ptr, w_ptr, s_ptr, z_ptr, bias_ptr, out_ptr, ws_ptr, cnt_ptr,
                      M, N, K, KW, G, stride_xm, stride_om,
-                     GROUP: tl.constexpr, STRIPE: tl.constexpr, HAS_ZERO: tl.constexpr,
-                     HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                     BLOCK_KW: tl.constexpr, SPLIT_K: tl.constexpr, EVEN_N: tl.constexpr,
-                     INTERPRET: tl.constexpr = False):
-    """Tiled tensor-core W4A16: each step dequantizes a [BN, 8*BKW] weight tile to bf16 in registers.
-
-    The tile's K order is (word, nibble); the activation tile is gathered in the same order, so the
-    dot product is unchanged. When a step lies inside one group the scale multiplies the dot's
-    result instead of every weight (exact integer weights in the dot)."""
+                     GROUP: tl.constexpr, HAS_ZERO: tl.constexpr, HAS_BIAS: tl.constexpr,
+                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                     SPLIT_K: tl.constexpr, INTERPRET: tl.constexpr = False):
+    """Tiled tensor-core W4A16 on the canonical layout (needs K % BLOCK_K == 0): each step loads the
+    [BLOCK_K, BLOCK_N] weight tile as words (every word eight times, from L1), shifts out the nibbles,
+    and feeds exact integer codes to the dot; the group scale multiplies the dot's result when a step
+    lies inside one group, else each weight."""
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     pid_k = tl.program_id(2)
     num_n = tl.cdiv(N, BLOCK_N)
-    WPS: tl.constexpr = STRIPE // 8
-    BK: tl.constexpr = BLOCK_KW * 8
-    SCALE_AFTER: tl.constexpr = GROUP % BK == 0
+    SCALE_AFTER: tl.constexpr = GROUP % BLOCK_K == 0
     rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    m_mask = rm < M
-    n_mask = rn < N
-    words_per_split = tl.cdiv(tl.cdiv(KW, BLOCK_KW), SPLIT_K) * BLOCK_KW
-    k_start = pid_k * words_per_split
-    k_end = tl.minimum(k_start + words_per_split, KW)
-    nib = tl.arange(0, 8)                                                  # [8]
+    ram = tl.minimum(rm, M - 1)                          # clamped rows/cols are computed, never stored
+    rbn = tl.minimum(rn, N - 1)
+    rk = tl.arange(0, BLOCK_K)
+    shifts = (rk % 8) * 4
+    k_per_split = tl.cdiv(K // BLOCK_K, SPLIT_K) * BLOCK_K
+    k_start = pid_k * k_per_split
+    k_end = tl.minimum(k_start + k_per_split, K)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for kw0 in range(k_start, k_end, BLOCK_KW):
-        cw = kw0 + tl.arange(0, BLOCK_KW)
-        cmask = cw < k_end
-        wmask = n_mask[:, None] & cmask[None, :]
-        words = tl.load(w_ptr + rn[:, None] * KW + cw[None, :], mask=wmask, other=0)   # [BN, BKW]
+    for k0 in range(k_start, k_end, BLOCK_K):
+        k = k0 + rk
+        a = tl.load(x_ptr + ram[:, None] * stride_xm + k[None, :])                     # [BM, BK]
+        words = tl.load(w_ptr + rbn[None, :] * KW + (k // 8)[:, None])                 # [BK, BN]
         # nibble u as the float 2^23 + u (or-ing into the mantissa of 2^23 is cheaper than int->float)
-        u = (((words[:, :, None] >> (nib * 4)[None, None, :]) & 0xF) | 0x4B000000).to(tl.float32, bitcast=True)
-        # element index of (word c, nibble j): block * S + j * S/8 + w
-        xcol = ((cw // WPS) * STRIPE + cw % WPS)[:, None] + (nib * WPS)[None, :]       # [BKW, 8]
-        xcol = tl.reshape(xcol, (BK,))
-        kmask = tl.reshape(cmask[:, None] & (nib[None, :] < 8), (BK,))
-        a = tl.load(x_ptr + rm[:, None] * stride_xm + xcol[None, :],
-                    mask=m_mask[:, None] & kmask[None, :], other=0.0)                  # [BM, BK]
+        u = (((words >> shifts[:, None]) & 0xF) | 0x4B000000).to(tl.float32, bitcast=True)
         if SCALE_AFTER:
-            grp = (kw0 * 8) // GROUP
-            s = tl.load(s_ptr + rn * G + grp, mask=n_mask, other=0.0).to(tl.float32)      # [BN]
+            grp = k0 // GROUP
+            s = tl.load(s_ptr + rbn * G + grp).to(tl.float32)                          # [BN]
             if HAS_ZERO:
-                z = tl.load(z_ptr + rn * G + grp, mask=n_mask, other=0).to(tl.float32)
-                q = u - (8388608.0 + 8.0 + z[:, None, None])
+                z = tl.load(z_ptr + rbn * G + grp).to(tl.float32)
+                q = u - (8388608.0 + 8.0 + z[None, :])
             else:
                 q = u - (8388608.0 + 8.0)
-            b = tl.reshape(q.to(a.dtype), (BLOCK_N, BK))
-            acc += _dot(a, tl.trans(b), INTERPRET) * s[None, :]
+            acc += _dot(a, q.to(a.dtype), INTERPRET) * s[None, :]
         else:
-            grp = (cw * 8) // GROUP
-            s = tl.load(s_ptr + rn[:, None] * G + grp[None, :], mask=wmask, other=0.0).to(tl.float32)
+            grp = k // GROUP
+            s = tl.load(s_ptr + rbn[None, :] * G + grp[:, None]).to(tl.float32)       # [BK, BN]
             if HAS_ZERO:
-                z = tl.load(z_ptr + rn[:, None] * G + grp[None, :], mask=wmask, other=0).to(tl.float32)
-                w = (u - (8388608.0 + 8.0 + z[:, :, None])) * s[:, :, None]
+                z = tl.load(z_ptr + rbn[None, :] * G + grp[:, None]).to(tl.float32)
+                w = (u - (8388608.0 + 8.0 + z)) * s
             else:
-                w = (u - (8388608.0 + 8.0)) * s[:, :, None]
-            b = tl.reshape(w.to(a.dtype), (BLOCK_N, BK))
-            acc += _dot(a, tl.trans(b), INTERPRET)
+                w = (u - (8388608.0 + 8.0)) * s
+            acc += _dot(a, w.to(a.dtype), INTERPRET)
     tile_id = pid_m * num_n + pid_n
     _split_k_finish(acc, ws_ptr, cnt_ptr, bias_ptr, out_ptr, rm, rn, M, N, stride_om,
                     pid_k, tile_id, SPLIT_K, HAS_BIAS)
@@ -273,15 +274,13 @@ def w4a16_mma_kernel(x_ptr, w_ptr, s_ptr, z_ptr, bias_ptr, out_ptr, ws_ptr, cnt_
 # ----------------------------------------------------------------------------- dequant (large M)
 
 @triton.jit
-def w4a16_dequant_kernel(w_ptr, s_ptr, z_ptr, out_ptr, N, K,
-                         GROUP: tl.constexpr, STRIPE: tl.constexpr, HAS_ZERO: tl.constexpr,
+def w4a16_dequant_kernel(w_ptr, s_ptr, z_ptr, out_ptr, N, K, KW, G,
+                         GROUP: tl.constexpr, HAS_ZERO: tl.constexpr,
                          BLOCK_N: tl.constexpr, BLOCK_KW: tl.constexpr):
-    """Striped int4 [N, K/8] -> dense weight [N, K] in out's dtype (for the cuBLAS path)."""
+    """Canonical int4 [N, K/8] -> dense weight [N, K] in out's dtype (for the cuBLAS path);
+    each thread writes the eight elements of a word as one 16-byte store."""
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
-    KW = K // 8
-    G = K // GROUP
-    WPS: tl.constexpr = STRIPE // 8
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     cw = pid_k * BLOCK_KW + tl.arange(0, BLOCK_KW)
     nib = tl.arange(0, 8)
@@ -289,13 +288,13 @@ def w4a16_dequant_kernel(w_ptr, s_ptr, z_ptr, out_ptr, N, K,
     words = tl.load(w_ptr + rn[:, None] * KW + cw[None, :], mask=wmask, other=0)
     grp = (cw * 8) // GROUP
     s = tl.load(s_ptr + rn[:, None] * G + grp[None, :], mask=wmask, other=0.0).to(tl.float32)
-    u = ((words[:, :, None] >> (nib * 4)[None, None, :]) & 0xF).to(tl.float32)
+    u = (((words[:, :, None] >> (nib * 4)[None, None, :]) & 0xF) | 0x4B000000).to(tl.float32, bitcast=True)
     if HAS_ZERO:
         z = tl.load(z_ptr + rn[:, None] * G + grp[None, :], mask=wmask, other=0).to(tl.float32)
-        w = (u - 8.0 - z[:, :, None]) * s[:, :, None]
+        w = (u - (8388608.0 + 8.0 + z[:, :, None])) * s[:, :, None]
     else:
-        w = (u - 8.0) * s[:, :, None]
-    col = ((cw // WPS) * STRIPE + cw % WPS)[:, None] + (nib * WPS)[None, :]           # [BKW, 8]
+        w = (u - (8388608.0 + 8.0)) * s[:, :, None]
+    col = cw[:, None] * 8 + nib[None, :]                                               # [BKW, 8]
     tl.store(out_ptr + rn[:, None, None] * K + col[None, :, :], w.to(out_ptr.dtype.element_ty),
              mask=wmask[:, :, None] & (nib[None, None, :] < 8))
 
@@ -312,7 +311,8 @@ class StripedWeight:
         self.out_features, self.in_features = n, kw * 8
         self.group_size = group_size
         self.stripe = stripe_size(group_size)
-        self.words = repack_striped(packed, self.in_features, self.stripe)         # [N, K/8] int32
+        self.words = repack_striped(packed, self.in_features, self.stripe)         # [N, K/8] int32, GEMV
+        self.canonical = packed.contiguous()                                       # [N, K/8] int32, mma/dequant
         self.scales = scales.contiguous()                                          # [N, K/g] bf16
         self.zeros = None if zeros is None else zeros.to(torch.int8).contiguous()  # [N, K/g] int8
 
@@ -366,15 +366,13 @@ def gemv_config(m: int, n: int, k: int, stripe: int, sms: int) -> dict:
     return dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_KW=block_kw, SPLIT_K=split, num_warps=4, num_stages=3)
 
 
-def mma_config(m: int, n: int, k: int, stripe: int, sms: int) -> dict:
+def mma_config(m: int, n: int, k: int, sms: int) -> dict:
     block_m = 16 if m <= 16 else (32 if m <= 32 else 64)
     block_n = 64 if m <= 64 else 128
-    block_kw = 16
-    tiles_m = triton.cdiv(m, block_m)
-    tiles = tiles_m * triton.cdiv(n, block_n)
-    split = _split_for(tiles, triton.cdiv(k // 8, block_kw), 2 * sms) if tiles <= MAX_TILES else 1
-    return dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_KW=block_kw, SPLIT_K=split,
-                num_warps=4, num_stages=3)
+    block_k = next(b for b in (128, 64, 32, 16) if k % b == 0)
+    tiles = triton.cdiv(m, block_m) * triton.cdiv(n, block_n)
+    split = _split_for(tiles, k // block_k, 2 * sms) if tiles <= MAX_TILES else 1
+    return dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, SPLIT_K=split, num_warps=4, num_stages=3)
 
 
 def _launch(kernel, grid, x2: torch.Tensor, w: StripedWeight, bias: torch.Tensor | None, cfg: dict) -> torch.Tensor:
@@ -408,22 +406,33 @@ def w4a16_mma(x2: torch.Tensor, w: StripedWeight, bias: torch.Tensor | None = No
               cfg: dict | None = None) -> torch.Tensor:
     """x2: [M, K] contiguous -> [M, N] (tensor-core tiles, dequantized in registers)."""
     m, n, k = x2.shape[0], w.out_features, w.in_features
-    cfg = cfg or mma_config(m, n, k, w.stripe, _sm_count(x2.device))
+    cfg = dict(cfg or mma_config(m, n, k, _sm_count(x2.device)))
+    if k % cfg["BLOCK_K"]:
+        raise ValueError(f"BLOCK_K {cfg['BLOCK_K']} must divide K = {k}")
     if cfg["SPLIT_K"] > 1 and triton.cdiv(m, cfg["BLOCK_M"]) * triton.cdiv(n, cfg["BLOCK_N"]) > MAX_TILES:
-        cfg = dict(cfg, SPLIT_K=1)
-    grid = (triton.cdiv(m, cfg["BLOCK_M"]), triton.cdiv(n, cfg["BLOCK_N"]), cfg["SPLIT_K"])
-    return _launch(w4a16_mma_kernel, grid, x2, w, bias, dict(cfg, INTERPRET=INTERPRETING))
+        cfg["SPLIT_K"] = 1
+    out = torch.empty((m, n), dtype=x2.dtype, device=x2.device)
+    split = cfg["SPLIT_K"]
+    ws = torch.empty((split, m, n) if split > 1 else (1,), dtype=torch.float32, device=x2.device)
+    dummy = w.scales
+    grid = (triton.cdiv(m, cfg["BLOCK_M"]), triton.cdiv(n, cfg["BLOCK_N"]), split)
+    w4a16_mma_kernel[grid](x2, w.canonical, w.scales, dummy if w.zeros is None else w.zeros,
+                           dummy if bias is None else bias, out, ws, split_k_counters(x2.device),
+                           m, n, k, k // 8, k // w.group_size, x2.stride(0), out.stride(0),
+                           GROUP=w.group_size, HAS_ZERO=w.zeros is not None, HAS_BIAS=bias is not None,
+                           INTERPRET=INTERPRETING, **cfg)
+    return out
 
 
 def w4a16_dequantize(w: StripedWeight, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
     """Dense ``[N, K]`` weight in ``dtype`` (canonical element order)."""
     n, k = w.out_features, w.in_features
     out = torch.empty((n, k), dtype=dtype, device=w.words.device)
-    block_n, block_kw = 32, 32
+    block_n, block_kw = 16, 32
     grid = (triton.cdiv(n, block_n), triton.cdiv(k // 8, block_kw))
     dummy = w.scales
-    w4a16_dequant_kernel[grid](w.words, w.scales, dummy if w.zeros is None else w.zeros, out, n, k,
-                               GROUP=w.group_size, STRIPE=w.stripe, HAS_ZERO=w.zeros is not None,
+    w4a16_dequant_kernel[grid](w.canonical, w.scales, dummy if w.zeros is None else w.zeros, out, n, k,
+                               k // 8, k // w.group_size, GROUP=w.group_size, HAS_ZERO=w.zeros is not None,
                                BLOCK_N=block_n, BLOCK_KW=block_kw, num_warps=4)
     return out
 

@@ -77,18 +77,18 @@ def test_w4a16_gemv_split_k_leaves_counters_zero():
     assert int(T4.split_k_counters(x.device).abs().sum()) == 0
 
 
-@pytest.mark.parametrize("m,split,block_kw,group,symmetric", [
-    (5, 1, 16, 128, True),     # scale after the dot (a step inside one group)
-    (17, 2, 16, 64, False),    # scale per element (a step spans two groups), asymmetric, split-K
-    (33, 4, 8, 128, False),
+@pytest.mark.parametrize("m,split,block_k,group,symmetric", [
+    (5, 1, 128, 128, True),     # scale after the dot (a step inside one group)
+    (17, 2, 128, 64, False),    # scale per element (a step spans two groups), asymmetric, split-K
+    (33, 4, 64, 128, False),
 ])
-def test_w4a16_mma_matches_reference(m, split, block_kw, group, symmetric):
+def test_w4a16_mma_matches_reference(m, split, block_k, group, symmetric):
     n, k = 72, 512
     packed, scales, zeros = make_w4(n, k, group, symmetric)
     x = make_x(m, k)
     b = torch.randn(n).to(torch.bfloat16).to(DEVICE)
     w = T4.StripedWeight(packed, scales, zeros, group)
-    cfg = dict(BLOCK_M=16, BLOCK_N=32, BLOCK_KW=block_kw, SPLIT_K=split, num_warps=4, num_stages=1)
+    cfg = dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=block_k, SPLIT_K=split, num_warps=4, num_stages=1)
     out = T4.w4a16_mma(x, w, b, cfg)
     assert rel_err(out, R.w4a16_linear(x, packed, scales, zeros, group, b)) < REL_TOL
     assert int(T4.split_k_counters(x.device).abs().sum()) == 0
