@@ -263,7 +263,11 @@ def load_model(source: str = DEFAULT_MODEL, device: str | torch.device = "cpu", 
             model, tokenizer = _gguf_load(path, dtype)
             arch_for(model.config.model_type)
         elif (path / "config.json").exists():
-            model, tokenizer = _hf_folder_load(path, dtype, trust_remote_code)
+            from .formats import compressed_tensors
+            if compressed_tensors.is_compressed_tensors_folder(path):  # our modules, stored codes, no re-quantizing
+                model, tokenizer = compressed_tensors.load(path, dtype)
+            else:
+                model, tokenizer = _hf_folder_load(path, dtype, trust_remote_code)
         else:
             raise ModelError(f"{source!r} has no config.json; give a Hugging Face model folder")
         name = path.stem if path.is_file() else path.name

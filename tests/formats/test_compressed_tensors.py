@@ -1,0 +1,125 @@
+"""compressed-tensors exports read by the real ``compressed-tensors`` package through transformers: the
+decompressed weights equal ours exactly and the logits match our own reload of the folder."""
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import torch
+
+from quantarena import export
+from quantarena.formats import FormatError
+from quantarena.formats import compressed_tensors as ct
+from quantarena.models import load_model
+from quantarena.nn import FP8Linear, QuantLinearBase, W4A16Linear, W8A8Linear
+from quantarena.quantize import quantize
+
+pytest.importorskip("compressed_tensors")
+
+SCHEMES = {  # scheme -> (module type, compressed-tensors format)
+    "w4a16-rtn": (W4A16Linear, "pack-quantized"),
+    "w4a16-rtn-g64-asym": (W4A16Linear, "pack-quantized"),
+    "w4a16-rtn-ch-asym": (W4A16Linear, "pack-quantized"),
+    "w8a8-int8": (W8A8Linear, "int-quantized"),
+    "w8a8-int8-static": (W8A8Linear, "int-quantized"),
+    "fp8": (FP8Linear, "float-quantized"),
+}
+
+
+def _int8_dynamic_like_vllm(monkeypatch):
+    """compressed-tensors' own fake-quant divides a token's absmax by 127.5; vLLM's int8 kernels (and ours)
+    by 127. Align the reference to the serving engine so the logits comparison tests the checkpoint."""
+    from compressed_tensors.quantization.lifecycle import forward as ct_forward
+    original = ct_forward.compute_dynamic_scales_and_zp
+
+    def like_vllm(value, args, module, global_scale=None):
+        scale, zero_point = original(value=value, args=args, module=module, global_scale=global_scale)
+        if args.type == "int" and args.num_bits == 8:
+            scale = scale * (127.5 / 127.0)
+        return scale, zero_point
+    monkeypatch.setattr(ct_forward, "compute_dynamic_scales_and_zp", like_vllm)
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a.float() - b.float()).abs().max() / b.float().abs().max()).item()
+
+
+def _check_against_transformers(folder, ours_model, windows, monkeypatch):
+    from transformers import AutoModelForCausalLM
+    _int8_dynamic_like_vllm(monkeypatch)
+    hf = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+    with torch.no_grad():
+        hf_logits = hf(windows).logits                       # the first forward decompresses the weights
+        our_logits = ours_model(windows).logits
+    checked = 0
+    for name, module in ours_model.named_modules():
+        if isinstance(module, QuantLinearBase):
+            assert torch.equal(hf.get_submodule(name).weight.float(), module.dequantize()), name
+            checked += 1
+    assert checked > 0
+    assert _rel(hf_logits, our_logits) < 1e-3
+
+
+@pytest.mark.parametrize("scheme", list(SCHEMES))
+def test_export_reload_and_transformers(scheme, small_default, windows, tmp_path, monkeypatch):
+    lm = small_default()
+    quantize(lm.model, scheme, windows if "static" in scheme else None, progress=False)
+    folder = export.save(lm.model, tmp_path / "out", tokenizer=lm.tokenizer)
+    config = json.loads((folder / "config.json").read_text())["quantization_config"]
+    assert config["format"] == SCHEMES[scheme][1] and config["ignore"] == ["lm_head"]
+
+    reloaded = load_model(str(folder))                       # our modules, stored codes, no re-quantizing
+    assert reloaded.model.quantarena_scheme == lm.model.quantarena_scheme
+    assert reloaded.tokenizer("Hello world").input_ids == lm.tokenizer("Hello world").input_ids
+    ours = dict(reloaded.model.named_modules())
+    for name, module in lm.model.named_modules():
+        if isinstance(module, QuantLinearBase):
+            assert isinstance(ours[name], SCHEMES[scheme][0])
+            for key, buf in module.named_buffers():
+                other = ours[name].get_buffer(key)
+                assert buf.dtype == other.dtype and torch.equal(buf, other), f"{name}.{key}"
+    _check_against_transformers(folder, reloaded.model, windows, monkeypatch)
+
+
+def test_full_default_model_w4a16(tmp_path, windows, monkeypatch):
+    """The whole 18-block model once: load, quantize, export, reload, compare with transformers."""
+    lm = load_model("default")
+    quantize(lm.model, "w4a16-rtn", progress=False)
+    folder = export.save(lm.model, tmp_path / "full", tokenizer=lm.tokenizer)
+    assert {"config.json", "generation_config.json", "model.safetensors", "tokenizer.json",
+            "tokenizer_config.json"} <= set(os.listdir(folder))
+    reloaded = load_model(str(folder))
+    assert sum(isinstance(m, W4A16Linear) for m in reloaded.model.modules()) == 18 * 7
+    _check_against_transformers(folder, reloaded.model, windows, monkeypatch)
+
+
+def test_unfolded_smoothquant_scale_is_refused(small_default, tmp_path):
+    lm = small_default()
+    block = lm.model.model.layers[0]
+    linear = block.mlp.down_proj
+    block.mlp.down_proj = W8A8Linear.from_float(linear, smooth_scale=torch.rand(linear.in_features) + 0.5)
+    with pytest.raises(FormatError, match="smooth_scale"):
+        export.save(lm.model, tmp_path / "sq")
+    assert os.listdir(tmp_path) == []
+
+
+def test_failure_leaves_nothing(small_default, tmp_path, monkeypatch):
+    lm = small_default()
+    quantize(lm.model, "w4a16-rtn", progress=False)
+
+    def broken(model, folder, *args, **kwargs):
+        (folder / "config.json").write_text("{}")
+        raise OSError("disk full")
+    monkeypatch.setattr(ct, "write", broken)
+    with pytest.raises(OSError):
+        export.save(lm.model, tmp_path / "out")
+    assert os.listdir(tmp_path) == []
+
+
+def test_ignore_of_a_quantized_layer_is_refused(small_default, tmp_path):
+    lm = small_default()
+    quantize(lm.model, "fp8", progress=False)
+    with pytest.raises(FormatError, match="ignore"):
+        export.save(lm.model, tmp_path / "out", ignore=["mlp.down_proj"])
+    assert os.listdir(tmp_path) == []
