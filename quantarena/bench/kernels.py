@@ -120,8 +120,7 @@ def contenders(layer: Layer, m: int, with_gemlite: bool) -> list[tuple[str, str,
     out.append(("w4a16", "quantarena", path,
                 lambda x: ops.w4a16_linear(x, layer.packed, layer.scales, None, GROUP)))
     for other in ("gemv", "mma", "dequant"):
-        if other != path and (other != "gemv" or m <= ops.W4A16_GEMV_MAX_M) and (other != "dequant" or m >= 64) \
-                and (other != "mma" or m <= 2048):
+        if other != path and (other != "gemv" or m <= ops.W4A16_GEMV_MAX_M) and (other != "mma" or m <= 256):
             out.append(("w4a16", "quantarena:" + other, other,
                         lambda x, p=other: ops.w4a16_linear(x, layer.packed, layer.scales, None, GROUP, path=p)))
     if m <= 1024:

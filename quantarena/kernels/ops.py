@@ -4,8 +4,9 @@ CPU (and any device or shape without a fast path) runs :mod:`quantarena.kernels.
 work goes through ``torch.library`` custom ops (``quantarena::w4a16_linear``, ``::w8a8_linear``,
 ``::fp8_linear``) with fake implementations, so ``torch.compile`` traces them and CUDA graphs capture them.
 
-W4A16 paths by M (thresholds measured on H100, see benchmarks/results): ``gemv`` for M <= 4, tensor-core
-``mma`` up to ``W4A16_DEQUANT_MIN_M``, then dequantize + cuBLAS. The kernel-layout copy of each W4A16
+W4A16 paths by M (measured on H100, see benchmarks/results/h100-kernels.json): ``gemv`` for M <= 4, then
+dequantize + cuBLAS. The tensor-core ``mma`` kernel is correct but measured far slower than dequantize +
+cuBLAS at every M (0.07 TB/s at M=16), so it is only reachable with ``path="mma"``. The kernel-layout copy of each W4A16
 weight is built once, on first use, and kept while the canonical tensor lives (keyed on the tensor
 object, dropped with it). Build it before CUDA-graph capture: run the layer once first, as every
 graph capture needs a warm-up call anyway.
@@ -19,7 +20,7 @@ import torch
 from . import reference
 
 W4A16_GEMV_MAX_M = 4
-W4A16_DEQUANT_MIN_M = 512
+W4A16_DEQUANT_MIN_M = W4A16_GEMV_MAX_M + 1
 
 
 def _triton_ok(x: torch.Tensor) -> bool:

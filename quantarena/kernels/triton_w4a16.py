@@ -351,8 +351,17 @@ def _block_kw(kw: int, stripe: int, want: int) -> int:
     return max(block, stripe // 8)
 
 
-# GEMV tile configs measured best per (N, K) on H100 by benchmarks/kernels.py --tune (M = 1)
-TUNED_GEMV: dict[tuple[int, int], dict] = {}
+# GEMV tile configs measured best per (N, K) on H100 by benchmarks/kernels.py --tune (M = 1, 2026-11-23)
+TUNED_GEMV: dict[tuple[int, int], dict] = {
+    (1024, 4096): dict(BLOCK_N=16, BLOCK_KW=64, SPLIT_K=8, num_warps=4, num_stages=3),  # 8.6 us
+    (1024, 8192): dict(BLOCK_N=16, BLOCK_KW=64, SPLIT_K=8, num_warps=4, num_stages=3),  # 10.9 us
+    (14336, 4096): dict(BLOCK_N=16, BLOCK_KW=64, SPLIT_K=2, num_warps=4, num_stages=3),  # 33.6 us
+    (28672, 8192): dict(BLOCK_N=16, BLOCK_KW=64, SPLIT_K=1, num_warps=4, num_stages=3),  # 112.9 us
+    (4096, 14336): dict(BLOCK_N=32, BLOCK_KW=64, SPLIT_K=4, num_warps=4, num_stages=3),  # 31.9 us
+    (4096, 4096): dict(BLOCK_N=16, BLOCK_KW=64, SPLIT_K=2, num_warps=4, num_stages=3),  # 13.6 us
+    (8192, 28672): dict(BLOCK_N=16, BLOCK_KW=64, SPLIT_K=8, num_warps=4, num_stages=3),  # 103.9 us
+    (8192, 8192): dict(BLOCK_N=16, BLOCK_KW=64, SPLIT_K=1, num_warps=4, num_stages=3),  # 39.2 us
+}
 
 
 def gemv_config(m: int, n: int, k: int, stripe: int, sms: int) -> dict:
