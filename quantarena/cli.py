@@ -86,6 +86,31 @@ def cmd_advise(args) -> int:
     return 0
 
 
+def cmd_outliers(args) -> int:
+    from .calibration import data
+    from .compare import _quiet_transformers
+    from .models import load_model
+    from .outliers import format_table, outlier_stats, plot
+    _quiet_transformers()
+    lm = load_model(args.model, device=args.device)
+    if lm.tokenizer is None:
+        windows = data.random_windows(lm.config.vocab_size, args.seq_len, args.calib_windows, seed=2)
+    else:
+        same = args.calib_text is None or args.calib_text == args.text
+        text = data.load_text(args.calib_text or args.text)
+        windows = data.windows(lm.tokenizer, text, args.seq_len, args.calib_windows, "calib" if same else "all")
+    rows = outlier_stats(lm.model, lm.arch, windows, alpha=args.alpha, progress=not args.quiet)
+    png = plot(rows, args.png, f"{lm.name}: activation outliers, SmoothQuant alpha {args.alpha:g}") if args.png else None
+    if args.json:
+        print(json.dumps({"model": lm.name, "alpha": args.alpha, "windows": int(windows.shape[0]), "png": png,
+                          "rows": rows}, indent=2))
+    else:
+        print(format_table(rows))
+        if png:
+            print(f"wrote {png}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="quantarena", description="Quantize an LLM every way and measure what each costs.")
     parser.add_argument("--version", action="version", version=f"quantarena {__version__}")
@@ -120,6 +145,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="quantarena-advise", help="folder for report.html, summary.md, advice.json ('' for none)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_advise)
+
+    p = sub.add_parser("outliers", help="per-layer activation outliers (max/median channel, kurtosis) before and after smoothing")
+    _add_eval_settings(p)
+    p.add_argument("--alpha", type=float, default=0.5, help="SmoothQuant migration strength (default 0.5)")
+    p.add_argument("--png", default="outliers.png", help="plot file ('' for none)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=cmd_outliers)
 
     return parser
 
