@@ -1,0 +1,59 @@
+"""``quantarena bench kernels|decode`` arguments and runner, for cli.py to wire in:
+
+    from .bench.cli_args import add_bench_parser, run_bench
+    add_bench_parser(sub)            # in the parser setup
+    ... if args.command == "bench": return run_bench(args)
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+
+def add_bench_parser(subparsers) -> argparse.ArgumentParser:
+    p = subparsers.add_parser("bench", help="GPU benchmarks: kernel sweep or end-to-end decode")
+    bench_sub = p.add_subparsers(dest="bench_command", required=True)
+    k = bench_sub.add_parser("kernels", help="every kernel contender across batch sizes (CUDA graphs, L2 flushed)")
+    k.add_argument("--shapes", default="llama-3-8b,llama-3-70b", help="comma-separated: llama-3-8b, llama-3-70b")
+    k.add_argument("--batch", default="1,2,4,8,16,32,64,128,256,512,1024,2048,4096")
+    k.add_argument("--no-gemlite", action="store_true", help="skip gemlite (if it is not installed)")
+    k.add_argument("--json", default=None, metavar="OUT", help="write the results object to OUT")
+    d = bench_sub.add_parser("decode", help="generation speed per scheme and batch; crossover batch")
+    d.add_argument("--model", default="preset:llama-3-8b", help="preset:llama-3-8b | preset:llama-3-70b-4l")
+    d.add_argument("--schemes", default="bf16,w4a16,w8a8-int8,fp8")
+    d.add_argument("--batch", default="1,4,16,64,128,256")
+    d.add_argument("--prompt-len", type=int, default=128)
+    d.add_argument("--gen-len", type=int, default=64)
+    d.add_argument("--json", default=None, metavar="OUT", help="write the results object to OUT")
+    return p
+
+
+def run_bench(args) -> int:
+    import torch
+
+    if not torch.cuda.is_available():
+        print("error: quantarena bench needs a CUDA GPU; run it on a GPU machine", file=sys.stderr)
+        return 2
+    batches = [int(b) for b in args.batch.split(",")]
+    log = (lambda s: print(s, file=sys.stderr, flush=True))
+    if args.bench_command == "kernels":
+        from . import kernels
+        unknown = [s for s in args.shapes.split(",") if s not in kernels.SHAPES]
+        if unknown:
+            print(f"error: unknown shapes {unknown}; use {', '.join(kernels.SHAPES)}", file=sys.stderr)
+            return 2
+        result = kernels.sweep(args.shapes.split(","), batches, with_gemlite=not args.no_gemlite, log=log)
+        print(kernels.table(result), file=sys.stderr)
+    else:
+        from . import decode
+        shape = args.model.removeprefix("preset:")
+        if shape not in decode.SHAPES:
+            print(f"error: unknown model {args.model!r}; use preset:{', preset:'.join(decode.SHAPES)}", file=sys.stderr)
+            return 2
+        result = decode.run(shape, args.schemes.split(","), batches, args.prompt_len, args.gen_len, log=log)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=1)
+    print(json.dumps({k: v for k, v in result.items() if k != "rows"} | {"rows": len(result["rows"])}))
+    return 0

@@ -1,0 +1,263 @@
+"""End-to-end generation speed across batch sizes: a lean Llama runner with a static KV cache and one
+CUDA graph per decode step, so every scheme is timed on the same code path with no host overhead.
+
+The model has the real shapes of the named preset and random weights (the 8B and 70B checkpoints cannot
+ship here); its Linear layers are replaced by quantarena's modules (RTN, group 128 symmetric for W4A16;
+per-channel int8 with dynamic per-token activations; fp8 e4m3 rows x tokens); embeddings, norms,
+attention and lm_head stay bf16 in every scheme. Speed does not depend on weight values.
+"""
+from __future__ import annotations
+
+import contextlib
+import datetime
+import math
+import time
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .. import nn as qnn
+from ..kernels import ops, reference
+
+# Llama shapes (hidden, layers, heads, kv heads, head dim, intermediate, vocab, rope theta)
+SHAPES: dict[str, dict] = {
+    "llama-3-8b": dict(hidden=4096, layers=32, heads=32, kv_heads=8, head_dim=128, inter=14336, vocab=128256,
+                       rope_theta=500000.0),
+    "llama-3-70b-4l": dict(hidden=8192, layers=4, heads=64, kv_heads=8, head_dim=128, inter=28672, vocab=128256,
+                           rope_theta=500000.0),
+    "tiny": dict(hidden=256, layers=2, heads=4, kv_heads=2, head_dim=64, inter=512, vocab=1000, rope_theta=10000.0),
+}
+SCHEMES = ("bf16", "w4a16", "w8a8-int8", "fp8")
+
+
+def quant_linear(linear: nn.Linear, scheme: str) -> nn.Module:
+    if scheme == "bf16":
+        return qnn.BF16Linear.from_float(linear)
+    if scheme == "w4a16":
+        return qnn.W4A16Linear.from_float(linear, group_size=128, symmetric=True)
+    if scheme == "w8a8-int8":
+        return qnn.W8A8Linear.from_float(linear)
+    if scheme == "fp8":
+        return qnn.FP8Linear.from_float(linear)
+    raise ValueError(f"unknown scheme {scheme!r}; use one of {', '.join(SCHEMES)}")
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
+    xf = x.float()
+    return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype) * weight
+
+
+def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    # x: [B, H, T, D]; cos/sin: [T, D] (or [B, 1, T, D])
+    half = x.shape[-1] // 2
+    x1, x2 = x[..., :half], x[..., half:]
+    return x * cos + torch.cat((-x2, x1), dim=-1) * sin
+
+
+class Block(nn.Module):
+    def __init__(self, s: dict, scheme: str, device: str):
+        super().__init__()
+        h, d, inter = s["hidden"], s["head_dim"], s["inter"]
+        self.heads, self.kv_heads, self.head_dim = s["heads"], s["kv_heads"], d
+
+        def make(n_in: int, n_out: int) -> nn.Module:
+            lin = nn.Linear(n_in, n_out, bias=False, device=device, dtype=torch.bfloat16)
+            nn.init.normal_(lin.weight, std=1.0 / math.sqrt(n_in))
+            return quant_linear(lin, scheme)
+
+        self.q, self.k, self.v = make(h, s["heads"] * d), make(h, s["kv_heads"] * d), make(h, s["kv_heads"] * d)
+        self.o = make(s["heads"] * d, h)
+        self.gate, self.up, self.down = make(h, inter), make(h, inter), make(inter, h)
+        self.norm1 = nn.Parameter(torch.ones(h, device=device, dtype=torch.bfloat16), requires_grad=False)
+        self.norm2 = nn.Parameter(torch.ones(h, device=device, dtype=torch.bfloat16), requires_grad=False)
+
+    def forward(self, x, cos, sin, k_cache, v_cache, pos, mask):
+        """x: [B, T, H]. Writes this step's keys/values at positions pos[0] .. pos[0]+T-1 of the caches."""
+        b, t, _ = x.shape
+        y = rms_norm(x, self.norm1)
+        q = self.q(y).view(b, t, self.heads, self.head_dim).transpose(1, 2)
+        k = self.k(y).view(b, t, self.kv_heads, self.head_dim).transpose(1, 2)
+        v = self.v(y).view(b, t, self.kv_heads, self.head_dim).transpose(1, 2)
+        q, k = rotate(q, cos, sin), rotate(k, cos, sin)
+        k_cache.index_copy_(2, pos, k)
+        v_cache.index_copy_(2, pos, v)
+        if mask is None:  # prefill from an empty cache: plain causal attention over the new tokens
+            attn = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+        else:
+            attn = F.scaled_dot_product_attention(q, k_cache, v_cache, attn_mask=mask, enable_gqa=True)
+        x = x + self.o(attn.transpose(1, 2).reshape(b, t, -1))
+        y = rms_norm(x, self.norm2)
+        return x + self.down(F.silu(self.gate(y)) * self.up(y))
+
+
+class LeanLlama(nn.Module):
+    def __init__(self, shape: str, scheme: str, device: str = "cuda", max_len: int = 512):
+        super().__init__()
+        s = SHAPES[shape]
+        self.s, self.max_len = s, max_len
+        torch.manual_seed(0)
+        self.embed = torch.randn(s["vocab"], s["hidden"], device=device, dtype=torch.bfloat16)
+        self.blocks = nn.ModuleList(Block(s, scheme, device) for _ in range(s["layers"]))
+        self.norm = torch.ones(s["hidden"], device=device, dtype=torch.bfloat16)
+        self.lm_head = torch.randn(s["vocab"], s["hidden"], device=device, dtype=torch.bfloat16) / math.sqrt(s["hidden"])
+        inv = 1.0 / (s["rope_theta"] ** (torch.arange(0, s["head_dim"], 2, device=device).float() / s["head_dim"]))
+        freqs = torch.outer(torch.arange(max_len, device=device).float(), inv)
+        emb = torch.cat((freqs, freqs), dim=-1)
+        self.cos, self.sin = emb.cos().to(torch.bfloat16), emb.sin().to(torch.bfloat16)
+
+    def new_cache(self, batch: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        s = self.s
+        shape = (batch, s["kv_heads"], self.max_len, s["head_dim"])
+        return [(torch.zeros(shape, device=self.embed.device, dtype=torch.bfloat16),
+                 torch.zeros(shape, device=self.embed.device, dtype=torch.bfloat16)) for _ in range(s["layers"])]
+
+    def forward(self, tokens: torch.Tensor, pos: torch.Tensor, cache, decode: bool) -> torch.Tensor:
+        """tokens [B, T]; pos [T] int64 positions. Returns the last position's logits [B, vocab]."""
+        x = self.embed[tokens]
+        cos, sin = self.cos[pos], self.sin[pos]
+        mask = (torch.arange(self.max_len, device=tokens.device) <= pos[-1]).view(1, 1, 1, -1) if decode else None
+        for block, (kc, vc) in zip(self.blocks, cache):
+            x = block(x, cos, sin, kc, vc, pos, mask)
+        return F.linear(rms_norm(x[:, -1], self.norm), self.lm_head)
+
+
+@contextlib.contextmanager
+def reference_kernels():
+    """Route the quantized modules through the torch reference kernels (for the output check)."""
+    saved = ops.w4a16_linear, ops.w8a8_linear, ops.fp8_linear
+    ops.w4a16_linear = lambda x, *a, path=None, **k: reference.w4a16_linear(x, *a, **k)
+    ops.w8a8_linear, ops.fp8_linear = reference.w8a8_linear, reference.fp8_linear
+    try:
+        yield
+    finally:
+        ops.w4a16_linear, ops.w8a8_linear, ops.fp8_linear = saved
+
+
+@dataclass
+class DecodeRun:
+    """A captured decode step: replaying the graph appends one greedy token for every sequence."""
+    model: LeanLlama
+    batch: int
+    prompt_len: int
+
+    def __post_init__(self):
+        dev = self.model.embed.device
+        self.cache = self.model.new_cache(self.batch)
+        self.tokens = torch.randint(0, self.model.s["vocab"], (self.batch, self.prompt_len), device=dev)
+        self.next = torch.zeros(self.batch, 1, dtype=torch.long, device=dev)
+        self.pos = torch.zeros(1, dtype=torch.long, device=dev)
+
+    def prefill(self) -> torch.Tensor:
+        pos = torch.arange(self.prompt_len, device=self.tokens.device)
+        logits = self.model(self.tokens, pos, self.cache, decode=False)
+        self.next.copy_(logits.argmax(-1, keepdim=True))
+        self.pos.fill_(self.prompt_len)
+        return logits
+
+    def step(self) -> torch.Tensor:
+        logits = self.model(self.next, self.pos, self.cache, decode=True)
+        self.next.copy_(logits.argmax(-1, keepdim=True))
+        self.pos.add_(1)
+        return logits
+
+    def capture(self) -> torch.cuda.CUDAGraph:
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            for _ in range(2):  # compile kernels, build weight layouts
+                self.step()
+        torch.cuda.current_stream().wait_stream(stream)
+        self.pos.fill_(self.prompt_len)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            self.logits = self.step()
+        self.pos.fill_(self.prompt_len)
+        return graph
+
+
+def _events_ms(fn, reps: int = 1) -> float:
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(reps):
+        fn()
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end)
+
+
+def check_outputs(model: LeanLlama, steps: int = 8) -> dict:
+    """Fast kernels vs the reference kernels of the same scheme, batch 1: relative error of the first
+    logits and how many of ``steps`` greedy tokens agree."""
+    out = {}
+    for name, ctx in (("fast", contextlib.nullcontext()), ("reference", reference_kernels())):
+        with ctx, torch.no_grad():
+            run = DecodeRun(model, 1, 16)
+            logits = [run.prefill().float()]
+            toks = [run.next.item()]
+            for _ in range(steps - 1):
+                logits.append(run.step().float())
+                toks.append(run.next.item())
+        out[name] = (logits[0], toks)
+    ref = out["reference"][0]
+    return {"logits_rel_err": ((out["fast"][0] - ref).norm() / ref.norm()).item(),
+            "greedy_agree": sum(a == b for a, b in zip(out["fast"][1], out["reference"][1])), "greedy_steps": steps}
+
+
+def bench_scheme(shape: str, scheme: str, batches: list[int], prompt_len: int, gen_len: int, log=print) -> tuple[list, dict]:
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+    t0 = time.time()
+    model = LeanLlama(shape, scheme, max_len=prompt_len + gen_len + 8)
+    weights_gb = torch.cuda.memory_allocated() / 1e9
+    log(f"{scheme}: model built in {time.time() - t0:.0f}s, {weights_gb:.1f} GB")
+    check = check_outputs(model)
+    log(f"{scheme}: check {check}")
+    rows = []
+    for batch in batches:
+        with torch.no_grad():
+            run = DecodeRun(model, batch, prompt_len)
+            run.prefill()  # warm-up (kernels, weight layouts)
+            prefill_ms = _events_ms(run.prefill)
+            graph = run.capture()
+            run.prefill()
+            graph.replay()  # upload
+            run.prefill()
+            decode_ms = _events_ms(graph.replay, gen_len)
+        ms_tok = decode_ms / gen_len
+        rows.append({"scheme": scheme, "batch": batch, "decode_tok_s": round(batch * 1000.0 / ms_tok, 1),
+                     "prefill_tok_s": round(batch * prompt_len * 1000.0 / prefill_ms, 1),
+                     "ms_per_token": round(ms_tok, 3), "gpu_mem_gb": round(torch.cuda.max_memory_allocated() / 1e9, 2),
+                     "weights_gb": round(weights_gb, 2)})
+        log(f"{scheme} B={batch}: {rows[-1]}")
+        del graph, run
+        torch.cuda.empty_cache()
+    del model
+    return rows, check
+
+
+def crossover(rows: list[dict]) -> dict:
+    """Smallest batch at which each 8-bit scheme's decode throughput passes W4A16's (None if never)."""
+    by = {(r["scheme"], r["batch"]): r["decode_tok_s"] for r in rows}
+    batches = sorted({r["batch"] for r in rows})
+    out = {}
+    for scheme in ("w8a8-int8", "fp8"):
+        out[scheme] = next((b for b in batches if (scheme, b) in by and ("w4a16", b) in by
+                            and by[(scheme, b)] > by[("w4a16", b)]), None)
+    return out
+
+
+def run(shape: str, schemes: list[str], batches: list[int], prompt_len: int = 128, gen_len: int = 64,
+        log=print) -> dict:
+    rows, checks = [], {}
+    for scheme in schemes:
+        r, c = bench_scheme(shape, scheme, batches, prompt_len, gen_len, log)
+        rows += r
+        checks[scheme] = c
+    return {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
+            "date": datetime.date.today().isoformat(), "model": f"preset:{shape} (random weights)",
+            "prompt_len": prompt_len, "gen_len": gen_len,
+            "method": "lean Llama runner, static KV cache, one CUDA graph per decode step, greedy; "
+                      "prefill timed eagerly (one forward of batch x prompt_len tokens)",
+            "crossover": crossover(rows), "checks": checks, "rows": rows}
