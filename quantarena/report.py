@@ -78,8 +78,10 @@ def plot_time(advice: Advice) -> str:
     for batch, names in marks.items():
         for a in (ax, ax2):
             a.axvline(batch, color=COLORS[names[0]], ls="--", lw=1)
-        ax.text(batch, 0.03, f"{' / '.join(names)} overtakes\nw4a16 at batch {batch} ", transform=ax.get_xaxis_transform(),
-                fontsize=8, ha="right", va="bottom", color=COLORS[names[0]])
+    if marks:
+        text = "\n".join(f"{' / '.join(names)} overtakes w4a16 at batch {batch}" for batch, names in sorted(marks.items()))
+        ax.text(0.98, 0.03, text, transform=ax.transAxes, fontsize=8, ha="right", va="bottom",
+                bbox=dict(facecolor="white", edgecolor="#999", alpha=0.9))
     for scheme, pts in advice.measured_ms.items():
         if pts:
             xs, ys = zip(*pts)
@@ -136,10 +138,10 @@ def plot_accuracy(advice: Advice) -> str:
     names = [s for s in advice.accuracy if s != "bf16"] or list(advice.accuracy)
     colors = [COLORS.get(_family(n), "#888") for n in names]
     axes[0].bar(names, [advice.accuracy[n]["ppl_increase_pct"] for n in names], color=colors)
-    axes[0].set_ylabel("perplexity increase vs bf16 (%)")
+    axes[0].set_ylabel("perplexity increase (%)")
     kld = [advice.accuracy[n].get("kld") or 0.0 for n in names]
     axes[1].bar(names, kld, color=colors)
-    axes[1].set_ylabel("KL divergence to bf16 (nats/token)")
+    axes[1].set_ylabel("KL divergence (nats/token)")
     for a in axes:
         a.tick_params(axis="x", rotation=30, labelsize=8)
         a.grid(True, axis="y", alpha=0.3)
