@@ -52,10 +52,28 @@ def cmd_compare(args) -> int:
 
 def cmd_eval(args) -> int:
     from .compare import compare, format_table
+    from .formats.compressed_tensors import is_compressed_tensors_folder
     from .schemes import parse_scheme
+    if is_compressed_tensors_folder(args.model):  # a saved quantized folder: evaluate it as stored
+        from .export import evaluate_folder
+        result = evaluate_folder(args.model, _settings(args), progress=not args.quiet)
+        print(json.dumps(result, indent=2) if args.json else
+              f"{result['model']} ({result['scheme']}, as stored): ppl {result['ppl']:.3f} on {result['tokens']} "
+              f"tokens, {result['bytes'] / 1e6:.1f} MB, {result['bits_per_weight']:.2f} bits/weight")
+        return 0
     result = compare(args.model, [parse_scheme(args.scheme)], _settings(args), progress=not args.quiet,
                      log=(lambda s: print(s, file=sys.stderr)) if args.json else print)
     print(json.dumps(result, indent=2) if args.json else "\n" + format_table(result))
+    return 0
+
+
+def cmd_quantize(args) -> int:
+    from .export import quantize_and_save
+    ignore = [t.strip() for t in args.ignore.split(",") if t.strip()]
+    info = quantize_and_save(args.model, args.scheme, args.out, format=args.format, ignore=ignore,
+                             settings=_settings(args), progress=not args.quiet, gguf_type=args.gguf_type)
+    print(json.dumps(info, indent=2) if args.json else
+          f"wrote {info['path']} ({info['scheme']}, {info['format']}, {info['bytes'] / 1e6:.1f} MB)")
     return 0
 
 
@@ -121,6 +139,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--scheme", default="bf16", help="scheme string, e.g. w4a16-rtn, w8a8-int8, fp8")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_eval)
+
+    for command in ("quantize", "export"):
+        p = sub.add_parser(command, help="quantize and save as compressed-tensors (vLLM, SGLang) or GGUF (llama.cpp)")
+        _add_eval_settings(p)
+        p.add_argument("--scheme", required=True, help="scheme string, e.g. w4a16-gptq, w8a8-sq, fp8")
+        p.add_argument("--out", required=True, help="output folder (compressed-tensors) or .gguf file")
+        p.add_argument("--format", default="compressed-tensors", choices=["compressed-tensors", "gguf"])
+        p.add_argument("--ignore", default="lm_head",
+                       help="comma-separated Linears kept unquantized (names, suffixes or re:REGEX; default lm_head)")
+        p.add_argument("--gguf-type", default="q8_0", help="GGUF type of floating layers: q8_0, q4_0, q4_k, f16, f32")
+        p.add_argument("--quiet", action="store_true", help="no progress bars")
+        p.set_defaults(func=cmd_quantize)
 
     p = sub.add_parser("compare", help="quantize several ways and print a table (ppl, Δ%%, KLD, size)")
     _add_eval_settings(p)

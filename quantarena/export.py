@@ -129,3 +129,16 @@ def quantize_and_save(source: str, scheme: str | Scheme, out: str | Path, format
     size = sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) if path.is_dir() else path.stat().st_size
     return {"model": lm.name, "scheme": scheme.name, "format": format, "path": str(path), "bytes": size,
             "ignore": sorted(kept)}
+
+
+def evaluate_folder(folder: str | Path, settings=None, progress: bool = True) -> dict:
+    """Perplexity of a saved compressed-tensors folder as it is stored (our modules, no re-quantizing)."""
+    from .compare import EvalSettings, make_windows
+    from .evaluate import evaluate
+    from .models import load_model
+    settings = settings or EvalSettings()
+    lm = load_model(str(folder), device=settings.device)
+    windows = make_windows(lm, settings)[0]
+    result, _ = evaluate(lm.model, lm.arch, windows, progress=progress, desc=lm.name)
+    return {"model": lm.name, "source": str(folder), "scheme": getattr(lm.model, "quantarena_scheme", None),
+            "format": "compressed-tensors", **result.as_dict()}

@@ -33,5 +33,5 @@ def windows(small_default):
     tok = small_default().tokenizer
     text = ["The capital of France is Paris, a city on the Seine.",
             "def f(x):\n    return x * 2  # doubles its argument"]
-    ids = [torch.tensor([tok.bos_token_id] + tok(t, add_special_tokens=False).input_ids[:23]) for t in text]
-    return torch.stack(ids)  # [2, 24]
+    ids = [torch.tensor([tok.bos_token_id] + tok(t, add_special_tokens=False).input_ids[:13]) for t in text]
+    return torch.stack(ids)  # [2, 14]
