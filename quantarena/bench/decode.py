@@ -145,7 +145,8 @@ class DecodeRun:
     def __post_init__(self):
         dev = self.model.embed.device
         self.cache = self.model.new_cache(self.batch)
-        self.tokens = torch.randint(0, self.model.s["vocab"], (self.batch, self.prompt_len), device=dev)
+        gen = torch.Generator(device="cpu").manual_seed(1234)  # the same prompts for every scheme and kernel path
+        self.tokens = torch.randint(0, self.model.s["vocab"], (self.batch, self.prompt_len), generator=gen).to(dev)
         self.next = torch.zeros(self.batch, 1, dtype=torch.long, device=dev)
         self.pos = torch.zeros(1, dtype=torch.long, device=dev)
 

@@ -364,9 +364,13 @@ TUNED_GEMV: dict[tuple[int, int], dict] = {
 }
 
 
+# the same for 3-4 rows (BLOCK_M = 4)
+TUNED_GEMV_M4: dict[tuple[int, int], dict] = {}
+
+
 def gemv_config(m: int, n: int, k: int, stripe: int, sms: int) -> dict:
     block_m = 1 if m == 1 else (2 if m == 2 else 4)
-    tuned = TUNED_GEMV.get((n, k))
+    tuned = (TUNED_GEMV_M4 if block_m == 4 else TUNED_GEMV).get((n, k))
     if tuned is not None and (k // 8) % tuned["BLOCK_KW"] == 0 and tuned["BLOCK_KW"] % (stripe // 8) == 0:
         return dict(tuned, BLOCK_M=block_m)
     block_n = 16

