@@ -183,6 +183,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_outliers)
 
+    from .bench.cli_args import add_bench_parser, run_bench
+    add_bench_parser(sub).set_defaults(func=run_bench)
+
     return parser
 
 
