@@ -45,6 +45,30 @@ def _qparams(W: torch.Tensor, bits: int, group_size: int, symmetric: bool
     return scales, torch.zeros_like(scales, dtype=torch.int8)
 
 
+def _searched_qparams(W: torch.Tensor, weight: torch.Tensor, bits: int, group_size: int, symmetric: bool,
+                      grid: int = 20, max_shrink: float = 0.2) -> tuple[torch.Tensor, torch.Tensor]:
+    """Static group qparams whose range is shrunk per (row, group) to minimise the rounding error weighted
+    by ``weight [in]`` (the Hessian diagonal: how much each input column matters), as GPTQ's ``mse`` option."""
+    if bits != 4:
+        return _qparams(W, bits, group_size, symmetric)
+    rows, columns = W.shape
+    g = columns if group_size == -1 else group_size
+    wg = W.reshape(rows, columns // g, g)
+    wmin, wmax = wg.amin(dim=-1), wg.amax(dim=-1)
+    best_s, best_z = P.int4_qparams(W, group_size, symmetric)
+    best_err = torch.full_like(best_s, float("inf"))
+    col_weight = weight.reshape(1, columns // g, g)
+    for i in range(int(max_shrink * grid) + 1):
+        p = 1.0 - i / grid
+        s, z = P.int4_qparams(W, group_size, symmetric, wmin=wmin * p, wmax=wmax * p)
+        dq = P.int4_dequantize(P.int4_quantize(W, s, z, group_size), s, z, group_size).reshape(wg.shape)
+        err = ((dq - wg) ** 2 * col_weight).sum(dim=-1)
+        better = err < best_err
+        best_err = torch.where(better, err, best_err)
+        best_s, best_z = torch.where(better, s, best_s), torch.where(better, z, best_z)
+    return best_s, best_z
+
+
 def _round(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
     """One column ``w [out]`` -> (codes [out], dequantized [out])."""
     qmin, qmax = (P.INT4_MIN, P.INT4_MAX) if bits == 4 else (P.INT8_MIN, P.INT8_MAX)
@@ -88,10 +112,12 @@ def _one_thread(device: torch.device):
 
 @torch.no_grad()
 def gptq(W: torch.Tensor, H: torch.Tensor, bits: int = 4, group_size: int = 128, symmetric: bool = True,
-         act_order: bool = True, block_size: int = 128, percdamp: float = 0.01) -> GPTQResult:
+         act_order: bool = True, block_size: int = 128, percdamp: float = 0.01,
+         search_scales: bool = True) -> GPTQResult:
     """Quantize ``W [out, in]`` given the Hessian ``H [in, in]`` of its inputs.
 
     ``bits`` 4 (int4 groups, ``group_size`` -1 for per channel) or 8 (int8 per channel, symmetric).
+    ``search_scales``: static int4 group ranges shrunk to minimise the diag(H)-weighted rounding error.
     """
     P.check_finite(W, "weight")
     if bits not in (4, 8):
@@ -108,7 +134,10 @@ def gptq(W: torch.Tensor, H: torch.Tensor, bits: int = 4, group_size: int = 128,
     H[dead, dead] = 1.0  # never-activated columns: rounded to nearest, no error passed on
 
     # Static groups: qparams from the original weight in natural column order (so no g_idx is needed).
-    scales, zeros = _qparams(W, bits, group_size, symmetric)  # [rows, n_groups]
+    if search_scales:
+        scales, zeros = _searched_qparams(W, torch.diag(H), bits, group_size, symmetric)  # [rows, n_groups]
+    else:
+        scales, zeros = _qparams(W, bits, group_size, symmetric)
     zeros_f = zeros.float()
     if act_order:
         perm = torch.argsort(torch.diag(H), descending=True)

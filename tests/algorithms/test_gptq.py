@@ -54,9 +54,16 @@ def test_gptq_int8_beats_rtn():
 def test_static_groups_need_no_g_idx():
     """With act-order the group scales are those of the natural column order (exports need no g_idx)."""
     W, X, H = layer()
-    res = gptq(W, H, 4, 32, True, act_order=True)
+    res = gptq(W, H, 4, 32, True, act_order=True, search_scales=False)
     scales, _ = P.int4_qparams(W, 32, True)
     assert torch.equal(res.scales, scales)
+
+
+def test_searched_group_ranges_lower_error():
+    W, X, H = layer()
+    plain = gptq(W, H, 4, 32, search_scales=False)
+    searched = gptq(W, H, 4, 32, search_scales=True)
+    assert output_error(X, W, dequant(searched, 32)) < output_error(X, W, dequant(plain, 32))
 
 
 def test_cholesky_failure_grows_dampening(caplog):
@@ -79,7 +86,7 @@ def test_dead_columns_are_rounded_to_nearest():
     W, X, H = layer()
     X[:, 5] = 0.0  # a channel that never activates
     H = 2 * X.t() @ X / X.shape[0]
-    res = gptq(W, H, 4, 32, act_order=True)
+    res = gptq(W, H, 4, 32, act_order=True, search_scales=False)
     assert res.dead_columns == 1
     Wq = dequant(res, 32)
     assert torch.isfinite(Wq).all()
