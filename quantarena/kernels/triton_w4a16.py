@@ -353,19 +353,28 @@ def _block_kw(kw: int, stripe: int, want: int) -> int:
 
 # GEMV tile configs measured best per (N, K) on H100 by benchmarks/kernels.py --tune (M = 1, 2026-11-23)
 TUNED_GEMV: dict[tuple[int, int], dict] = {
-    (1024, 4096): dict(BLOCK_N=16, BLOCK_KW=64, SPLIT_K=8, num_warps=4, num_stages=3),  # 8.6 us
-    (1024, 8192): dict(BLOCK_N=16, BLOCK_KW=64, SPLIT_K=8, num_warps=4, num_stages=3),  # 10.9 us
-    (14336, 4096): dict(BLOCK_N=16, BLOCK_KW=64, SPLIT_K=2, num_warps=4, num_stages=3),  # 33.6 us
-    (28672, 8192): dict(BLOCK_N=16, BLOCK_KW=64, SPLIT_K=1, num_warps=4, num_stages=3),  # 112.9 us
-    (4096, 14336): dict(BLOCK_N=32, BLOCK_KW=64, SPLIT_K=4, num_warps=4, num_stages=3),  # 31.9 us
+    (1024, 4096): dict(BLOCK_N=32, BLOCK_KW=64, SPLIT_K=8, num_warps=4, num_stages=3),  # 8.6 us
+    (1024, 8192): dict(BLOCK_N=16, BLOCK_KW=64, SPLIT_K=8, num_warps=4, num_stages=3),  # 11.5 us
     (4096, 4096): dict(BLOCK_N=16, BLOCK_KW=64, SPLIT_K=2, num_warps=4, num_stages=3),  # 13.6 us
-    (8192, 28672): dict(BLOCK_N=16, BLOCK_KW=64, SPLIT_K=8, num_warps=4, num_stages=3),  # 103.9 us
+    (4096, 14336): dict(BLOCK_N=32, BLOCK_KW=64, SPLIT_K=4, num_warps=4, num_stages=3),  # 31.8 us
     (8192, 8192): dict(BLOCK_N=16, BLOCK_KW=64, SPLIT_K=1, num_warps=4, num_stages=3),  # 39.2 us
+    (8192, 28672): dict(BLOCK_N=16, BLOCK_KW=64, SPLIT_K=8, num_warps=4, num_stages=3),  # 104.1 us
+    (14336, 4096): dict(BLOCK_N=16, BLOCK_KW=64, SPLIT_K=1, num_warps=4, num_stages=3),  # 32.8 us
+    (28672, 8192): dict(BLOCK_N=16, BLOCK_KW=64, SPLIT_K=1, num_warps=4, num_stages=3),  # 112.6 us
 }
 
 
 # the same for 3-4 rows (BLOCK_M = 4)
-TUNED_GEMV_M4: dict[tuple[int, int], dict] = {}
+TUNED_GEMV_M4: dict[tuple[int, int], dict] = {
+    (1024, 4096): dict(BLOCK_N=16, BLOCK_KW=32, SPLIT_K=8, num_warps=4, num_stages=3),  # 12.9 us
+    (1024, 8192): dict(BLOCK_N=16, BLOCK_KW=32, SPLIT_K=8, num_warps=4, num_stages=3),  # 19.2 us
+    (4096, 4096): dict(BLOCK_N=32, BLOCK_KW=32, SPLIT_K=8, num_warps=4, num_stages=3),  # 28.7 us
+    (4096, 14336): dict(BLOCK_N=32, BLOCK_KW=32, SPLIT_K=16, num_warps=4, num_stages=3),  # 77.3 us
+    (8192, 8192): dict(BLOCK_N=32, BLOCK_KW=32, SPLIT_K=8, num_warps=4, num_stages=3),  # 100.3 us
+    (8192, 28672): dict(BLOCK_N=32, BLOCK_KW=32, SPLIT_K=16, num_warps=4, num_stages=3),  # 270.3 us
+    (14336, 4096): dict(BLOCK_N=32, BLOCK_KW=32, SPLIT_K=4, num_warps=4, num_stages=3),  # 84.9 us
+    (28672, 8192): dict(BLOCK_N=32, BLOCK_KW=32, SPLIT_K=4, num_warps=4, num_stages=3),  # 307.2 us
+}
 
 
 def gemv_config(m: int, n: int, k: int, stripe: int, sms: int) -> dict:

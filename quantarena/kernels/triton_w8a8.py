@@ -87,8 +87,18 @@ def _sm_count(device: torch.device) -> int:
 
 
 # tile configs measured best per M bucket (next power of two, 16..4096) on H100 over the Llama-3-8B
-# shapes by benchmarks/kernels.py --tune; split-K is still chosen per shape below
-TUNED_INT8: dict[int, dict] = {}
+# shapes by benchmarks/kernels.py --tune (2026-11-23); split-K is still chosen per shape below
+TUNED_INT8: dict[int, dict] = {
+    16: dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=256, num_warps=4, num_stages=4),
+    32: dict(BLOCK_M=32, BLOCK_N=64, BLOCK_K=256, num_warps=4, num_stages=4),
+    64: dict(BLOCK_M=16, BLOCK_N=128, BLOCK_K=256, num_warps=4, num_stages=4),
+    128: dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=256, num_warps=4, num_stages=4),
+    256: dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=128, num_warps=4, num_stages=4),
+    512: dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=128, num_warps=4, num_stages=4),
+    1024: dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=128, num_warps=4, num_stages=4),
+    2048: dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=128, num_warps=8, num_stages=3),
+    4096: dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=128, num_warps=8, num_stages=3),
+}
 
 
 def int8_config(m: int, n: int, k: int, sms: int) -> dict:
