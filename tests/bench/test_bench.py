@@ -1,0 +1,57 @@
+"""Benchmark plumbing on the CPU: the decode runner's cache logic, the crossover, tables, CLI arguments.
+(Timings themselves only come from GPU runs.)"""
+from __future__ import annotations
+
+import argparse
+
+import pytest
+import torch
+
+from quantarena.bench import cli_args, decode, kernels
+
+
+@pytest.mark.parametrize("scheme", decode.SCHEMES)
+def test_decode_step_matches_a_full_prefill(scheme):
+    model = decode.LeanLlama("tiny", scheme, device="cpu", max_len=32)
+    run = decode.DecodeRun(model, 2, 8)
+    with torch.no_grad():
+        run.prefill()
+        first = run.next.clone()
+        step_logits = run.step()
+        full = model(torch.cat([run.tokens, first], 1), torch.arange(9), model.new_cache(2), decode=False)
+    assert int(run.pos) == 9  # prompt 0..7, then the first generated token at 8
+    err = ((step_logits.float() - full.float()).norm() / full.float().norm()).item()
+    assert err < 2e-2  # bf16 activations, two orders of summation
+
+
+def test_crossover_is_the_first_batch_where_8bit_beats_w4a16():
+    rows = [{"scheme": s, "batch": b, "decode_tok_s": v} for s, b, v in [
+        ("w4a16", 1, 100), ("w4a16", 16, 900), ("w4a16", 64, 2000),
+        ("w8a8-int8", 1, 60), ("w8a8-int8", 16, 800), ("w8a8-int8", 64, 2500),
+        ("fp8", 1, 50), ("fp8", 16, 700), ("fp8", 64, 1900)]]
+    assert decode.crossover(rows) == {"w8a8-int8": 64, "fp8": None}
+
+
+def test_kernel_table_reports_ratio_to_bf16():
+    rows = [{"model": "m", "layer": "l", "op": "bf16", "impl": "cublas", "K": 8, "N": 8, "M": 1, "us": 10.0,
+             "tb_s": 1.0, "tflop_s": 0.1},
+            {"model": "m", "layer": "l", "op": "w4a16", "impl": "quantarena", "K": 8, "N": 8, "M": 1, "us": 5.0,
+             "tb_s": 1.0, "tflop_s": 0.1},
+            {"model": "m", "layer": "l", "op": "fp8", "impl": "gemlite", "K": 8, "N": 8, "M": 1, "error": "boom"}]
+    text = kernels.table({"rows": rows})
+    assert "2.00" in text and "boom" in text
+
+
+def test_bytes_moved_counts_weights_scales_and_activations():
+    assert kernels.bytes_moved("w4a16", 4096, 4096, 1) == 4096 * 4096 // 2 + 2 * 4096 * 32 + 2 * 4096 + 2 * 4096
+    assert kernels.bytes_moved("bf16", 8, 8, 2) == 2 * 64 + 2 * 16 + 2 * 16
+
+
+def test_bench_cli_arguments_and_missing_gpu_error(capsys):
+    parser = argparse.ArgumentParser()
+    cli_args.add_bench_parser(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(["bench", "decode", "--model", "preset:llama-3-8b", "--batch", "1,4"])
+    assert args.bench_command == "decode" and args.batch == "1,4" and args.gen_len == 64
+    if not torch.cuda.is_available():
+        assert cli_args.run_bench(args) == 2
+        assert "needs a CUDA GPU" in capsys.readouterr().err
