@@ -21,7 +21,8 @@ def test_decode_step_matches_a_full_prefill(scheme):
         full = model(torch.cat([run.tokens, first], 1), torch.arange(9), model.new_cache(2), decode=False)
     assert int(run.pos) == 9  # prompt 0..7, then the first generated token at 8
     err = ((step_logits.float() - full.float()).norm() / full.float().norm()).item()
-    assert err < 2e-2  # bf16 activations, two orders of summation
+    # bf16 activations and two orders of summation; fp8's coarse rounding turns those ulps into larger steps
+    assert err < (6e-2 if scheme == "fp8" else 2e-2)
 
 
 def test_crossover_is_the_first_batch_where_8bit_beats_w4a16():
