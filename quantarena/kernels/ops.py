@@ -77,7 +77,7 @@ def _prepared(packed: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | 
     else:
         packed_k = packed
     prep = _Prepared(T.StripedWeight(packed_k, scales, zeros, group_size), perm, packed._version)
-    _W4A16_CACHE[key] = (weakref.ref(packed, lambda _: _W4A16_CACHE.pop(key, None)), prep)
+    _W4A16_CACHE[key] = (weakref.ref(packed, lambda _, cache=_W4A16_CACHE: cache.pop(key, None)), prep)
     return prep
 
 
