@@ -10,13 +10,13 @@ accuracy comparison) and calls it.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable
 
 from . import roofline as R
 from .gpus import DEFAULT_EFFICIENCY, Efficiency, GPUSpec, apply_kernel_benchmark, benchmark_files, detect_gpu, \
-    get_gpu, known_gpus, load_json, probe_ceilings, with_measured
+    get_gpu, interpolate, kernel_table, known_gpus, load_json, probe_ceilings, with_measured
 from .schemes import SchemeError, parse_scheme
 
 DEFAULT_SCHEMES = ["bf16", "w4a16-gptq", "w4a16-awq", "w8a8-sq", "fp8"]
@@ -74,6 +74,7 @@ class Advice:
     ideal_ms: dict[str, list[float]]
     measured_ms: dict[str, list[tuple[int, float]]]
     measured_crossover: Any = None
+    roofline_crossovers: list[R.Crossover] | None = None   # without measured GEMM times, when those were used
     notes: list[str] = field(default_factory=list)
     outliers: dict[str, float] | None = None
 
@@ -86,6 +87,8 @@ class Advice:
                           for c in self.crossovers},
             "crossover_ideal": {c.key: c.batch for c in self.ideal_crossovers},
             "crossover_measured": self.measured_crossover,
+            "crossover_roofline": None if self.roofline_crossovers is None else
+            {c.key: c.batch for c in self.roofline_crossovers},
             "memory": [dict(asdict(m), total_gb=m.total_gb, fits=m.fits, gpus_needed=m.gpus_needed)
                        for m in self.memory],
             "accuracy": self.accuracy, "notes": self.notes,
@@ -145,20 +148,6 @@ def for_schemes(points: dict[str, list[tuple[int, float]]], schemes: list[str]) 
     return out
 
 
-def interpolate(points: list[tuple[int, float]], batch: int) -> float | None:
-    """Log-log interpolation inside the measured batch range; None outside it."""
-    exact = next((t for b, t in points if b == batch), None)
-    if exact is not None:
-        return exact
-    for (b0, t0), (b1, t1) in zip(points, points[1:]):
-        if b0 <= batch <= b1:
-            if b0 == b1:
-                return t0
-            w = (math.log(batch) - math.log(b0)) / (math.log(b1) - math.log(b0))
-            return math.exp((1 - w) * math.log(t0) + w * math.log(t1))
-    return None
-
-
 def measured_crossover(points: dict[str, list[tuple[int, float]]], small: str = "w4a16",
                        large: str = "w8a8") -> int | None:
     """First measured batch where the best ``large``-family scheme is faster than the best ``small`` one."""
@@ -181,7 +170,8 @@ def _family_or_none(scheme: str) -> str | None:
 
 
 def _same_model(bench_model: str, model: str) -> bool:
-    norm = lambda s: "".join(ch for ch in s.lower().split(":")[-1].split("/")[-1] if ch.isalnum())
+    """``preset:llama-3-8b (random weights)`` and ``llama-3-8b`` name the same model."""
+    norm = lambda s: "".join(ch for ch in s.lower().split("(")[0].split(":")[-1].split("/")[-1] if ch.isalnum())
     return bool(bench_model) and norm(bench_model) == norm(model)
 
 
@@ -226,6 +216,7 @@ def decide(shape: R.ModelShape, gpu: GPUSpec, batches: list[int], context: int, 
     families = list(dict.fromkeys(family(s) for s in runnable))
     crossovers = R.crossovers(shape, families, gpu, context, eff)
     ideal = R.crossovers(shape, families, gpu, context, R.IDEAL)
+    plain = R.crossovers(shape, families, gpu, context, replace(eff, kernels=None)) if eff.kernels else None
     fit_batch = max(batches)
     memory = [R.memory_fit(shape, s, gpu, fit_batch, context) for s in families]
     notes = []
@@ -242,7 +233,7 @@ def decide(shape: R.ModelShape, gpu: GPUSpec, batches: list[int], context: int, 
                   ideal_ms={f: [1e3 * t for t in ts] for f, ts in R.curve(shape, families, gpu, CURVE_BATCHES,
                                                                           context, R.IDEAL).items()},
                   measured_ms=measured, measured_crossover=measured_crossover(measured) if measured else None,
-                  notes=notes)
+                  roofline_crossovers=plain, notes=notes)
 
 
 def _decide_one(shape: R.ModelShape, gpu: GPUSpec, batch: int, context: int, schemes: list[str],
@@ -356,8 +347,12 @@ def advise(shape: R.ModelShape, gpu: str | GPUSpec | None = None, batch: list[in
     decode_path = Path(decode_file) if decode_file else found.get("decode")
     source = f"roofline: {spec.name} datasheet x efficiency measured on H100 (gpus.Efficiency)"
     if kernels_path:
-        spec = apply_kernel_benchmark(spec, load_json(kernels_path), source=str(kernels_path))
-        source = f"roofline with ceilings measured in {kernels_path} ({', '.join(spec.measured)})"
+        kernels = load_json(kernels_path)
+        spec = apply_kernel_benchmark(spec, kernels, source=str(kernels_path))
+        eff = replace(eff, kernels=kernel_table(kernels["rows"], source=str(kernels_path)))
+        source = (f"GEMM times measured in {kernels_path} ({', '.join(f'{o}: {i}' for o, i in eff.kernels.impls.items())})"
+                  f" where they cover the model's shapes, else roofline with ceilings measured there "
+                  f"({', '.join(spec.measured)})")
     elif probe and _is_local(spec):
         spec = with_measured(spec, **probe_ceilings(), source="probed on this GPU")
         source = f"roofline with ceilings probed on this GPU ({', '.join(spec.measured)})"
@@ -520,12 +515,15 @@ def format_table(advice: Advice) -> str:
             lines += [f"    accuracy: {r.accuracy}", f"    export: {r.export}"]
         for s, reason in r.rejected.items():
             lines.append(f"    not {s}: {reason}")
-    lines += ["", "crossover (roofline with efficiencies; ideal: datasheet peaks, no overheads):"]
+    lines += ["", "crossover (model as used for the decision; ideal: datasheet peaks, no overheads):"]
     ideal = {c.key: c.batch for c in advice.ideal_crossovers}
     for c in advice.crossovers:
         lines.append(f"  {c.describe()}" + (f" (ideal roofline: {ideal[c.key] or 'never'})" if c.batch else ""))
+    if advice.roofline_crossovers:
+        lines.append("  roofline alone (datasheet x efficiency, no measured GEMM times): " + "; ".join(
+            c.describe() for c in advice.roofline_crossovers if c.batch))
     if advice.measured_crossover is not None:
-        lines.append(f"  measured w4a16 -> w8a8: {advice.measured_crossover}")
+        lines.append(f"  measured decode w4a16 -> w8a8: {advice.measured_crossover}")
     lines += ["", f"memory at context {advice.context} (usable {advice.memory[0].usable_gb:.1f} GB):"
               if advice.memory else ""]
     for m in advice.memory:

@@ -55,6 +55,8 @@ class Efficiency:
     """Reachable fraction of each datasheet peak. Defaults measured on H100 80GB (FACTS.md):
     memory 3.02/3.35 TB/s (device-to-device copy), bf16 714/989 (8192^3 matmul), int8 1122/1979
     (our tiled Triton int8 kernel; torch._int_mm reached 909), fp8 1273/1979 (torch._scaled_mm).
+    A re-probe on 2026-11-23 (benchmarks/results/h100-roofline-check.json) gave 3.00 TB/s, bf16 803,
+    int8 963 (_int_mm), fp8 1454: bf16 GEMM predictions landed within -14%..+31% (median +4%).
 
     ``w4a16_dequant``: extra time on the math of a W4A16 GEMM once it is compute-bound, for unpacking
     int4 on CUDA cores (QServe, Lin et al. 2024, sec. 3: W4A16 loses to W8A8 at large batch for this
@@ -68,9 +70,55 @@ class Efficiency:
     w4a16_dequant: float = 0.15
     w4a8_dequant: float = 0.10
     kernel_overhead_us: float = 3.0
+    kernels: "KernelTable | None" = None   # measured GEMM times replace the roofline where they cover a shape
 
     def of(self, math_kind: str) -> float:
         return {"bf16": self.bf16, "int8": self.int8, "fp8": self.fp8}[math_kind]
+
+
+def interpolate(points: list[tuple[int, float]], x: int) -> float | None:
+    """Log-log interpolation in sorted ``(x, y)`` points; None outside their range."""
+    exact = next((y for px, y in points if px == x), None)
+    if exact is not None:
+        return exact
+    for (x0, y0), (x1, y1) in zip(points, points[1:]):
+        if x0 < x < x1:
+            w = (math.log(x) - math.log(x0)) / (math.log(x1) - math.log(x0))
+            return math.exp((1 - w) * math.log(y0) + w * math.log(y1))
+    return None
+
+
+DEFAULT_IMPLS = {"bf16": "cublas", "w4a16": "quantarena", "w8a8": "quantarena", "fp8": "quantarena"}
+
+
+@dataclass(frozen=True)
+class KernelTable:
+    """GEMM times measured on one GPU: ``(op, K, N) -> [(M, microseconds)]``, one implementation per op
+    (by default the path quantarena dispatches, and cuBLAS for bf16)."""
+    times: dict[tuple[str, int, int], list[tuple[int, float]]]
+    impls: dict[str, str]
+    source: str = ""
+
+    def seconds(self, op: str, k: int, n: int, m: int) -> float | None:
+        us = interpolate(self.times.get((op, k, n), []), m)
+        return None if us is None else us * 1e-6
+
+
+def kernel_table(rows: list[dict], impls: dict[str, str] | None = None, source: str = "") -> KernelTable:
+    """A :class:`KernelTable` from ``<gpu>-kernels.json`` rows (median time when a shape repeats)."""
+    impls = impls or DEFAULT_IMPLS
+    samples: dict[tuple[str, int, int, int], list[float]] = {}
+    for row in rows:
+        try:
+            op, impl, k, n, m, us = row["op"], row["impl"], int(row["K"]), int(row["N"]), int(row["M"]), float(row["us"])
+        except (KeyError, TypeError, ValueError):
+            continue
+        if impls.get(op) == impl and us > 0:
+            samples.setdefault((op, k, n, m), []).append(us)
+    times: dict[tuple[str, int, int], list[tuple[int, float]]] = {}
+    for (op, k, n, m), values in sorted(samples.items()):
+        times.setdefault((op, k, n), []).append((m, sorted(values)[len(values) // 2]))
+    return KernelTable(times, dict(impls), source)
 
 
 DEFAULT_EFFICIENCY = Efficiency()

@@ -183,8 +183,11 @@ vertical-align:top;text-align:left}th{background:#f2f2f2}img{max-width:100%;bord
 def render_html(advice: Advice) -> str:
     """The whole report as one HTML string with every image inline."""
     g = advice.gpu
-    cross = [[c.key, c.describe(), next((i.batch for i in advice.ideal_crossovers if i.key == c.key), None) or "never"]
-             for c in advice.crossovers]
+    find = lambda cs, key: next((c.batch for c in cs or [] if c.key == key), None) or "never"
+    cross = [[c.key, c.describe()] + ([find(advice.roofline_crossovers, c.key)] if advice.roofline_crossovers else [])
+             + [find(advice.ideal_crossovers, c.key)] for c in advice.crossovers]
+    cross_header = (["pair", "model used (measured GEMMs where given)"]
+                    + (["roofline alone"] if advice.roofline_crossovers else []) + ["ideal roofline"])
     mem = [[m.scheme, f"{m.weights_gb:.2f}", f"{m.kv_gb:.2f}", f"{m.total_gb:.2f}", "yes" if m.fits else "no",
             m.max_batch, m.gpus_needed] for m in advice.memory]
     images = [("Time per token vs batch", plot_time(advice)), ("Memory", plot_memory(advice)),
@@ -200,10 +203,10 @@ def render_html(advice: Advice) -> str:
         f"{html.escape(advice.source)}. Accuracy: {html.escape(advice.accuracy_note)}.</p>",
         "<h2>Decision</h2>", _table(DECISION_HEADER, _decision_rows(advice)),
         "<h2>Crossover batch per scheme pair</h2>",
-        _table(["pair", "roofline with efficiencies", "ideal roofline"], cross),
+        _table(cross_header, cross),
     ]
     if advice.measured_crossover is not None:
-        parts.append(f"<p>Measured W4A16 &rarr; W8A8 crossover: {html.escape(str(advice.measured_crossover))}</p>")
+        parts.append(f"<p>Measured decode W4A16 &rarr; W8A8 crossover: {html.escape(str(advice.measured_crossover))}</p>")
     parts += [f"<h2>Memory at batch {max(advice.batches)}, context {advice.context}</h2>",
               _table(["scheme", "weights GB", "KV GB", "total GB", "fits", "max batch", "GPUs needed"], mem)]
     for title, png in images:

@@ -102,10 +102,18 @@ class ModelShape:
     sliding_window: int | None = None
     sliding_layers: int = 0        # layers whose KV cache stops at sliding_window tokens
 
-    def linears(self) -> list[LinearShape]:
-        """The quantized Linears of the decoder blocks, fused as serving engines run them."""
+    def linears(self, fused: bool = True) -> list[LinearShape]:
+        """The quantized Linears of the decoder blocks, fused as serving engines run them (or one by one)."""
         q, kv = self.heads * self.head_dim, self.kv_heads * self.head_dim
         mlp_in = 2 * self.intermediate if self.gated_mlp else self.intermediate
+        if not fused:
+            return ([LinearShape("q_proj", self.hidden, q, self.layers, True),
+                     LinearShape("k_proj", self.hidden, kv, self.layers, True),
+                     LinearShape("v_proj", self.hidden, kv, self.layers, True),
+                     LinearShape("o_proj", q, self.hidden, self.layers)]
+                    + [LinearShape(n, self.hidden, self.intermediate, self.layers, True)
+                       for n in (("gate_proj", "up_proj") if self.gated_mlp else ("up_proj",))]
+                    + [LinearShape("down_proj", self.intermediate, self.hidden, self.layers)])
         return [LinearShape("qkv_proj", self.hidden, q + 2 * kv, self.layers, after_norm=True),
                 LinearShape("o_proj", q, self.hidden, self.layers),
                 LinearShape("gate_up_proj", self.hidden, mlp_in, self.layers, after_norm=True),
@@ -211,10 +219,12 @@ def decode_step(shape: ModelShape, scheme: str | Scheme | WeightFormat, gpu: GPU
     if batch < 1 or context < 1:
         raise RooflineError(f"batch and context must be >= 1, got batch={batch}, context={context}")
     ceil = effective(gpu, eff)
-    linears = Cost()
-    for lin in shape.linears():
-        cost = linear_cost(lin.in_features, lin.out_features, batch, scheme, gpu, eff, fused_act_quant=lin.after_norm)
-        linears = linears + cost.scaled(lin.count)
+    linears = measured_linears(shape, scheme, gpu, batch, eff)
+    if linears is None:
+        linears = Cost()
+        for lin in shape.linears():
+            cost = linear_cost(lin.in_features, lin.out_features, batch, scheme, gpu, eff, fused_act_quant=lin.after_norm)
+            linears = linears + cost.scaled(lin.count)
     head = shape.lm_head()
     lm_head = linear_cost(head.in_features, head.out_features, batch, "bf16", gpu, eff)
     kv = shape.kv_bytes_per_sequence(context, kv_bytes) * batch
@@ -225,6 +235,23 @@ def decode_step(shape: ModelShape, scheme: str | Scheme | WeightFormat, gpu: GPU
     other = _kernel(other_bytes, 0.0, ceil["bandwidth"], ceil["bf16"], ELEMENTWISE_KERNELS_PER_LAYER * shape.layers, eff)
     total = linears + lm_head + attention + other
     return {"linears": linears, "lm_head": lm_head, "attention": attention, "other": other, "total": total}
+
+
+def measured_linears(shape: ModelShape, scheme: str | Scheme | WeightFormat, gpu: GPUSpec, batch: int,
+                     eff: Efficiency) -> Cost | None:
+    """The decoder Linears at ``batch`` from measured GEMM times (``eff.kernels``), one Linear at a time as
+    they were measured; None unless every Linear shape of the model is covered at this batch."""
+    if eff.kernels is None:
+        return None
+    fmt = weight_format(scheme)
+    total = Cost()
+    for lin in shape.linears(fused=False):
+        seconds = eff.kernels.seconds(fmt.family, lin.in_features, lin.out_features, batch)
+        if seconds is None:
+            return None
+        model = linear_cost(lin.in_features, lin.out_features, batch, scheme, gpu, eff, lin.after_norm)
+        total = total + Cost(model.bytes, model.flops, model.memory_s, model.compute_s, 0.0, seconds).scaled(lin.count)
+    return total
 
 
 def step_seconds(shape: ModelShape, scheme: str | Scheme | WeightFormat, gpu: GPUSpec, batch: int, context: int,

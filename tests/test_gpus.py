@@ -84,3 +84,15 @@ def test_bad_benchmark_file_is_one_line_error(tmp_path):
     (tmp_path / "x.json").write_text("{")
     with pytest.raises(GPUError, match="not valid JSON"):
         load_json(tmp_path / "x.json")
+
+
+def test_kernel_table_picks_one_impl_per_op_and_interpolates():
+    from quantarena.gpus import interpolate, kernel_table
+    rows = [{"op": "w4a16", "impl": "quantarena", "K": 8, "N": 8, "M": m, "us": us} for m, us in ((1, 10.0), (4, 40.0))]
+    rows += [{"op": "w4a16", "impl": "tinygemm", "K": 8, "N": 8, "M": 1, "us": 1.0}]
+    table = kernel_table(rows)
+    assert table.seconds("w4a16", 8, 8, 1) == pytest.approx(10e-6)
+    assert table.seconds("w4a16", 8, 8, 2) == pytest.approx(20e-6)   # log-log between M=1 and M=4
+    assert table.seconds("w4a16", 8, 8, 8) is None and table.seconds("bf16", 8, 8, 1) is None
+    assert kernel_table(rows, {"w4a16": "tinygemm"}).seconds("w4a16", 8, 8, 1) == pytest.approx(1e-6)
+    assert interpolate([(1, 2.0), (4, 8.0)], 2) == pytest.approx(4.0)
