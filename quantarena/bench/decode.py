@@ -86,12 +86,7 @@ class Block(nn.Module):
         if mask is None:  # prefill from an empty cache: plain causal attention over the new tokens
             attn = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
         else:
-            # one new token: the query heads of a KV group become that group's query rows (they share the
-            # mask), so attention reads the cache once per KV head instead of once per query head
-            group = self.heads // self.kv_heads
-            qg = q.reshape(b, self.kv_heads, group * t, self.head_dim)
-            attn = F.scaled_dot_product_attention(qg, k_cache, v_cache, attn_mask=mask)
-            attn = attn.reshape(b, self.heads, t, self.head_dim)
+            attn = F.scaled_dot_product_attention(q, k_cache, v_cache, attn_mask=mask, enable_gqa=True)
         x = x + self.o(attn.transpose(1, 2).reshape(b, t, -1))
         y = rms_norm(x, self.norm2)
         return x + self.down(F.silu(self.gate(y)) * self.up(y))
