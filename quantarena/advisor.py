@@ -373,8 +373,30 @@ def advise(shape: R.ModelShape, gpu: str | GPUSpec | None = None, batch: list[in
     accuracy = accuracy_table(accuracy_rows) if accuracy_rows else None
     advice = decide(shape, spec, batches, context, schemes, accuracy, max_ppl_increase, measured, eff,
                     accuracy_note or ("" if accuracy else "accuracy not measured"), source, names)
-    advice.notes = notes + advice.notes
+    advice.notes = notes + advice.notes + kernel_gaps(shape, spec, advice, eff)
     return advice
+
+
+def kernel_gaps(shape: R.ModelShape, gpu: GPUSpec, advice: Advice, eff: Efficiency, worse: float = 1.5) -> list[str]:
+    """Notes for scheme families whose measured GEMMs run ``worse`` times slower than the roofline: there,
+    an engine with roofline-speed kernels (Marlin, Machete, CUTLASS) would change the answer."""
+    if eff.kernels is None:
+        return []
+    plain = replace(eff, kernels=None)
+    notes = []
+    for fam in dict.fromkeys(family(s) for s in advice.schemes if R.supported(s, gpu)):
+        gaps = []
+        for batch in advice.batches:
+            measured = R.measured_linears(shape, fam, gpu, batch, eff)
+            if measured is not None:
+                gaps.append((measured.seconds / R.decode_step(shape, fam, gpu, batch, advice.context, plain)
+                             ["linears"].seconds, batch))
+        ratio, batch = max(gaps, default=(0.0, 0))
+        if ratio >= worse:
+            notes.append(f"measured {fam} GEMMs run {ratio:.1f}x slower than the roofline at batch {batch}; "
+                         f"with roofline-speed kernels the crossovers would be: " + "; ".join(
+                             c.describe() for c in advice.roofline_crossovers or [] if fam in c.pair and c.batch))
+    return notes
 
 
 def _is_local(spec: GPUSpec) -> bool:
@@ -515,7 +537,7 @@ def format_table(advice: Advice) -> str:
             lines += [f"    accuracy: {r.accuracy}", f"    export: {r.export}"]
         for s, reason in r.rejected.items():
             lines.append(f"    not {s}: {reason}")
-    lines += ["", "crossover (model as used for the decision; ideal: datasheet peaks, no overheads):"]
+    lines += ["", "crossover (model as used for the decision; ideal: ceilings with no overheads):"]
     ideal = {c.key: c.batch for c in advice.ideal_crossovers}
     for c in advice.crossovers:
         lines.append(f"  {c.describe()}" + (f" (ideal roofline: {ideal[c.key] or 'never'})" if c.batch else ""))

@@ -145,3 +145,17 @@ def test_tiny_model_is_launch_bound_and_default_limit_applies():
     assert "launch-bound" in row.why and "lm_head" in row.why
     assert "80.5% perplexity > 10% limit" in row.rejected["w4a16-rtn"]
     assert any("default" in n for n in adv.notes)
+
+
+def test_measured_kernels_drive_the_decision_and_slow_kernels_are_flagged(tmp_path):
+    rows = [{"op": op, "impl": "cublas" if op == "bf16" else "quantarena", "K": lin.in_features,
+             "N": lin.out_features, "M": m, "us": us}
+            for op, us in (("bf16", 40.0), ("w4a16", 200.0), ("w8a8", 25.0))
+            for lin in LLAMA3_8B.linears(fused=False) for m in (1, 64)]
+    path = tmp_path / "h100-kernels.json"
+    path.write_text(json.dumps({"rows": rows}))
+    adv = _advise(gpu="H100", batch=[1, 16], kernels_file=path, schemes=["bf16", "w4a16-gptq", "w8a8-sq"])
+    assert all(A.family(r.scheme) == "w8a8" for r in adv.rows)          # the slow measured W4A16 loses
+    assert "GEMM times measured" in adv.source
+    assert any("w4a16 GEMMs run" in n and "roofline-speed kernels" in n for n in adv.notes)
+    assert adv.to_dict()["crossover_roofline"]["w4a16 vs w8a8"] > 50     # the roofline alone disagrees
