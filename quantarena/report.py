@@ -62,7 +62,7 @@ def plot_time(advice: Advice) -> str:
         cap = max(limit.get(fam, 0), 1)
         inside = [(b, t) for b, t in zip(advice.curve_batches, ms) if b <= cap]
         beyond = [(b, t) for b, t in zip(advice.curve_batches, ms) if b >= (inside[-1][0] if inside else 1)]
-        for pts, style, alpha, label in ((inside, "-", 1.0, f"{fam} (roofline)"), (beyond, "--", 0.35, None)):
+        for pts, style, alpha, label in ((inside, "-", 1.0, f"{fam} (model)"), (beyond, "--", 0.35, None)):
             if pts:
                 xs, ys = zip(*pts)
                 ax.plot(xs, ys, style, color=color, lw=lw, alpha=alpha, label=label)
@@ -82,8 +82,11 @@ def plot_time(advice: Advice) -> str:
         text = "\n".join(f"{' / '.join(names)} overtakes w4a16 at batch {batch}" for batch, names in sorted(marks.items()))
         ax.text(0.98, 0.03, text, transform=ax.transAxes, fontsize=8, ha="right", va="bottom",
                 bbox=dict(facecolor="white", edgecolor="#999", alpha=0.9))
+    seen: list[list[tuple[int, float]]] = []
     for scheme, pts in advice.measured_ms.items():
-        if pts:
+        if pts and pts not in seen:   # schemes of one family share the family's measured points
+            seen.append(pts)
+            scheme = _family(scheme)
             xs, ys = zip(*pts)
             color = COLORS.get(_family(scheme))
             ax.plot(xs, ys, "o", color=color, ms=5, mfc="white", label=f"{scheme} (measured)")
@@ -96,7 +99,8 @@ def plot_time(advice: Advice) -> str:
     _plain_ticks(ax)
     ax.set_ylabel("ms per decode step (= per token of each sequence)")
     ax.set_title(f"{advice.model} on {advice.gpu.name}, context {advice.context}\n"
-                 "solid: roofline with efficiencies, dotted: ideal, | then faded: past the memory limit", fontsize=9)
+                 "solid: model (measured GEMMs where given, else roofline), dotted: ideal roofline,\n"
+                 "circles: measured decode, | then faded: past the memory limit", fontsize=9)
     ax.legend(fontsize=7, loc="upper left")
     ax2.set_yscale("log")
     _plain_ticks(ax2)
