@@ -88,3 +88,13 @@ def test_calibrated_schemes_end_to_end(scheme, cls):
     res, _ = evaluate(lm.model, lm.arch, probe, reference=states, progress=False)
     assert res.kld < (0.05 if scheme.startswith("w8a8") else 0.2)
     assert "loss" in lm.model.quantarena_calibration[0] or not scheme.startswith("w4a16")
+
+
+def test_alpha_search_picks_the_lowest_error():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(256, 64, generator=g)
+    x[:, :3] *= 40.0
+    w = torch.randn(48, 64, generator=g) * 0.05
+    alpha, err = smoothquant.search_alpha(x, [w], x.abs().amax(0))
+    _, err_half = smoothquant.search_alpha(x, [w], x.abs().amax(0), alphas=(0.5,))
+    assert alpha in (0.3, 0.4, 0.5, 0.6, 0.7, 0.8) and err <= err_half
