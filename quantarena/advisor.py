@@ -76,7 +76,7 @@ class Advice:
     measured_crossover: Any = None
     roofline_crossovers: list[R.Crossover] | None = None   # without measured GEMM times, when those were used
     notes: list[str] = field(default_factory=list)
-    outliers: dict[str, float] | None = None
+    outliers: list[dict] | None = None   # rows of outliers.outlier_stats
 
     def to_dict(self) -> dict:
         return {
@@ -440,33 +440,6 @@ def accuracy_schemes(model_type: str, families: list[str] | None = None) -> tupl
     return chosen, skipped
 
 
-def activation_outliers(model: Any, arch: Any, windows: Any) -> dict[str, float]:
-    """Per decoder block and distinct Linear input (q/k/v share one): max / median of the per-channel absmax
-    of the input activations over ``windows`` [n, T]. Large ratios are why W8A8 needs smoothing."""
-    import torch
-    from .models import blocks, get_module
-    firsts = [g.linears[0] for g in arch.groups] or list(arch.linears)
-    stats: dict[str, torch.Tensor] = {}
-    handles = []
-    for i, block in enumerate(blocks(model, arch)):
-        for name in firsts:
-            key = f"{i}.{name.split('.')[-1]}"
-
-            def hook(_mod, inputs, _out, key=key):
-                x = inputs[0].detach().float().abs().reshape(-1, inputs[0].shape[-1])  # [tokens, in_features]
-                stats[key] = torch.maximum(stats[key], x.amax(0)) if key in stats else x.amax(0)
-            handles.append(block.get_submodule(name).register_forward_hook(hook))
-    try:
-        with torch.no_grad():
-            decoder = get_module(model, arch.decoder)   # the blocks only: no 262k-vocab logits
-            for window in windows:
-                decoder(window.unsqueeze(0))
-    finally:
-        for h in handles:
-            h.remove()
-    return {k: float(v.max() / v.median().clamp_min(1e-12)) for k, v in stats.items()}
-
-
 def _config_of(source: str):
     """The model's config without loading weights where possible."""
     from transformers import AutoConfig
@@ -511,8 +484,9 @@ def advise_model(source: str = "default", settings: Any = None, measure_accuracy
         note += f"; not available in the quantizer yet: {', '.join(skipped)}"
     advice = advise(shape, accuracy_rows=result["rows"], accuracy_note=note, **kwargs)
     from .compare import make_windows
+    from .outliers import outlier_stats
     lm = models.load_model(source, device=settings.device)
-    advice.outliers = activation_outliers(lm.model, lm.arch, make_windows(lm, settings)[1][:2])
+    advice.outliers = outlier_stats(lm.model, lm.arch, make_windows(lm, settings)[1][:2], progress=progress)
     return advice
 
 

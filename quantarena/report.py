@@ -153,16 +153,13 @@ def plot_accuracy(advice: Advice) -> str:
     return _png(fig)
 
 
-def plot_outliers(outliers: dict[str, float]) -> str:
-    """Activation outlier ratio (max / median per-channel absmax) of each Linear's input."""
-    fig, (ax,) = _figure(10.0, 3.4)
-    names = list(outliers)
-    ax.bar(range(len(names)), [outliers[n] for n in names], color="#9467bd")
-    ax.set_xticks(range(len(names)), names, rotation=90, fontsize=6)
-    ax.set_yscale("log")
-    ax.set_ylabel("channel absmax: max / median")
-    ax.set_title("activation outliers (why W8A8 needs smoothing)", fontsize=9)
-    return _png(fig)
+def plot_outliers(rows: list[dict], title: str = "") -> str:
+    """The outlier plot of :func:`outliers.plot` (max/median channel absmax and kurtosis per layer input,
+    before and after smoothing), as base64 PNG."""
+    from .outliers import plot
+    with tempfile.TemporaryDirectory() as tmp:
+        path = plot(rows, str(Path(tmp) / "outliers.png"), title)
+        return base64.b64encode(Path(path).read_bytes()).decode("ascii")
 
 
 def _table(header: list[str], rows: list[list[Any]]) -> str:
@@ -197,7 +194,8 @@ def render_html(advice: Advice) -> str:
     images = [("Time per token vs batch", plot_time(advice)), ("Memory", plot_memory(advice)),
               ("Accuracy", plot_accuracy(advice))]
     if advice.outliers:
-        images.append(("Activation outliers", plot_outliers(advice.outliers)))
+        images.append(("Activation outliers (why W8A8 needs smoothing)",
+                       plot_outliers(advice.outliers, f"{advice.model}: activation outliers")))
     parts = [
         "<!DOCTYPE html><html><head><meta charset='utf-8'>",
         f"<title>quantarena advise: {html.escape(advice.model)} on {html.escape(g.name)}</title>",

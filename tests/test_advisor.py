@@ -122,16 +122,6 @@ def test_preset_skips_accuracy_and_says_so():
     assert adv.model == "llama-3-8b"
 
 
-def test_activation_outliers_on_a_tiny_model():
-    import torch
-    from quantarena.models import load_model
-    lm = load_model("preset:tiny-llama")
-    windows = torch.randint(0, 512, (2, 16))
-    ratios = A.activation_outliers(lm.model, lm.arch, windows)
-    assert set(ratios) == {f"{i}.{n}" for i in range(2) for n in ("q_proj", "o_proj", "gate_proj", "down_proj")}
-    assert all(r >= 1.0 for r in ratios.values())
-
-
 def test_tiny_model_is_launch_bound_and_default_limit_applies():
     from quantarena.roofline import ModelShape
     gemma = ModelShape("gemma-3-270m", 640, 2048, 18, 4, 1, 256, 262144, tied_embeddings=True,
@@ -159,3 +149,19 @@ def test_measured_kernels_drive_the_decision_and_slow_kernels_are_flagged(tmp_pa
     assert "GEMM times measured" in adv.source
     assert any("w4a16 GEMMs run" in n and "roofline-speed kernels" in n for n in adv.notes)
     assert adv.to_dict()["crossover_roofline"]["w4a16 vs w8a8"] > 50     # the roofline alone disagrees
+
+
+def test_advise_model_measures_accuracy_and_outliers_on_a_real_folder(tmp_path):
+    from quantarena.compare import EvalSettings
+    from quantarena.report import write_report
+    from tests.conftest import make_hf_folder
+    folder = tmp_path / "tiny"
+    make_hf_folder(folder, hidden_size=128, intermediate_size=256)
+    adv = A.advise_model(str(folder), settings=EvalSettings(tokens=64, seq_len=32, calib_windows=2, calib_seq_len=32),
+                         gpu="A10", batch=[1, 32], schemes=["bf16", "w4a16-rtn", "w8a8-int8"], bench_dir=None,
+                         log=lambda _: None)
+    assert set(adv.accuracy) == {"bf16", "w4a16-rtn", "w8a8-int8"} and "measured on tiny" in adv.accuracy_note
+    assert adv.outliers and {"block", "layers", "before", "after"} <= set(adv.outliers[0])
+    assert all(r.accuracy.startswith("ppl ") for r in adv.rows)
+    page = write_report(adv, tmp_path / "out")["report.html"].read_text()
+    assert page.count("data:image/png;base64,") == 4

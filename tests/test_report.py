@@ -23,7 +23,9 @@ ROWS = [dict(scheme="bf16", ppl=10.0, kld=0.0, bytes=100), dict(scheme="w4a16-gp
 def advice():
     adv = A.advise(LLAMA3_8B, gpu="H100", batch=[1, 16, 128], accuracy_rows=ROWS, bench_dir=None,
                    accuracy_note="measured on test rows")
-    adv.outliers = {"layers.0.q_proj": 9.0, "layers.0.down_proj": 31.0}
+    adv.outliers = [{"block": b, "layers": layers, "before": {"ratio": r, "kurtosis": 20.0},
+                     "after": {"ratio": r / 4, "kurtosis": 2.0}}
+                    for b in range(3) for layers, r in (("q_proj,k_proj,v_proj", 9.0), ("down_proj", 31.0))]
     return adv
 
 
