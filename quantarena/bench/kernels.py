@@ -116,11 +116,12 @@ def _gemlite(layer: Layer, op: str):
 def contenders(layer: Layer, m: int, with_gemlite: bool) -> list[tuple[str, str, str | None, object]]:
     """(op, impl, path, fn(x)) for one layer and batch size."""
     out = [("bf16", "cublas", None, lambda x: F.linear(x, layer.w_bf16))]
-    path = ops.w4a16_path(m)
+    path = ops.w4a16_path(m, layer.n, layer.k)
     out.append(("w4a16", "quantarena", path,
                 lambda x: ops.w4a16_linear(x, layer.packed, layer.scales, None, GROUP)))
-    for other in ("gemv", "mma", "dequant"):
-        if other != path and (other != "gemv" or m <= ops.W4A16_GEMV_MAX_M) and (other != "mma" or m <= 256):
+    for other in ("gemv", "gemv2", "mma", "dequant"):
+        if other != path and (other != "gemv" or m <= ops.W4A16_GEMV_MAX_M) and (other != "mma" or m <= 256) \
+                and (other != "gemv2" or m <= ops.W4A16_GEMV2_MAX_M):
             out.append(("w4a16", "quantarena:" + other, other,
                         lambda x, p=other: ops.w4a16_linear(x, layer.packed, layer.scales, None, GROUP, path=p)))
     if m <= 1024:

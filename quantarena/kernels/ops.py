@@ -4,8 +4,10 @@ CPU (and any device or shape without a fast path) runs :mod:`quantarena.kernels.
 work goes through ``torch.library`` custom ops (``quantarena::w4a16_linear``, ``::w8a8_linear``,
 ``::fp8_linear``) with fake implementations, so ``torch.compile`` traces them and CUDA graphs capture them.
 
-W4A16 paths by M (measured on H100, see benchmarks/results/h100-kernels.json): ``gemv`` for M <= 4, then
-dequantize + cuBLAS. The tensor-core ``mma`` kernel is correct but measured far slower than dequantize +
+W4A16 paths by M (measured on H100, see benchmarks/results/h100-kernels.json and
+h100-w4a16-gemv-v2.json): ``gemv2`` (tile GEMV v2) at M = 1, ``gemv`` or ``gemv2`` at M = 2..4 (whichever
+measured faster for the (N, K) shape; ``gemv`` where unmeasured), then dequantize + cuBLAS (the v2 GEMV
+takes up to 16 rows but measured slower than dequantize + cuBLAS at M = 8 and 16 on every shape). The tensor-core ``mma`` kernel is correct but measured far slower than dequantize +
 cuBLAS at every M (0.07 TB/s at M=16), so it is only reachable with ``path="mma"``. The kernel-layout copy of each W4A16
 weight is built once, on first use, and kept while the canonical tensor lives (keyed on the tensor
 object, dropped with it). Build it before CUDA-graph capture: run the layer once first, as every
@@ -20,7 +22,11 @@ import torch
 from . import reference
 
 W4A16_GEMV_MAX_M = 4
+W4A16_GEMV2_MAX_M = 16
 W4A16_DEQUANT_MIN_M = W4A16_GEMV_MAX_M + 1
+# (M bucket, N, K) where gemv2 beat gemv at M = 2..4 on H100 (benchmarks/results/h100-w4a16-gemv-v2.json)
+W4A16_GEMV2_WINS: set[tuple[int, int, int]] = {(2, 1024, 8192), (2, 8192, 8192), (2, 28672, 8192),
+                                                (4, 28672, 8192)}
 
 
 def _triton_ok(x: torch.Tensor) -> bool:
@@ -81,10 +87,12 @@ def _prepared(packed: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | 
     return prep
 
 
-def w4a16_path(m: int) -> str:
-    """Which W4A16 CUDA kernel serves M rows."""
+def w4a16_path(m: int, n: int | None = None, k: int | None = None) -> str:
+    """Which W4A16 CUDA kernel serves M rows (of an N x K weight, when known): the fastest measured."""
+    if m == 1:
+        return "gemv2"
     if m <= W4A16_GEMV_MAX_M:
-        return "gemv"
+        return "gemv2" if (2 if m == 2 else 4, n, k) in W4A16_GEMV2_WINS else "gemv"
     return "mma" if m < W4A16_DEQUANT_MIN_M else "dequant"
 
 
@@ -97,6 +105,10 @@ def _w4a16_op(x2: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, zero
     if prep is None:
         return reference.w4a16_linear(x2, packed, scales, zeros, group_size, bias, g_idx)
     x2 = x2.contiguous() if prep.perm is None else x2[:, prep.perm].contiguous()
+    if path == "gemv2" and not T.gemv2_supported(prep.striped):
+        path = "gemv" if x2.shape[0] <= W4A16_GEMV_MAX_M else "dequant"
+    if path == "gemv2":
+        return T.w4a16_gemv2(x2, prep.striped, bias)
     if path == "gemv":
         return T.w4a16_gemv(x2, prep.striped, bias)
     if path == "mma":
@@ -112,14 +124,16 @@ def _(x2, packed, scales, zeros, group_size, bias, g_idx, path):
 def w4a16_linear(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None,
                  group_size: int, bias: torch.Tensor | None = None, g_idx: torch.Tensor | None = None,
                  path: str | None = None) -> torch.Tensor:
-    """``x @ dequant(W).T + bias``; ``path`` forces a CUDA kernel (``gemv``/``mma``/``dequant``; benchmarks)."""
+    """``x @ dequant(W).T + bias``; ``path`` forces a CUDA kernel (``gemv``/``gemv2``/``mma``/``dequant``; benchmarks)."""
     in_features = x.shape[-1]
     if not _triton_ok(x) or in_features % 8 or group_size % 8:
         return reference.w4a16_linear(x, packed, scales, zeros, group_size, bias, g_idx)
     x2 = x.reshape(-1, in_features)
-    path = path or w4a16_path(x2.shape[0])
+    path = path or w4a16_path(x2.shape[0], packed.shape[0], in_features)
     if path == "gemv" and x2.shape[0] > W4A16_GEMV_MAX_M:
         raise ValueError(f"the W4A16 GEMV serves at most {W4A16_GEMV_MAX_M} rows, got {x2.shape[0]}")
+    if path == "gemv2" and x2.shape[0] > W4A16_GEMV2_MAX_M:
+        raise ValueError(f"the W4A16 GEMV v2 serves at most {W4A16_GEMV2_MAX_M} rows, got {x2.shape[0]}")
     bias = None if bias is None else bias.to(x.dtype)
     out = _w4a16_op(x2, packed, scales.to(x.dtype), zeros, group_size, bias, g_idx, path)
     return out.reshape(*x.shape[:-1], packed.shape[0])

@@ -206,6 +206,172 @@ def w4a16_gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, bias_ptr, out_ptr, ws_ptr, cnt
                     pid_k, pid_n, SPLIT_K, HAS_BIAS)
 
 
+# ----------------------------------------------------------------------------- gemv v2 (M <= 16)
+
+@triton.jit
+def _gemv2_row(acc, f, x_row_ptr, xoff, s, zc, BN: tl.constexpr, NG: tl.constexpr,
+               WPGT: tl.constexpr, J_STRIDE: tl.constexpr):
+    """One activation row of a [BN, BKW] word tile: acc [BN, NG] += s * sum_{words of each group} sum_j q_j x_j.
+
+    f: the eight nibble floats 1 + u * 2^-p of the tile (shared by every row). Activations are scaled by
+    2^p (exact), so f_j * a_j = a_j + u_j x_j: one FMA per nibble; the x-only parts (sum a_j, sum x_j)
+    are reduced per group on a [1, NG] tensor, shared by all BN weight rows."""
+    x0 = tl.load(x_row_ptr + xoff).to(tl.float32)[None, :]
+    x1 = tl.load(x_row_ptr + xoff + J_STRIDE).to(tl.float32)[None, :]
+    x2 = tl.load(x_row_ptr + xoff + 2 * J_STRIDE).to(tl.float32)[None, :]
+    x3 = tl.load(x_row_ptr + xoff + 3 * J_STRIDE).to(tl.float32)[None, :]
+    x4 = tl.load(x_row_ptr + xoff + 4 * J_STRIDE).to(tl.float32)[None, :]
+    x5 = tl.load(x_row_ptr + xoff + 5 * J_STRIDE).to(tl.float32)[None, :]
+    x6 = tl.load(x_row_ptr + xoff + 6 * J_STRIDE).to(tl.float32)[None, :]
+    x7 = tl.load(x_row_ptr + xoff + 7 * J_STRIDE).to(tl.float32)[None, :]
+    a0 = x0 * 128.0
+    a1 = x1 * 2048.0
+    a2 = x2 * 128.0
+    a3 = x3 * 2048.0
+    a4 = x4 * 128.0
+    a5 = x5 * 2048.0
+    a6 = x6 * 128.0
+    a7 = x7 * 2048.0
+    f0, f1, f2, f3, f4, f5, f6, f7 = f
+    t = f0 * a0
+    t += f1 * a1
+    t += f2 * a2
+    t += f3 * a3
+    t += f4 * a4
+    t += f5 * a5
+    t += f6 * a6
+    t += f7 * a7                                                            # [BN, BKW]
+    xa = ((a0 + a2) + (a4 + a6)) + ((a1 + a3) + (a5 + a7))                  # [1, BKW]
+    xz = ((x0 + x2) + (x4 + x6)) + ((x1 + x3) + (x5 + x7))
+    tg = tl.sum(tl.reshape(t, (BN, NG, WPGT)), axis=2)                      # [BN, NG]
+    xag = tl.sum(tl.reshape(xa, (1, NG, WPGT)), axis=2)                     # [1, NG]
+    xzg = tl.sum(tl.reshape(xz, (1, NG, WPGT)), axis=2)
+    return acc + s * (tg - xag - zc * xzg)
+
+
+@triton.jit
+def _gemv2_select(part, rm, i: tl.constexpr, acc):
+    return tl.where(rm[:, None] == i, tl.sum(acc, axis=1)[None, :], part)
+
+
+@triton.jit
+def w4a16_gemv2_kernel(x_ptr, w_ptr, s_ptr, z_ptr, bias_ptr, out_ptr, ws_ptr, cnt_ptr,
+                       M, N, K, KW, G, stride_xm, stride_om, SPLIT_K,
+                       GROUP: tl.constexpr, STRIPE: tl.constexpr, HAS_ZERO: tl.constexpr,
+                       HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                       BLOCK_KW: tl.constexpr, EVEN_N: tl.constexpr):
+    """GEMV for M <= BLOCK_M <= 16 rows on the striped layout. One program per (N tile, K split); each
+    step loads a [BLOCK_N, BLOCK_KW] word tile (16-byte loads along K), turns it into nibble floats once,
+    and reuses them for every activation row; the scale (and zero) of each (row, group) is loaded once
+    per step and applied to per-group sums. SPLIT_K is a runtime argument (one compiled kernel per tile
+    shape). Needs KW % BLOCK_KW == 0, BLOCK_KW % (STRIPE/8) == 0, and GROUP/8 and BLOCK_KW powers of two."""
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    WPS: tl.constexpr = STRIPE // 8                       # words per stripe block
+    WPG: tl.constexpr = GROUP // 8                        # words per group
+    WPGT: tl.constexpr = WPG if WPG < BLOCK_KW else BLOCK_KW
+    NG: tl.constexpr = BLOCK_KW // WPGT                   # groups per tile step
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    if not EVEN_N:
+        rn = tl.minimum(rn, N - 1)
+    c = tl.arange(0, BLOCK_KW)
+    xoff = (c // WPS) * STRIPE + c % WPS
+    gl = tl.arange(0, NG)
+    words_per_split = tl.cdiv(KW // BLOCK_KW, SPLIT_K) * BLOCK_KW
+    k_start = pid_k * words_per_split
+    k_end = tl.minimum(k_start + words_per_split, KW)
+
+    acc0 = tl.zeros((BLOCK_N, NG), dtype=tl.float32)
+    acc1 = tl.zeros((BLOCK_N, NG), dtype=tl.float32)
+    acc2 = tl.zeros((BLOCK_N, NG), dtype=tl.float32)
+    acc3 = tl.zeros((BLOCK_N, NG), dtype=tl.float32)
+    acc4 = tl.zeros((BLOCK_N, NG), dtype=tl.float32)
+    acc5 = tl.zeros((BLOCK_N, NG), dtype=tl.float32)
+    acc6 = tl.zeros((BLOCK_N, NG), dtype=tl.float32)
+    acc7 = tl.zeros((BLOCK_N, NG), dtype=tl.float32)
+    acc8 = tl.zeros((BLOCK_N, NG), dtype=tl.float32)
+    acc9 = tl.zeros((BLOCK_N, NG), dtype=tl.float32)
+    acc10 = tl.zeros((BLOCK_N, NG), dtype=tl.float32)
+    acc11 = tl.zeros((BLOCK_N, NG), dtype=tl.float32)
+    acc12 = tl.zeros((BLOCK_N, NG), dtype=tl.float32)
+    acc13 = tl.zeros((BLOCK_N, NG), dtype=tl.float32)
+    acc14 = tl.zeros((BLOCK_N, NG), dtype=tl.float32)
+    acc15 = tl.zeros((BLOCK_N, NG), dtype=tl.float32)
+    for kw0 in range(k_start, k_end, BLOCK_KW):
+        words = tl.load(w_ptr + rn[:, None] * KW + (kw0 + c)[None, :])           # [BN, BKW] int32
+        grp = (kw0 * 8) // GROUP + gl                                              # [NG]
+        s = tl.load(s_ptr + rn[:, None] * G + grp[None, :]).to(tl.float32)       # [BN, NG]
+        if HAS_ZERO:
+            zc = 8.0 + tl.load(z_ptr + rn[:, None] * G + grp[None, :]).to(tl.float32)
+        else:
+            zc = 8.0
+        f = _nibble_floats(words)
+        xp = x_ptr + kw0 * 8
+        acc0 = _gemv2_row(acc0, f, xp, xoff, s, zc, BLOCK_N, NG, WPGT, WPS)
+        if BLOCK_M > 1:
+            acc1 = _gemv2_row(acc1, f, xp + tl.minimum(1, M - 1) * stride_xm, xoff, s, zc, BLOCK_N, NG, WPGT, WPS)
+        if BLOCK_M > 2:
+            acc2 = _gemv2_row(acc2, f, xp + tl.minimum(2, M - 1) * stride_xm, xoff, s, zc, BLOCK_N, NG, WPGT, WPS)
+            acc3 = _gemv2_row(acc3, f, xp + tl.minimum(3, M - 1) * stride_xm, xoff, s, zc, BLOCK_N, NG, WPGT, WPS)
+        if BLOCK_M > 4:
+            acc4 = _gemv2_row(acc4, f, xp + tl.minimum(4, M - 1) * stride_xm, xoff, s, zc, BLOCK_N, NG, WPGT, WPS)
+            acc5 = _gemv2_row(acc5, f, xp + tl.minimum(5, M - 1) * stride_xm, xoff, s, zc, BLOCK_N, NG, WPGT, WPS)
+            acc6 = _gemv2_row(acc6, f, xp + tl.minimum(6, M - 1) * stride_xm, xoff, s, zc, BLOCK_N, NG, WPGT, WPS)
+            acc7 = _gemv2_row(acc7, f, xp + tl.minimum(7, M - 1) * stride_xm, xoff, s, zc, BLOCK_N, NG, WPGT, WPS)
+        if BLOCK_M > 8:
+            acc8 = _gemv2_row(acc8, f, xp + tl.minimum(8, M - 1) * stride_xm, xoff, s, zc, BLOCK_N, NG, WPGT, WPS)
+            acc9 = _gemv2_row(acc9, f, xp + tl.minimum(9, M - 1) * stride_xm, xoff, s, zc, BLOCK_N, NG, WPGT, WPS)
+            acc10 = _gemv2_row(acc10, f, xp + tl.minimum(10, M - 1) * stride_xm, xoff, s, zc, BLOCK_N, NG, WPGT, WPS)
+            acc11 = _gemv2_row(acc11, f, xp + tl.minimum(11, M - 1) * stride_xm, xoff, s, zc, BLOCK_N, NG, WPGT, WPS)
+            acc12 = _gemv2_row(acc12, f, xp + tl.minimum(12, M - 1) * stride_xm, xoff, s, zc, BLOCK_N, NG, WPGT, WPS)
+            acc13 = _gemv2_row(acc13, f, xp + tl.minimum(13, M - 1) * stride_xm, xoff, s, zc, BLOCK_N, NG, WPGT, WPS)
+            acc14 = _gemv2_row(acc14, f, xp + tl.minimum(14, M - 1) * stride_xm, xoff, s, zc, BLOCK_N, NG, WPGT, WPS)
+            acc15 = _gemv2_row(acc15, f, xp + tl.minimum(15, M - 1) * stride_xm, xoff, s, zc, BLOCK_N, NG, WPGT, WPS)
+
+    rm = tl.arange(0, BLOCK_M)
+    part = tl.where(rm[:, None] == 0, tl.sum(acc0, axis=1)[None, :], 0.0)
+    if BLOCK_M > 1:
+        part = _gemv2_select(part, rm, 1, acc1)
+    if BLOCK_M > 2:
+        part = _gemv2_select(part, rm, 2, acc2)
+        part = _gemv2_select(part, rm, 3, acc3)
+    if BLOCK_M > 4:
+        part = _gemv2_select(part, rm, 4, acc4)
+        part = _gemv2_select(part, rm, 5, acc5)
+        part = _gemv2_select(part, rm, 6, acc6)
+        part = _gemv2_select(part, rm, 7, acc7)
+    if BLOCK_M > 8:
+        part = _gemv2_select(part, rm, 8, acc8)
+        part = _gemv2_select(part, rm, 9, acc9)
+        part = _gemv2_select(part, rm, 10, acc10)
+        part = _gemv2_select(part, rm, 11, acc11)
+        part = _gemv2_select(part, rm, 12, acc12)
+        part = _gemv2_select(part, rm, 13, acc13)
+        part = _gemv2_select(part, rm, 14, acc14)
+        part = _gemv2_select(part, rm, 15, acc15)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask = (rm[:, None] < M) & (rn[None, :] < N)
+    if SPLIT_K == 1:
+        total = part
+        if HAS_BIAS:
+            total += tl.load(bias_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)[None, :]
+        tl.store(out_ptr + rm[:, None] * stride_om + rn[None, :], total.to(out_ptr.dtype.element_ty), mask=mask)
+    else:
+        ws_off = rm[:, None] * N + rn[None, :]
+        tl.store(ws_ptr + pid_k * M * N + ws_off, part, mask=mask)
+        tl.debug_barrier()
+        arrived = tl.atomic_add(cnt_ptr + pid_n, 1, sem="acq_rel", scope="gpu")
+        if arrived == SPLIT_K - 1:
+            total = tl.zeros_like(part)
+            for sk in range(SPLIT_K):
+                total += tl.load(ws_ptr + sk * M * N + ws_off, mask=mask, other=0.0, cache_modifier=".cg")
+            if HAS_BIAS:
+                total += tl.load(bias_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)[None, :]
+            tl.store(out_ptr + rm[:, None] * stride_om + rn[None, :], total.to(out_ptr.dtype.element_ty),
+                     mask=mask)
+            tl.atomic_xchg(cnt_ptr + pid_n, 0, sem="relaxed", scope="gpu")
+
+
 # ----------------------------------------------------------------------------- mma (tensor cores)
 
 @triton.jit
@@ -462,3 +628,88 @@ def w4a16_dequantize(w: StripedWeight, dtype: torch.dtype = torch.bfloat16) -> t
 def w4a16_dequant_matmul(x2: torch.Tensor, w: StripedWeight, bias: torch.Tensor | None = None) -> torch.Tensor:
     """Large M: dequantize once, then cuBLAS."""
     return torch.nn.functional.linear(x2, w4a16_dequantize(w, x2.dtype), bias)
+
+
+# ----------------------------------------------------------------------------- gemv v2 launcher
+
+GEMV2_MAX_M = 16
+
+
+def gemv2_supported(w: StripedWeight) -> bool:
+    """The v2 GEMV needs power-of-two words per group and K words divisible by a tile of >= 16 words."""
+    wpg = w.group_size // 8
+    return wpg & (wpg - 1) == 0 and (w.in_features // 8) % max(16, w.stripe // 8) == 0
+
+
+def _gemv2_block_m(m: int) -> int:
+    return 1 if m == 1 else 2 if m == 2 else 4 if m <= 4 else 8 if m <= 8 else 16
+
+
+# v2 tile configs per (BLOCK_M, N, K) measured best on H100 by benchmarks/gemv2_tune.py (2026-11-23,
+# torch 2.11, triton 3.6; benchmarks/results/h100-w4a16-gemv-v2.json). BLOCK_M 8/16 never beat dequant+cuBLAS.
+TUNED_GEMV2: dict[tuple[int, int, int], dict] = {
+    (1, 4096, 4096): dict(BLOCK_N=32, BLOCK_KW=64, SPLIT_K=4, num_warps=4),  # 11.58 us
+    (2, 4096, 4096): dict(BLOCK_N=32, BLOCK_KW=128, SPLIT_K=2, num_warps=4),  # 21.95 us
+    (4, 4096, 4096): dict(BLOCK_N=32, BLOCK_KW=128, SPLIT_K=2, num_warps=4),  # 35.34 us
+    (1, 1024, 4096): dict(BLOCK_N=32, BLOCK_KW=64, SPLIT_K=8, num_warps=4),  # 8.26 us
+    (2, 1024, 4096): dict(BLOCK_N=16, BLOCK_KW=128, SPLIT_K=4, num_warps=4),  # 11.14 us
+    (4, 1024, 4096): dict(BLOCK_N=16, BLOCK_KW=128, SPLIT_K=4, num_warps=4),  # 16.13 us
+    (1, 14336, 4096): dict(BLOCK_N=32, BLOCK_KW=64, SPLIT_K=1, num_warps=4),  # 24.69 us
+    (2, 14336, 4096): dict(BLOCK_N=16, BLOCK_KW=128, SPLIT_K=1, num_warps=4),  # 52.72 us
+    (4, 14336, 4096): dict(BLOCK_N=16, BLOCK_KW=128, SPLIT_K=1, num_warps=4),  # 85.52 us
+    (1, 4096, 14336): dict(BLOCK_N=32, BLOCK_KW=64, SPLIT_K=4, num_warps=4),  # 25.22 us
+    (2, 4096, 14336): dict(BLOCK_N=32, BLOCK_KW=128, SPLIT_K=8, num_warps=4),  # 57.34 us
+    (4, 4096, 14336): dict(BLOCK_N=32, BLOCK_KW=128, SPLIT_K=2, num_warps=4),  # 99.73 us
+    (1, 8192, 8192): dict(BLOCK_N=32, BLOCK_KW=64, SPLIT_K=2, num_warps=4),  # 27.17 us
+    (2, 8192, 8192): dict(BLOCK_N=32, BLOCK_KW=128, SPLIT_K=4, num_warps=4),  # 59.42 us
+    (4, 8192, 8192): dict(BLOCK_N=32, BLOCK_KW=128, SPLIT_K=4, num_warps=4),  # 109.01 us
+    (1, 1024, 8192): dict(BLOCK_N=32, BLOCK_KW=64, SPLIT_K=8, num_warps=4),  # 10.18 us
+    (2, 1024, 8192): dict(BLOCK_N=32, BLOCK_KW=128, SPLIT_K=8, num_warps=4),  # 14.94 us
+    (4, 1024, 8192): dict(BLOCK_N=32, BLOCK_KW=128, SPLIT_K=8, num_warps=4),  # 22.72 us
+    (1, 28672, 8192): dict(BLOCK_N=32, BLOCK_KW=64, SPLIT_K=1, num_warps=4),  # 73.18 us
+    (2, 28672, 8192): dict(BLOCK_N=16, BLOCK_KW=128, SPLIT_K=1, num_warps=4),  # 150.08 us
+    (4, 28672, 8192): dict(BLOCK_N=16, BLOCK_KW=128, SPLIT_K=1, num_warps=4),  # 253.81 us
+    (1, 8192, 28672): dict(BLOCK_N=32, BLOCK_KW=64, SPLIT_K=2, num_warps=4),  # 73.73 us
+    (2, 8192, 28672): dict(BLOCK_N=32, BLOCK_KW=128, SPLIT_K=1, num_warps=4),  # 199.9 us
+    (4, 8192, 28672): dict(BLOCK_N=32, BLOCK_KW=128, SPLIT_K=1, num_warps=4),  # 378.42 us
+}
+
+
+def gemv2_config(m: int, n: int, k: int, stripe: int, sms: int, group: int = 128) -> dict:
+    block_m = _gemv2_block_m(m)
+    tuned = TUNED_GEMV2.get((block_m, n, k))
+    kw = k // 8
+    if tuned is not None and kw % tuned["BLOCK_KW"] == 0 and tuned["BLOCK_KW"] % (stripe // 8) == 0:
+        return dict(tuned, BLOCK_M=block_m)
+    block_n = 32 if block_m <= 4 else 16
+    block_kw = _block_kw(kw, max(stripe, 128), 128)
+    split = _split_for(triton.cdiv(n, block_n), kw // block_kw, 2 * sms)
+    return dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_KW=block_kw, SPLIT_K=split, num_warps=4, num_stages=3)
+
+
+def w4a16_gemv2(x2: torch.Tensor, w: StripedWeight, bias: torch.Tensor | None = None,
+                cfg: dict | None = None) -> torch.Tensor:
+    """x2: [M <= 16, K] contiguous -> [M, N] (CUDA-core split-K GEMV, v2)."""
+    m, n, k = x2.shape[0], w.out_features, w.in_features
+    if m > GEMV2_MAX_M:
+        raise ValueError(f"the W4A16 GEMV v2 takes at most {GEMV2_MAX_M} rows, got {m}")
+    cfg = dict(cfg or gemv2_config(m, n, k, w.stripe, _sm_count(x2.device), w.group_size))
+    kw = k // 8
+    if kw % cfg["BLOCK_KW"] or cfg["BLOCK_KW"] % (w.stripe // 8) or cfg["BLOCK_KW"] & (cfg["BLOCK_KW"] - 1):
+        raise ValueError(f"BLOCK_KW {cfg['BLOCK_KW']} must be a power of two dividing {kw} words and a "
+                         f"multiple of {w.stripe // 8}")
+    if cfg["BLOCK_M"] < m:
+        raise ValueError(f"BLOCK_M {cfg['BLOCK_M']} < M = {m}")
+    split = cfg.pop("SPLIT_K")
+    grid_n = triton.cdiv(n, cfg["BLOCK_N"])
+    if split > 1 and grid_n > MAX_TILES:
+        split = 1
+    out = torch.empty((m, n), dtype=x2.dtype, device=x2.device)
+    ws = torch.empty((split, m, n) if split > 1 else (1,), dtype=torch.float32, device=x2.device)
+    dummy = w.scales
+    w4a16_gemv2_kernel[(grid_n, split)](
+        x2, w.words, w.scales, dummy if w.zeros is None else w.zeros, dummy if bias is None else bias,
+        out, ws, split_k_counters(x2.device), m, n, k, kw, k // w.group_size, x2.stride(0), out.stride(0), split,
+        GROUP=w.group_size, STRIPE=w.stripe, HAS_ZERO=w.zeros is not None, HAS_BIAS=bias is not None,
+        EVEN_N=n % cfg["BLOCK_N"] == 0, **cfg)
+    return out

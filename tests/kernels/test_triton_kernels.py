@@ -77,6 +77,32 @@ def test_w4a16_gemv_split_k_leaves_counters_zero():
     assert int(T4.split_k_counters(x.device).abs().sum()) == 0
 
 
+@pytest.mark.parametrize("m,n,k,group,symmetric,bias,cfg", [
+    (1, 40, 384, 128, True, False, None),     # ragged N, default config
+    (3, 33, 256, 64, False, True, None),      # asymmetric, bias, odd N, BLOCK_M 4
+    (16, 16, 512, 32, True, True, None),      # 16 rows, small groups (several groups per step)
+    (9, 40, 512, 128, False, False, dict(BLOCK_M=16, BLOCK_N=16, BLOCK_KW=16, SPLIT_K=4, num_warps=4)),
+    (5, 24, 1024, 256, True, True, dict(BLOCK_M=8, BLOCK_N=8, BLOCK_KW=16, SPLIT_K=3, num_warps=4)),  # group > step
+])
+def test_w4a16_gemv2_matches_reference(m, n, k, group, symmetric, bias, cfg):
+    packed, scales, zeros = make_w4(n, k, group, symmetric)
+    x = make_x(m, k)
+    b = torch.randn(n).to(torch.bfloat16).to(DEVICE) if bias else None
+    w = T4.StripedWeight(packed, scales, zeros, group)
+    out = T4.w4a16_gemv2(x, w, b, cfg)
+    assert rel_err(out, R.w4a16_linear(x, packed, scales, zeros, group, b)) < REL_TOL
+    assert int(T4.split_k_counters(x.device).abs().sum()) == 0
+
+
+def test_w4a16_dispatch_picks_gemv2_and_runs_it():
+    assert ops.w4a16_path(1, 4096, 4096) == "gemv2" and ops.w4a16_path(3, 4096, 4096) == "gemv"
+    assert ops.w4a16_path(2, 8192, 8192) == "gemv2" and ops.w4a16_path(16, 4096, 4096) == "dequant"
+    packed, scales, zeros = make_w4(24, 256, 64, False)
+    x = make_x(5, 256)
+    out = ops._w4a16_op(x, packed, scales, zeros, 64, None, None, "gemv2")
+    assert rel_err(out, R.w4a16_linear(x, packed, scales, zeros, 64)) < REL_TOL
+
+
 @pytest.mark.parametrize("m,split,block_k,group,symmetric", [
     (5, 1, 128, 128, True),     # scale after the dot (a step inside one group)
     (17, 2, 128, 64, False),    # scale per element (a step spans two groups), asymmetric, split-K
