@@ -25,7 +25,7 @@ import torch
 from quantarena.compare import EvalSettings, make_windows
 from quantarena.evaluate import evaluate
 from quantarena.models import load_model
-from quantarena.quantize import quantize
+from quantarena.quantize import CalibrationOptions, quantize
 
 SCHEMES = ("bf16,w4a16-rtn,w4a16-gptq,w4a16-awq,w4a16-awq+gptq,w8a8-int8,w8a8-sq,w8a8-int8-static,"
            "w8a8-sq-static,w8a8-sq+gptq")
@@ -62,10 +62,12 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--tokens", type=int, default=4096)
     parser.add_argument("--calib-windows", type=int, default=16)
+    parser.add_argument("--no-duo-scaling", action="store_true", help="AWQ: s = x^r instead of x^r / w^(1-r)")
     parser.add_argument("--out", default="benchmarks/results/cpu-calibration.json")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     settings = EvalSettings(tokens=args.tokens, calib_windows=args.calib_windows)
+    options = CalibrationOptions(awq_duo_scaling=not args.no_duo_scaling)
     lm = load_model("default")
     eval_windows, calib_windows = make_windows(lm, settings)
     t0 = time.perf_counter()
@@ -93,10 +95,11 @@ def main() -> None:
             param.detach().sum()
         with PeakRSS() as mem:
             t1, c1 = time.perf_counter(), time.process_time()
-            quantize(lm.model, scheme, calib_windows, progress=False)
+            quantize(lm.model, scheme, calib_windows, progress=False, options=options)
             quantize_s, quantize_cpu_s = time.perf_counter() - t1, time.process_time() - c1
         res, _ = evaluate(lm.model, lm.arch, eval_windows, reference=ref_states, progress=False)
-        row = {"scheme": scheme, "ppl": res.ppl, "delta_pct": 100 * (res.ppl / ref.ppl - 1), "kld": res.kld,
+        row = {"scheme": scheme + ("" if options.awq_duo_scaling or "awq" not in scheme else " (no duo scaling)"),
+               "ppl": res.ppl, "delta_pct": 100 * (res.ppl / ref.ppl - 1), "kld": res.kld,
                "quantize_s": round(quantize_s, 1), "quantize_cpu_s": round(quantize_cpu_s, 1),
                "load_average": round(os.getloadavg()[0], 1), "calib_peak_mb": round(mem.peak - mem.start),
                "process_peak_rss_mb": round(mem.peak), "bits_per_weight": round(res.bits_per_weight, 3)}

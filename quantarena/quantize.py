@@ -31,6 +31,7 @@ class CalibrationOptions:
     block_size: int = 128           # GPTQ: lazy-update block
     awq_grid: int = 20              # AWQ: exponent grid points
     awq_windows: int = 4            # AWQ: windows whose module outputs measure each candidate's loss
+    awq_duo_scaling: bool = True    # AWQ: s = x^r / w^(1-r) (llm-compressor's default) instead of s = x^r
     awq_clip: bool = True           # AWQ: weight-clipping search (not with GPTQ, which rounds itself)
     sample_tokens: int = 512        # token rows kept per layer input for clipping / alpha searches
     alpha_search: bool = False      # SmoothQuant: per-layer alpha on output error instead of scheme.alpha
@@ -172,7 +173,7 @@ def _awq(ctx: BlockContext, groups: list[SmoothGroup], scheme: Scheme, opts: Cal
                 for lin, W in zip(linears, originals):
                     lin.weight.data = W
         s, _ratio, loss = awq.search_scales(stats[g].mean_abs, awq.weight_mean(originals, scheme.group_size),
-                                            loss_fn, n_grid=opts.awq_grid)
+                                            loss_fn, n_grid=opts.awq_grid, duo_scaling=opts.awq_duo_scaling)
         total += loss
         smoothquant.fold_into_prev(_prev(ctx.block, g), g.prev_kind, s)
         smoothquant.scale_inputs(linears, s)
