@@ -63,11 +63,12 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=4096)
     parser.add_argument("--calib-windows", type=int, default=16)
     parser.add_argument("--no-duo-scaling", action="store_true", help="AWQ: s = x^r instead of x^r / w^(1-r)")
+    parser.add_argument("--alpha-search", action="store_true", help="SmoothQuant: per-layer alpha search")
     parser.add_argument("--out", default="benchmarks/results/cpu-calibration.json")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     settings = EvalSettings(tokens=args.tokens, calib_windows=args.calib_windows)
-    options = CalibrationOptions(awq_duo_scaling=not args.no_duo_scaling)
+    options = CalibrationOptions(awq_duo_scaling=not args.no_duo_scaling, alpha_search=args.alpha_search)
     lm = load_model("default")
     eval_windows, calib_windows = make_windows(lm, settings)
     t0 = time.perf_counter()
@@ -98,7 +99,9 @@ def main() -> None:
             quantize(lm.model, scheme, calib_windows, progress=False, options=options)
             quantize_s, quantize_cpu_s = time.perf_counter() - t1, time.process_time() - c1
         res, _ = evaluate(lm.model, lm.arch, eval_windows, reference=ref_states, progress=False)
-        row = {"scheme": scheme + ("" if options.awq_duo_scaling or "awq" not in scheme else " (no duo scaling)"),
+        variant = (" (no duo scaling)" if not options.awq_duo_scaling and "awq" in scheme else "") + \
+            (" (alpha search)" if options.alpha_search and "sq" in scheme else "")
+        row = {"scheme": scheme + variant,
                "ppl": res.ppl, "delta_pct": 100 * (res.ppl / ref.ppl - 1), "kld": res.kld,
                "quantize_s": round(quantize_s, 1), "quantize_cpu_s": round(quantize_cpu_s, 1),
                "load_average": round(os.getloadavg()[0], 1), "calib_peak_mb": round(mem.peak - mem.start),
