@@ -281,6 +281,8 @@ def _decide_one(shape: R.ModelShape, gpu: GPUSpec, batch: int, context: int, sch
     base = "bf16" if "bf16" in candidates else None
     speedup = times[base] / times[best] if base else None
     why = _why(shape, best, gpu, batch, context, eff)
+    if sources[best] != "roofline":
+        why = f"fastest as measured; model view: {why}"
     if base is None and "bf16" in rejected:
         why += f"; bf16 {rejected['bf16']}"
     runner_up = min((s for s in candidates if family(s) != family(best)), key=lambda s: times[s], default=None)
