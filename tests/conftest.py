@@ -1,8 +1,15 @@
 """Shared fixtures: tiny random Hugging Face model folders (no download) for fast CLI and loader tests."""
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
+
+# Triton reads TRITON_INTERPRET when a kernel is defined, i.e. when a kernel module is first imported,
+# which may happen while collecting any test file: set it here, before all of them, on CPU-only machines.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 def make_hf_folder(path, model_type: str = "llama", nan: bool = False, **overrides):
