@@ -6,14 +6,13 @@ output is written to a temporary name in the same folder and renamed when comple
 """
 from __future__ import annotations
 
-import os
 import re
-import tempfile
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from .atomic import atomic_path
 from .formats import FORMATS, FormatError
 from .formats import compressed_tensors as ct
 from .formats import gguf as gg
@@ -49,32 +48,6 @@ def matches(name: str, pattern: str) -> bool:
     return name == pattern or name.endswith("." + pattern)
 
 
-def _atomic_path(final: Path, write_into, is_dir: bool) -> Path:
-    """``write_into(tmp)`` then rename ``tmp`` to ``final``; a failure leaves nothing behind."""
-    import shutil
-    final = Path(final)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    if is_dir:
-        tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=final.parent))
-        tmp.chmod(0o755)
-    else:
-        fd, name = tempfile.mkstemp(prefix=f".{final.name}.", dir=final.parent)
-        os.close(fd)
-        tmp = Path(name)
-    try:
-        write_into(tmp)
-        if final.is_dir():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-    except BaseException:
-        if tmp.is_dir():
-            shutil.rmtree(tmp, ignore_errors=True)
-        else:
-            tmp.unlink(missing_ok=True)
-        raise
-    return final
-
-
 def save(model: nn.Module, path: str | Path, format: str = "compressed-tensors", tokenizer=None,
          ignore: list[str] | tuple[str, ...] = (), dtype: torch.dtype = torch.bfloat16,
          gguf_type: str = "q8_0") -> Path:
@@ -94,9 +67,9 @@ def save(model: nn.Module, path: str | Path, format: str = "compressed-tensors",
                               f"quantize step so it stays in floating point")
     if format == "compressed-tensors":
         ct.check(model)
-        return _atomic_path(Path(path), lambda tmp: ct.write(model, tmp, tokenizer, dtype), is_dir=True)
+        return atomic_path(Path(path), lambda tmp: ct.write(model, tmp, tokenizer, dtype), is_dir=True)
     gg.check(model, gguf_type)
-    return _atomic_path(Path(path), lambda tmp: gg.write(model, tmp, tokenizer, gguf_type), is_dir=False)
+    return atomic_path(Path(path), lambda tmp: gg.write(model, tmp, tokenizer, gguf_type), is_dir=False)
 
 
 def quantize_and_save(source: str, scheme: str | Scheme, out: str | Path, format: str = "compressed-tensors",

@@ -8,13 +8,13 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from torch import nn
+
+from .atomic import atomic_path
 
 DEFAULT_MODEL = "default"
 DEFAULT_NAME = "gemma-3-270m"
@@ -160,22 +160,6 @@ def cache_dir() -> Path:
     return Path(os.environ.get("QUANTARENA_CACHE", Path.home() / ".cache" / "quantarena"))
 
 
-def _atomic_dir(final: Path, write) -> Path:
-    """Call ``write(tmp_dir)`` then rename to ``final``; on failure nothing is left behind."""
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=final.parent))
-    tmp.chmod(0o755)
-    try:
-        write(tmp)
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return final
-
-
 def _gguf_load(path: Path, dtype: torch.dtype):
     from transformers import AutoModelForCausalLM, AutoTokenizer
     model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=dtype)
@@ -217,7 +201,7 @@ def default_model_dir() -> Path:
         save_model(model, str(tmp / "model.safetensors"))
         tokenizer.save_pretrained(tmp)
         (tmp / "quantarena_probe.json").write_text(json.dumps({"text": _PROBE, "ids": probe}))
-    return _atomic_dir(final, write)
+    return atomic_path(final, write, is_dir=True)
 
 
 def _hf_folder_load(folder: Path, dtype: torch.dtype, trust_remote_code: bool):

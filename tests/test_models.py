@@ -2,6 +2,7 @@ import pytest
 import torch
 
 from quantarena import models
+from quantarena.atomic import atomic_path
 from quantarena.models import ARCHS, ModelError, arch_for, load_model
 
 from .conftest import make_hf_folder
@@ -56,5 +57,5 @@ def test_atomic_dir_leaves_nothing_on_failure(tmp_path):
         (tmp / "half").write_text("x")
         raise RuntimeError("boom")
     with pytest.raises(RuntimeError):
-        models._atomic_dir(tmp_path / "out", fail)
+        atomic_path(tmp_path / "out", fail, is_dir=True)
     assert list(tmp_path.iterdir()) == []
