@@ -66,29 +66,14 @@ def validate(model: nn.Module, arch: ArchSpec, scheme: Scheme) -> None:
                 P.check_group_size(lin.in_features, scheme.group_size, f"layer {i}.{name}")
 
 
-def _input_absmax_hooks(linears: dict[str, nn.Module], stats: dict[str, torch.Tensor]):
-    def hook(name):
-        def fn(_mod, args):
-            x = args[0].detach()
-            amax = x.abs().amax().float()
-            stats[name] = torch.maximum(stats[name], amax) if name in stats else amax
-        return fn
-    return [lin.register_forward_pre_hook(hook(n)) for n, lin in linears.items()]
-
-
 def _static_rtn(scheme: Scheme, arch: ArchSpec):
     """Per block: observe each Linear's per-tensor input absmax, then quantize with that static scale."""
     def process(ctx: BlockContext) -> dict:
         linears = block_linears(ctx.block, arch)
-        stats: dict[str, torch.Tensor] = {}
-        handles = _input_absmax_hooks(linears, stats)
-        try:
-            ctx.forward(keep=False)
-        finally:
-            for h in handles:
-                h.remove()
+        stats = {name: InputStats() for name in linears}
+        observe(ctx, {name: (lin, stats[name]) for name, lin in linears.items()})
         for name, lin in linears.items():
-            input_scale = stats[name].clamp(min=1e-12) / P.INT8_MAX
+            input_scale = stats[name].absmax.max().clamp(min=1e-12) / P.INT8_MAX
             set_module(ctx.block, name, make_linear(scheme, lin, input_scale=input_scale))
         return {}
     return process
