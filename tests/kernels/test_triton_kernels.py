@@ -16,6 +16,7 @@ triton = pytest.importorskip("triton", reason="triton is not installed: the Trit
 from quantarena import primitives as P  # noqa: E402
 from quantarena.kernels import ops, reference as R  # noqa: E402
 from quantarena.kernels import triton_act_quant as AQ, triton_w4a16 as T4, triton_w8a8 as T8  # noqa: E402
+from quantarena.kernels import triton_w4a16_tc as TC  # noqa: E402
 
 REL_TOL = 8e-3
 
@@ -118,6 +119,32 @@ def test_w4a16_mma_matches_reference(m, split, block_k, group, symmetric):
     out = T4.w4a16_mma(x, w, b, cfg)
     assert rel_err(out, R.w4a16_linear(x, packed, scales, zeros, group, b)) < REL_TOL
     assert int(T4.split_k_counters(x.device).abs().sum()) == 0
+
+
+@pytest.mark.parametrize("m,n,split,block_k,group,symmetric,unpack", [
+    (1, 72, 1, 128, 128, True, 0),     # ragged N, one row
+    (5, 72, 2, 64, 128, False, 1),     # asymmetric, split-K, nibble planes joined
+    (17, 40, 4, 32, 64, True, 0),      # ragged M across two row tiles, small groups
+    (33, 64, 1, 64, 64, False, 1),
+])
+def test_w4a16_tc_matches_reference(m, n, split, block_k, group, symmetric, unpack):
+    k = 512
+    packed, scales, zeros = make_w4(n, k, group, symmetric)
+    x = make_x(m, k)
+    b = torch.randn(n).to(torch.bfloat16).to(DEVICE)
+    w = T4.StripedWeight(packed, scales, zeros, group)
+    cfg = dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=block_k, SPLIT_K=split, UNPACK=unpack, num_warps=4, num_stages=1)
+    out = TC.w4a16_tc(x, w, b, cfg)
+    assert rel_err(out, R.w4a16_linear(x, packed, scales, zeros, group, b)) < REL_TOL
+    assert int(T4.split_k_counters(x.device).abs().sum()) == 0
+
+
+def test_w4a16_tc_rejects_a_k_step_that_spans_groups():
+    packed, scales, zeros = make_w4(32, 256, 32, True)
+    w = T4.StripedWeight(packed, scales, zeros, 32)
+    cfg = dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=64, SPLIT_K=1, UNPACK=0, num_warps=4, num_stages=1)
+    with pytest.raises(ValueError, match="BLOCK_K 64 must divide"):
+        TC.w4a16_tc(make_x(2, 256), w, None, cfg)
 
 
 @pytest.mark.parametrize("group,symmetric", [(128, True), (64, False)])

@@ -1,0 +1,175 @@
+"""W4A16 tensor-core kernel (``triton_w4a16_tc``): GPU correctness, tile search, and every W4A16 contender
+in one run (CUDA graphs, L2 flushed).
+
+Phase 1 checks ragged shapes against the reference with the output poisoned. Phase 2 searches the tile
+space on two Llama-3-8B shapes at M = 16 and 64. Phase 3 sweeps every Llama-3-8B/70B shape and M with bf16
+cuBLAS, tinygemm, our current dispatch, dequant+cuBLAS and the best few tile configs (each with three
+split-K choices). Writes $OUT/tc.json (schema of benchmarks/results/*-kernels.json), $OUT/tc_best.json
+(best config per (M, N, K)) and the TTGIR of one compiled kernel.
+Usage: python benchmarks/w4a16_tc_tune.py [out_dir]
+"""
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+from quantarena import primitives as P
+from quantarena.bench import kernels as BK
+from quantarena.bench.timing import L2Flush, time_fn
+from quantarena.kernels import ops, reference as R, triton_w4a16 as T4, triton_w4a16_tc as TC
+
+OUT = sys.argv[1] if len(sys.argv) > 1 else os.environ.get("OUT", ".")
+MS = [int(v) for v in os.environ.get("TC_MS", "1,2,4,8,16,32,64,128,256").split(",")]
+started = time.time()
+sms = torch.cuda.get_device_properties(0).multi_processor_count
+flush = L2Flush()
+
+
+def log(*a):
+    print(f"[{time.time() - started:6.1f}s]", *a, flush=True)
+
+
+def block_m(m: int) -> int:
+    return 16 if m <= 16 else (32 if m <= 32 else (64 if m <= 64 else 128))
+
+
+def rel(out, ref):
+    return ((out.float() - ref.float()).norm() / ref.float().norm()).item()
+
+
+def correctness():
+    for (m, n, k, group, sym, bias) in [(1, 40, 384, 128, True, False), (3, 33, 256, 64, False, True),
+                                        (7, 200, 1024, 32, False, True), (16, 1000, 4096, 128, True, True),
+                                        (45, 96, 2048, 128, False, False), (130, 4096, 14336, 128, True, False)]:
+        gen = torch.Generator().manual_seed(m * 7 + n)
+        q, s, z = P.quantize_int4(torch.randn(n, k, generator=gen), group, sym)
+        packed, s = P.pack_int4(q).cuda(), s.to(torch.bfloat16).cuda()
+        z = None if sym else z.cuda()
+        b = torch.randn(n, device="cuda").to(torch.bfloat16) if bias else None
+        sw = T4.StripedWeight(packed, s, z, group)
+        x = torch.randn(m, k, device="cuda").to(torch.bfloat16)
+        ref = R.w4a16_linear(x, packed, s, z, group, b)
+        for unpack, split, bk in itertools.product((0, 1), (1, 3), (32, 64)):
+            poison = torch.full((m * n * 2,), float("nan"), device="cuda", dtype=torch.bfloat16)
+            del poison
+            cfg = dict(BLOCK_M=block_m(m), BLOCK_N=64, BLOCK_K=bk, SPLIT_K=split, UNPACK=unpack, num_warps=4,
+                       num_stages=3)
+            err = rel(TC.w4a16_tc(x, sw, b, cfg), ref)
+            assert err < 8e-3, (m, n, k, group, sym, cfg, err)
+        assert int(T4.split_k_counters(x.device).abs().sum()) == 0
+        log("correct", m, n, k, group, sym, bias)
+
+
+def time_cfg(x, sw, cfg):
+    try:
+        return time_fn(lambda: TC.w4a16_tc(x, sw, None, cfg), flush, 15)
+    except Exception as exc:
+        log("fail", cfg, type(exc).__name__, str(exc)[:200])
+        return float("inf")
+
+
+def split_choices(m, n, k, bm, bn, bk):
+    tiles = -(-m // bm) * -(-n // bn)
+    return sorted({T4._split_for(tiles, k // bk, t * sms) for t in (1, 2, 4)})
+
+
+try:
+    correctness()
+except Exception as exc:
+    import traceback
+    traceback.print_exc()
+    log("CORRECTNESS FAILED", exc)
+
+# ---- phase 2: tile search
+space = list(itertools.product((64, 128), (64, 128), (0, 1), (4, 8), (3, 4)))   # BN, BK, UNPACK, warps, stages
+score = {c: 0.0 for c in space}
+explore = [(4096, 14336), (14336, 4096)]
+for (k, n), m in itertools.product(explore, (16, 64)):
+    layer = BK.make_layer(k, n)
+    sw = ops._prepared(layer.packed, layer.scales, None, BK.GROUP, None).striped
+    x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+    bf16 = time_fn(lambda: F.linear(x, layer.w_bf16), flush, 15)
+    res = {}
+    for c in space:
+        bn, bk, unpack, nw, ns = c
+        split = T4._split_for(-(-m // block_m(m)) * (n // bn), k // bk, 2 * sms)
+        res[c] = time_cfg(x, sw, dict(BLOCK_M=block_m(m), BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=split, UNPACK=unpack,
+                                      num_warps=nw, num_stages=ns))
+    best = min(res.values())
+    for c, us in res.items():
+        score[c] += min(us / best, 10.0)
+    top = sorted(res.items(), key=lambda kv: kv[1])[:5]
+    log("explore", k, n, m, "bf16", round(bf16, 1), [(c, round(us, 1)) for c, us in top])
+    del layer, sw
+    ops._W4A16_CACHE.clear()
+top_cfgs = sorted(space, key=lambda c: score[c])[:4]
+log("top configs (BN, BK, UNPACK, warps, stages)", top_cfgs)
+
+# ---- phase 3: every shape and M, all W4A16 contenders
+rows, best_cfg = [], {}
+ttgir_written = False
+for model in ("llama-3-8b", "llama-3-70b"):
+    for label, k, n in BK.SHAPES[model]:
+        layer = BK.make_layer(k, n)
+        sw = ops._prepared(layer.packed, layer.scales, None, BK.GROUP, None).striped
+        tg = BK._tinygemm(layer)
+        for m in MS:
+            x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+            cont = [("bf16", "cublas", None, lambda: F.linear(x, layer.w_bf16)),
+                    ("w4a16", "tinygemm", None, lambda: tg(x)),
+                    ("w4a16", "quantarena", ops.w4a16_path(m, n, k),
+                     lambda: ops.w4a16_linear(x, layer.packed, layer.scales, None, BK.GROUP)),
+                    ("w4a16", "quantarena:dequant", "dequant",
+                     lambda: ops.w4a16_linear(x, layer.packed, layer.scales, None, BK.GROUP, path="dequant"))]
+            for op, impl, path, fn in cont:
+                row = {"model": model, "layer": label, "op": op, "impl": impl, "K": k, "N": n, "M": m}
+                if path:
+                    row["path"] = path
+                try:
+                    row["us"] = round(time_fn(fn, flush, 20), 2)
+                except Exception as exc:
+                    row["error"] = f"{type(exc).__name__}: {str(exc)[:200]}"
+                rows.append(row)
+            cands = []
+            for bn, bk, unpack, nw, ns in top_cfgs:
+                for split in split_choices(m, n, k, block_m(m), bn, bk):
+                    cfg = dict(BLOCK_M=block_m(m), BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=split, UNPACK=unpack,
+                               num_warps=nw, num_stages=ns)
+                    cands.append((time_cfg(x, sw, cfg), cfg))
+            us, cfg = min(cands, key=lambda c: c[0])
+            ref = R.w4a16_linear(x, layer.packed, layer.scales, None, BK.GROUP)
+            poison = torch.full((m * n * 2,), float("nan"), device="cuda", dtype=torch.bfloat16)
+            del poison
+            err = rel(TC.w4a16_tc(x, sw, None, cfg), ref)
+            best_cfg[f"{m},{n},{k}"] = dict(cfg, us=round(us, 2))
+            rows.append({"model": model, "layer": label, "op": "w4a16", "impl": "quantarena:tc", "K": k, "N": n,
+                         "M": m, "path": "tc", "us": round(us, 2), "rel_err": err, "config": cfg})
+            if not ttgir_written and m == 16:
+                try:
+                    kern = TC.w4a16_tc_kernel.cache[0]
+                    for key, compiled in list(kern.items())[-1:]:
+                        with open(os.path.join(OUT, "tc_m16.ttgir"), "w") as f:
+                            f.write(compiled.asm.get("ttgir", ""))
+                    ttgir_written = True
+                except Exception as exc:
+                    log("ttgir", exc)
+            for r in rows:
+                if r["M"] == m and r["K"] == k and r["N"] == n and "us" in r:
+                    r["tb_s"] = round(BK.bytes_moved(r["op"], k, n, m) / r["us"] / 1e6, 3)
+                    r["tflop_s"] = round(2 * m * k * n / r["us"] / 1e6, 1)
+            mine = {r["impl"]: r["us"] for r in rows if r["M"] == m and r["K"] == k and r["N"] == n and "us" in r}
+            log(model, label, m, {a: round(b, 1) for a, b in mine.items()})
+        del layer, sw
+        ops._W4A16_CACHE.clear()
+        torch.cuda.empty_cache()
+        with open(os.path.join(OUT, "tc.json"), "w") as f:
+            json.dump(BK._result(rows), f, indent=1)
+        with open(os.path.join(OUT, "tc_best.json"), "w") as f:
+            json.dump(best_cfg, f, indent=1)
+log("done")

@@ -1,0 +1,129 @@
+"""W4A16 tensor-core GEMM for small and medium M (Triton), "swap-AB".
+
+The tile computed is ``out^T[BN, BM] = W[BN, BK] @ x^T[BK, BM]``: the dequantized weight tile is the
+left operand of the dot. On Hopper the left operand of ``wgmma`` may live in registers, so the weight
+goes global -> registers -> (dequantize) -> tensor cores without a shared-memory round trip; only the
+small activation tile is staged through shared memory. The weight words are read along K (the
+contiguous dimension of the canonical ``[N, K/8]`` layout), so the loads are coalesced.
+
+Two ways to get nibbles out of the words (``UNPACK``):
+
+* ``0`` ("dup"): the tile is loaded as ``[BN, BK]`` with each word's address repeated for its eight
+  elements (served by L1), every element shifting its own nibble out. Purely elementwise from the load,
+  so Triton can load straight into the dot-operand layout.
+* ``1`` ("join"): the tile is loaded once as ``[BN, BK/8]`` words and split into eight nibble planes
+  that are interleaved back into ``[BN, BK]``.
+
+Codes become floats without an int->float convert: ``u | 0x4B000000`` is the float ``2^23 + u``; the
+``2^23 + 8 (+ zero)`` offset is subtracted exactly. The group scale multiplies the fp32 dot result of a
+K step (``BLOCK_K`` divides the group size), which is cheaper than scaling every weight.
+
+Split-K reuses the single-launch counter finish of :mod:`.triton_w4a16`.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .triton_w4a16 import (INTERPRETING, MAX_TILES, StripedWeight, _dot, _sm_count, _split_for,
+                           _split_k_finish, split_k_counters)
+
+
+@triton.jit
+def _unpack_tile(w_ptr, rbn, kw0, KW, BLOCK_K: tl.constexpr, UNPACK: tl.constexpr):
+    """Nibbles u in [0, 16) of the [BN, BK] tile starting at word kw0, as floats 2^23 + u."""
+    if UNPACK == 0:
+        rk = tl.arange(0, BLOCK_K)
+        words = tl.load(w_ptr + rbn[:, None] * KW + (kw0 + rk // 8)[None, :])          # [BN, BK]
+        u = (words >> ((rk % 8) * 4)[None, :]) & 0xF
+    else:
+        rkw = tl.arange(0, BLOCK_K // 8)
+        words = tl.load(w_ptr + rbn[:, None] * KW + (kw0 + rkw)[None, :])              # [BN, BK/8]
+        a01 = tl.join(words & 0xF, (words >> 4) & 0xF)                                  # [BN, BKW, 2]
+        a23 = tl.join((words >> 8) & 0xF, (words >> 12) & 0xF)
+        a45 = tl.join((words >> 16) & 0xF, (words >> 20) & 0xF)
+        a67 = tl.join((words >> 24) & 0xF, (words >> 28) & 0xF)
+        a = tl.join(tl.join(a01, a23), tl.join(a45, a67))                              # [BN, BKW, 2, 2, 2]
+        # join appends the new axis last: a[..., i, j, l] is nibble 4l + 2j + i -> reorder to (l, j, i)
+        a = tl.permute(a, (0, 1, 4, 3, 2))
+        u = tl.reshape(a, (rbn.shape[0], BLOCK_K))
+    return (u | 0x4B000000).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def w4a16_tc_kernel(x_ptr, w_ptr, s_ptr, z_ptr, bias_ptr, out_ptr, ws_ptr, cnt_ptr,
+                    M, N, K, KW, G, stride_xm, stride_om,
+                    GROUP: tl.constexpr, HAS_ZERO: tl.constexpr, HAS_BIAS: tl.constexpr,
+                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                    SPLIT_K: tl.constexpr, UNPACK: tl.constexpr, INTERPRET: tl.constexpr = False):
+    """Needs GROUP % BLOCK_K == 0 and K % BLOCK_K == 0 (checked by the launcher)."""
+    pid_n = tl.program_id(0)
+    pid_m = tl.program_id(1)
+    pid_k = tl.program_id(2)
+    num_n = tl.cdiv(N, BLOCK_N)
+    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    ram = tl.minimum(rm, M - 1)                       # clamped rows/cols are computed, never stored
+    rbn = tl.minimum(rn, N - 1)
+    rk = tl.arange(0, BLOCK_K)
+    steps = K // BLOCK_K
+    per_split = tl.cdiv(steps, SPLIT_K)
+    s0 = pid_k * per_split
+    s1 = tl.minimum(s0 + per_split, steps)
+    acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+    for step in range(s0, s1):
+        k0 = step * BLOCK_K
+        grp = k0 // GROUP
+        xt = tl.load(x_ptr + ram[None, :] * stride_xm + (k0 + rk)[:, None])            # [BK, BM]
+        f = _unpack_tile(w_ptr, rbn, k0 // 8, KW, BLOCK_K, UNPACK)
+        s = tl.load(s_ptr + rbn * G + grp).to(tl.float32)                              # [BN]
+        if HAS_ZERO:
+            z = tl.load(z_ptr + rbn * G + grp).to(tl.float32)
+            q = f - (8388608.0 + 8.0 + z[:, None])
+        else:
+            q = f - (8388608.0 + 8.0)
+        acc += _dot(q.to(xt.dtype), xt, INTERPRET) * s[:, None]
+    tile_id = pid_m * num_n + pid_n
+    _split_k_finish(tl.trans(acc), ws_ptr, cnt_ptr, bias_ptr, out_ptr, rm, rn, M, N, stride_om,
+                    pid_k, tile_id, SPLIT_K, HAS_BIAS)
+
+
+def tc_config(m: int, n: int, k: int, group: int, sms: int) -> dict:
+    """Default tile shape for M rows of an N x K weight (H100-tuned table in :data:`TUNED_TC` wins)."""
+    block_m = 16 if m <= 16 else (32 if m <= 32 else (64 if m <= 64 else 128))
+    block_n = 128 if m <= 64 else 64
+    block_k = next(b for b in (128, 64, 32, 16) if group % b == 0 and k % b == 0)
+    tiles = triton.cdiv(m, block_m) * triton.cdiv(n, block_n)
+    split = _split_for(tiles, k // block_k, 2 * sms) if tiles <= MAX_TILES else 1
+    return dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, SPLIT_K=split, UNPACK=0,
+                num_warps=4, num_stages=4)
+
+
+def tc_supported(w: StripedWeight) -> bool:
+    """The kernel needs a K step that divides both the group and K, of at least 16 elements."""
+    return any(w.group_size % b == 0 and w.in_features % b == 0 for b in (128, 64, 32, 16))
+
+
+def w4a16_tc(x2: torch.Tensor, w: StripedWeight, bias: torch.Tensor | None = None,
+             cfg: dict | None = None) -> torch.Tensor:
+    """x2: [M, K] contiguous -> [M, N] (tensor cores, weight dequantized in registers)."""
+    m, n, k = x2.shape[0], w.out_features, w.in_features
+    cfg = dict(cfg or tc_config(m, n, k, w.group_size, _sm_count(x2.device)))
+    bk = cfg["BLOCK_K"]
+    if k % bk or w.group_size % bk:
+        raise ValueError(f"BLOCK_K {bk} must divide K = {k} and the group size {w.group_size}")
+    tiles = triton.cdiv(m, cfg["BLOCK_M"]) * triton.cdiv(n, cfg["BLOCK_N"])
+    if cfg["SPLIT_K"] > 1 and tiles > MAX_TILES:
+        cfg["SPLIT_K"] = 1
+    out = torch.empty((m, n), dtype=x2.dtype, device=x2.device)
+    split = cfg["SPLIT_K"]
+    ws = torch.empty((split, m, n) if split > 1 else (1,), dtype=torch.float32, device=x2.device)
+    dummy = w.scales
+    grid = (triton.cdiv(n, cfg["BLOCK_N"]), triton.cdiv(m, cfg["BLOCK_M"]), split)
+    w4a16_tc_kernel[grid](x2, w.canonical, w.scales, dummy if w.zeros is None else w.zeros,
+                          dummy if bias is None else bias, out, ws, split_k_counters(x2.device),
+                          m, n, k, k // 8, k // w.group_size, x2.stride(0), out.stride(0),
+                          GROUP=w.group_size, HAS_ZERO=w.zeros is not None, HAS_BIAS=bias is not None,
+                          INTERPRET=INTERPRETING, **cfg)
+    return out
