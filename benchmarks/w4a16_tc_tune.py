@@ -5,7 +5,7 @@ Phase 1 checks ragged shapes against the reference with the output poisoned. Pha
 space on two Llama-3-8B shapes at M = 16 and 64. Phase 3 sweeps every Llama-3-8B/70B shape and M with bf16
 cuBLAS, tinygemm, our current dispatch, dequant+cuBLAS and the best few tile configs (each with three
 split-K choices). Writes $OUT/tc.json (schema of benchmarks/results/*-kernels.json), $OUT/tc_best.json
-(best config per (M, N, K)) and the TTGIR of one compiled kernel.
+(best config per (M, N, K)).
 Usage: python benchmarks/w4a16_tc_tune.py [out_dir]
 """
 from __future__ import annotations
@@ -25,7 +25,7 @@ from quantarena.bench.timing import L2Flush, time_fn
 from quantarena.kernels import ops, reference as R, triton_w4a16 as T4, triton_w4a16_tc as TC
 
 OUT = sys.argv[1] if len(sys.argv) > 1 else os.environ.get("OUT", ".")
-MS = [int(v) for v in os.environ.get("TC_MS", "1,2,4,8,16,32,64,128,256").split(",")]
+MS = [int(v) for v in os.environ.get("TC_MS", "1,2,4,8,16,32,64,128,256,512,1024").split(",")]
 started = time.time()
 sms = torch.cuda.get_device_properties(0).multi_processor_count
 flush = L2Flush()
@@ -55,7 +55,7 @@ def correctness():
         sw = T4.StripedWeight(packed, s, z, group)
         x = torch.randn(m, k, device="cuda").to(torch.bfloat16)
         ref = R.w4a16_linear(x, packed, s, z, group, b)
-        for unpack, split, bk in itertools.product((0, 1), (1, 3), (32, 64)):
+        for unpack, split, bk in itertools.product((0, 1, 2), (1, 3), (32, 64)):
             poison = torch.full((m * n * 2,), float("nan"), device="cuda", dtype=torch.bfloat16)
             del poison
             cfg = dict(BLOCK_M=block_m(m), BLOCK_N=64, BLOCK_K=bk, SPLIT_K=split, UNPACK=unpack, num_warps=4,
@@ -87,7 +87,7 @@ except Exception as exc:
     log("CORRECTNESS FAILED", exc)
 
 # ---- phase 2: tile search
-space = list(itertools.product((64, 128), (64, 128), (0, 1), (4, 8), (3, 4)))   # BN, BK, UNPACK, warps, stages
+space = list(itertools.product((64, 128), (64, 128), (1, 2), (4, 8), (3, 4)))   # BN, BK, UNPACK, warps, stages
 score = {c: 0.0 for c in space}
 explore = [(4096, 14336), (14336, 4096)]
 for (k, n), m in itertools.product(explore, (16, 64)):
@@ -113,7 +113,6 @@ log("top configs (BN, BK, UNPACK, warps, stages)", top_cfgs)
 
 # ---- phase 3: every shape and M, all W4A16 contenders
 rows, best_cfg = [], {}
-ttgir_written = False
 for model in ("llama-3-8b", "llama-3-70b"):
     for label, k, n in BK.SHAPES[model]:
         layer = BK.make_layer(k, n)
@@ -137,9 +136,14 @@ for model in ("llama-3-8b", "llama-3-70b"):
                     row["error"] = f"{type(exc).__name__}: {str(exc)[:200]}"
                 rows.append(row)
             cands = []
-            for bn, bk, unpack, nw, ns in top_cfgs:
-                for split in split_choices(m, n, k, block_m(m), bn, bk):
-                    cfg = dict(BLOCK_M=block_m(m), BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=split, UNPACK=unpack,
+            tiles = [(block_m(m),) + c for c in top_cfgs]
+            if m >= 128:
+                u = top_cfgs[0][2]
+                tiles = tiles[:2] + [(bm, bn, 64, u, nw, 3) for bm, bn, nw in
+                                     ((128, 64, 4), (128, 128, 8), (64, 128, 4), (128, 256, 8), (256, 64, 8))]
+            for bm, bn, bk, unpack, nw, ns in tiles:
+                for split in split_choices(m, n, k, bm, bn, bk):
+                    cfg = dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=split, UNPACK=unpack,
                                num_warps=nw, num_stages=ns)
                     cands.append((time_cfg(x, sw, cfg), cfg))
             us, cfg = min(cands, key=lambda c: c[0])
@@ -150,15 +154,6 @@ for model in ("llama-3-8b", "llama-3-70b"):
             best_cfg[f"{m},{n},{k}"] = dict(cfg, us=round(us, 2))
             rows.append({"model": model, "layer": label, "op": "w4a16", "impl": "quantarena:tc", "K": k, "N": n,
                          "M": m, "path": "tc", "us": round(us, 2), "rel_err": err, "config": cfg})
-            if not ttgir_written and m == 16:
-                try:
-                    kern = TC.w4a16_tc_kernel.cache[0]
-                    for key, compiled in list(kern.items())[-1:]:
-                        with open(os.path.join(OUT, "tc_m16.ttgir"), "w") as f:
-                            f.write(compiled.asm.get("ttgir", ""))
-                    ttgir_written = True
-                except Exception as exc:
-                    log("ttgir", exc)
             for r in rows:
                 if r["M"] == m and r["K"] == k and r["N"] == n and "us" in r:
                     r["tb_s"] = round(BK.bytes_moved(r["op"], k, n, m) / r["us"] / 1e6, 3)

@@ -14,8 +14,12 @@ Two ways to get nibbles out of the words (``UNPACK``):
 * ``1`` ("join"): the tile is loaded once as ``[BN, BK/8]`` words and split into eight nibble planes
   that are interleaved back into ``[BN, BK]``.
 
-Codes become floats without an int->float convert: ``u | 0x4B000000`` is the float ``2^23 + u``; the
-``2^23 + 8 (+ zero)`` offset is subtracted exactly. The group scale multiplies the fp32 dot result of a
+* ``2`` ("asm", GPU only): as ``1``, with the nibbles turned into bf16 pairs by inline PTX (prmt, lop3 and
+  one bf16x2 fma per two weights). The interpreter cannot run PTX, so under ``TRITON_INTERPRET`` the
+  launcher runs ``1`` instead; the GPU benchmark checks ``2`` against the reference.
+
+``0`` and ``1`` make floats without an int->float convert: ``u | 0x4B000000`` is the float ``2^23 + u``;
+the ``2^23 + 8 (+ zero)`` offset is subtracted exactly. The group scale multiplies the fp32 dot result of a
 K step (``BLOCK_K`` divides the group size), which is cheaper than scaling every weight.
 
 Split-K reuses the single-launch counter finish of :mod:`.triton_w4a16`.
@@ -51,6 +55,30 @@ def _unpack_tile(w_ptr, rbn, kw0, KW, BLOCK_K: tl.constexpr, UNPACK: tl.constexp
     return (u | 0x4B000000).to(tl.float32, bitcast=True)
 
 
+# Nibble j of two words -> bf16x2 (j - 8 in both halves): prmt puts byte j/2 of each word in the low byte
+# of one half; lop3 masks the nibble and ors in the exponent of 128 (even j: 128 + u; odd j: 128 + 16u);
+# one bf16x2 fma maps that to u - 8 exactly. 3 instructions per 2 weights, no int->float converts.
+_ASM_NIBBLES_BF16 = tl.constexpr("\n".join(
+    f"{{ .reg .b32 t, m, c; prmt.b32 t, $8, $9, {hex((j // 2) | (j // 2) << 4 | (4 + j // 2) << 8 | (4 + j // 2) << 12)}; "
+    f"lop3.b32 t, t, {'0x000F000F' if j % 2 == 0 else '0x00F000F0'}, 0x43004300, 0xEA; "
+    f"mov.b32 m, {'0x3F803F80' if j % 2 == 0 else '0x3D803D80'}; "
+    f"mov.b32 c, {'0xC308C308' if j % 2 == 0 else '0xC180C180'}; fma.rn.bf16x2 ${j}, t, m, c; }}"
+    for j in range(8)))
+
+
+@triton.jit
+def _unpack_tile_bf16(w_ptr, rbn, kw0, KW, BLOCK_K: tl.constexpr):
+    """Codes q = u - 8 of the [BN, BK] tile starting at word kw0, as bf16 (inline PTX, GPU only)."""
+    rkw = tl.arange(0, BLOCK_K // 8)
+    words = tl.load(w_ptr + rbn[:, None] * KW + (kw0 + rkw)[None, :])                  # [BN, BK/8]
+    n0, n1, n2, n3, n4, n5, n6, n7 = tl.inline_asm_elementwise(
+        _ASM_NIBBLES_BF16, "=r,=r,=r,=r,=r,=r,=r,=r,r,r", [words],
+        dtype=(tl.bfloat16,) * 8, is_pure=True, pack=2)
+    a = tl.join(tl.join(tl.join(n0, n1), tl.join(n2, n3)), tl.join(tl.join(n4, n5), tl.join(n6, n7)))
+    a = tl.permute(a, (0, 1, 4, 3, 2))                   # [..., i, j, l] is nibble 4l + 2j + i
+    return tl.reshape(a, (rbn.shape[0], BLOCK_K))
+
+
 @triton.jit
 def w4a16_tc_kernel(x_ptr, w_ptr, s_ptr, z_ptr, bias_ptr, out_ptr, ws_ptr, cnt_ptr,
                     M, N, K, KW, G, stride_xm, stride_om,
@@ -76,13 +104,18 @@ def w4a16_tc_kernel(x_ptr, w_ptr, s_ptr, z_ptr, bias_ptr, out_ptr, ws_ptr, cnt_p
         k0 = step * BLOCK_K
         grp = k0 // GROUP
         xt = tl.load(x_ptr + ram[None, :] * stride_xm + (k0 + rk)[:, None])            # [BK, BM]
-        f = _unpack_tile(w_ptr, rbn, k0 // 8, KW, BLOCK_K, UNPACK)
         s = tl.load(s_ptr + rbn * G + grp).to(tl.float32)                              # [BN]
-        if HAS_ZERO:
-            z = tl.load(z_ptr + rbn * G + grp).to(tl.float32)
-            q = f - (8388608.0 + 8.0 + z[:, None])
+        if UNPACK == 2:
+            q = _unpack_tile_bf16(w_ptr, rbn, k0 // 8, KW, BLOCK_K)
+            if HAS_ZERO:
+                q = q - tl.load(z_ptr + rbn * G + grp).to(tl.bfloat16)[:, None]
         else:
-            q = f - (8388608.0 + 8.0)
+            f = _unpack_tile(w_ptr, rbn, k0 // 8, KW, BLOCK_K, UNPACK)
+            if HAS_ZERO:
+                z = tl.load(z_ptr + rbn * G + grp).to(tl.float32)
+                q = f - (8388608.0 + 8.0 + z[:, None])
+            else:
+                q = f - (8388608.0 + 8.0)
         acc += _dot(q.to(xt.dtype), xt, INTERPRET) * s[:, None]
     tile_id = pid_m * num_n + pid_n
     _split_k_finish(tl.trans(acc), ws_ptr, cnt_ptr, bias_ptr, out_ptr, rm, rn, M, N, stride_om,
@@ -110,6 +143,8 @@ def w4a16_tc(x2: torch.Tensor, w: StripedWeight, bias: torch.Tensor | None = Non
     """x2: [M, K] contiguous -> [M, N] (tensor cores, weight dequantized in registers)."""
     m, n, k = x2.shape[0], w.out_features, w.in_features
     cfg = dict(cfg or tc_config(m, n, k, w.group_size, _sm_count(x2.device)))
+    if INTERPRETING and cfg.get("UNPACK") == 2:
+        cfg["UNPACK"] = 1
     bk = cfg["BLOCK_K"]
     if k % bk or w.group_size % bk:
         raise ValueError(f"BLOCK_K {bk} must divide K = {k} and the group size {w.group_size}")
