@@ -5,7 +5,8 @@ Phase 1 checks ragged shapes against the reference with the output poisoned. Pha
 space on two Llama-3-8B shapes at M = 16 and 64. Phase 3 sweeps every Llama-3-8B/70B shape and M with bf16
 cuBLAS, tinygemm, our current dispatch, dequant+cuBLAS and the best few tile configs (each with three
 split-K choices). Writes $OUT/tc.json (schema of benchmarks/results/*-kernels.json), $OUT/tc_best.json
-(best config per (M, N, K)).
+(best config per (M, N, K)) and
+$OUT/tuned_w4a16.py (the dispatch table module).
 Usage: python benchmarks/w4a16_tc_tune.py [out_dir]
 """
 from __future__ import annotations
@@ -167,4 +168,9 @@ for model in ("llama-3-8b", "llama-3-70b"):
             json.dump(BK._result(rows), f, indent=1)
         with open(os.path.join(OUT, "tc_best.json"), "w") as f:
             json.dump(best_cfg, f, indent=1)
+sys.path.insert(0, os.path.dirname(__file__))
+from w4a16_tuned_table import build  # noqa: E402
+
+with open(os.path.join(OUT, "tuned_w4a16.py"), "w") as f:
+    f.write(build(BK._result(rows), "h100-w4a16-tc.json"))
 log("done")

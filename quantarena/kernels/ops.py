@@ -4,11 +4,12 @@ CPU (and any device or shape without a fast path) runs :mod:`quantarena.kernels.
 work goes through ``torch.library`` custom ops (``quantarena::w4a16_linear``, ``::w8a8_linear``,
 ``::fp8_linear``) with fake implementations, so ``torch.compile`` traces them and CUDA graphs capture them.
 
-W4A16 paths by M (measured on H100, see benchmarks/results/h100-kernels.json and
-h100-w4a16-gemv-v2.json): ``gemv2`` (tile GEMV v2) at M = 1, ``gemv`` or ``gemv2`` at M = 2..4 (whichever
-measured faster for the (N, K) shape; ``gemv`` where unmeasured), then dequantize + cuBLAS (the v2 GEMV
-takes up to 16 rows but measured slower than dequantize + cuBLAS at M = 8 and 16 on every shape). The tensor-core ``mma`` kernel is correct but measured far slower than dequantize +
-cuBLAS at every M (0.07 TB/s at M=16), so it is only reachable with ``path="mma"``. The kernel-layout copy of each W4A16
+W4A16 paths by M: the tile GEMV v2 (``gemv2``) at M = 1; the tensor-core kernel (``tc``,
+:mod:`.triton_w4a16_tc`) from M = 2; dequantize + cuBLAS (``dequant``) once M is large enough for cuBLAS
+to win (M > 256 by default). Per (M bucket, N, K) the path and tile measured fastest on H100 come from
+:mod:`.tuned_w4a16` (written by ``benchmarks/w4a16_tc_tune.py``); shapes not in it get the defaults above.
+The older CUDA-core GEMV (``gemv``, M <= 4) serves group sizes the other two cannot.
+The kernel-layout copy of each W4A16
 weight is built once, on first use, and kept while the canonical tensor lives (keyed on the tensor
 object, dropped with it). Build it before CUDA-graph capture: run the layer once first, as every
 graph capture needs a warm-up call anyway.
@@ -23,10 +24,7 @@ from . import reference
 
 W4A16_GEMV_MAX_M = 4
 W4A16_GEMV2_MAX_M = 16
-W4A16_DEQUANT_MIN_M = W4A16_GEMV_MAX_M + 1
-# (M bucket, N, K) where gemv2 beat gemv at M = 2..4 on H100 (benchmarks/results/h100-w4a16-gemv-v2.json)
-W4A16_GEMV2_WINS: set[tuple[int, int, int]] = {(2, 1024, 8192), (2, 8192, 8192), (2, 28672, 8192),
-                                                (4, 28672, 8192)}
+W4A16_TC_MAX_M = 256          # default upper end of the tensor-core path; dequant + cuBLAS above
 
 
 def _triton_ok(x: torch.Tensor) -> bool:
@@ -82,37 +80,48 @@ def _prepared(packed: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | 
         packed_k = P.pack_int4(P.unpack_int4(packed, in_features)[:, perm])
     else:
         packed_k = packed
-    prep = _Prepared(T.StripedWeight(packed_k, scales, zeros, group_size), perm, packed._version)
+    prep = _Prepared(T.StripedWeight(packed_k, scales, zeros, group_size, hold_packed=perm is not None), perm,
+                     packed._version)
     _W4A16_CACHE[key] = (weakref.ref(packed, lambda _, cache=_W4A16_CACHE: cache.pop(key, None)), prep)
     return prep
 
 
 def w4a16_path(m: int, n: int | None = None, k: int | None = None) -> str:
-    """Which W4A16 CUDA kernel serves M rows (of an N x K weight, when known): the fastest measured."""
+    """Which W4A16 CUDA kernel serves M rows of an N x K weight: the measured fastest where tuned."""
+    from .tuned_w4a16 import lookup
+
+    tuned = lookup(m, n, k)
+    if tuned is not None:
+        return tuned[0]
     if m == 1:
         return "gemv2"
-    if m <= W4A16_GEMV_MAX_M:
-        return "gemv2" if (2 if m == 2 else 4, n, k) in W4A16_GEMV2_WINS else "gemv"
-    return "mma" if m < W4A16_DEQUANT_MIN_M else "dequant"
+    return "tc" if m <= W4A16_TC_MAX_M else "dequant"
 
 
 @torch.library.custom_op("quantarena::w4a16_linear", mutates_args=())
 def _w4a16_op(x2: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None,
               group_size: int, bias: torch.Tensor | None, g_idx: torch.Tensor | None, path: str) -> torch.Tensor:
-    from . import triton_w4a16 as T
+    from . import triton_w4a16 as T, triton_w4a16_tc as TC
 
     prep = _prepared(packed, scales, zeros, group_size, g_idx)
     if prep is None:
         return reference.w4a16_linear(x2, packed, scales, zeros, group_size, bias, g_idx)
     x2 = x2.contiguous() if prep.perm is None else x2[:, prep.perm].contiguous()
+    m, n, k = x2.shape[0], prep.striped.out_features, prep.striped.in_features
     if path == "gemv2" and not T.gemv2_supported(prep.striped):
-        path = "gemv" if x2.shape[0] <= W4A16_GEMV_MAX_M else "dequant"
+        path = "tc"
+    if path == "tc" and not TC.tc_supported(prep.striped):
+        path = "gemv" if m <= W4A16_GEMV_MAX_M else "dequant"
     if path == "gemv2":
         return T.w4a16_gemv2(x2, prep.striped, bias)
     if path == "gemv":
         return T.w4a16_gemv(x2, prep.striped, bias)
-    if path == "mma":
-        return T.w4a16_mma(x2, prep.striped, bias)
+    if path == "tc":
+        from .tuned_w4a16 import lookup
+
+        tuned = lookup(m, n, k)
+        cfg = tuned[1] if tuned is not None and tuned[0] == "tc" else None
+        return TC.w4a16_tc(x2, prep.striped, bias, cfg)
     return T.w4a16_dequant_matmul(x2, prep.striped, bias)
 
 
@@ -124,7 +133,7 @@ def _(x2, packed, scales, zeros, group_size, bias, g_idx, path):
 def w4a16_linear(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None,
                  group_size: int, bias: torch.Tensor | None = None, g_idx: torch.Tensor | None = None,
                  path: str | None = None) -> torch.Tensor:
-    """``x @ dequant(W).T + bias``; ``path`` forces a CUDA kernel (``gemv``/``gemv2``/``mma``/``dequant``; benchmarks)."""
+    """``x @ dequant(W).T + bias``; ``path`` forces a CUDA kernel (``gemv``/``gemv2``/``tc``/``dequant``; benchmarks)."""
     in_features = x.shape[-1]
     if not _triton_ok(x) or in_features % 8 or group_size % 8:
         return reference.w4a16_linear(x, packed, scales, zeros, group_size, bias, g_idx)

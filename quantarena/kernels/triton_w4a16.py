@@ -1,12 +1,13 @@
 """W4A16 Triton kernels: int4 group-wise weights x bf16/fp16 activations.
 
-Three paths, chosen by :mod:`quantarena.kernels.ops` from the batch size M:
+CUDA-core GEMVs and the dequantize kernel; the tensor-core kernel for M >= 2 is in
+:mod:`.triton_w4a16_tc`. :mod:`quantarena.kernels.ops` chooses by the batch size M:
 
-* ``gemv`` (M <= 4): CUDA-core FMA kernel, split-K, for the weight-read-bound decode case.
-* ``mma`` (small to medium M): tiled tensor-core kernel that dequantizes a weight tile in registers.
+* ``gemv2`` (M = 1) and ``gemv`` (M <= 4, any group size): CUDA-core FMA kernels, split-K, for the
+  weight-read-bound decode case.
 * ``dequant`` (large M): dequantize the whole weight to bf16 once, then cuBLAS.
 
-Weight layouts. ``mma`` and ``dequant`` read the canonical packed tensor as it is. The GEMV reads a
+Weight layouts. ``dequant`` (and the tensor-core kernel) read the canonical packed tensor as it is. The GEMV reads a
 copy in a "striped" layout, built once per weight. The canonical layout (compressed-tensors) puts input elements
 ``8c .. 8c+7`` in word ``c``. The kernels use a layout repacked once per weight: the input dim is cut
 into stripe blocks of ``S`` elements (``S = min(128, group)``, so a block never spans two groups),
@@ -27,6 +28,7 @@ resets its counter to zero, so a counter buffer is reusable across calls and CUD
 from __future__ import annotations
 
 import os
+import weakref
 
 import torch
 import triton
@@ -372,7 +374,7 @@ def w4a16_gemv2_kernel(x_ptr, w_ptr, s_ptr, z_ptr, bias_ptr, out_ptr, ws_ptr, cn
             tl.atomic_xchg(cnt_ptr + pid_n, 0, sem="relaxed", scope="gpu")
 
 
-# ----------------------------------------------------------------------------- mma (tensor cores)
+# ----------------------------------------------------------------------------- dot helper
 
 @triton.jit
 def _dot(a, b, INTERPRET: tl.constexpr):
@@ -381,60 +383,6 @@ def _dot(a, b, INTERPRET: tl.constexpr):
     if INTERPRET:
         return tl.dot(a.to(tl.float32), b.to(tl.float32))
     return tl.dot(a, b)
-
-
-@triton.jit
-def w4a16_mma_kernel(x_ptr, w_ptr, s_ptr, z_ptr, bias_ptr, out_ptr, ws_ptr, cnt_ptr,
-                     M, N, K, KW, G, stride_xm, stride_om,
-                     GROUP: tl.constexpr, HAS_ZERO: tl.constexpr, HAS_BIAS: tl.constexpr,
-                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                     SPLIT_K: tl.constexpr, INTERPRET: tl.constexpr = False):
-    """Tiled tensor-core W4A16 on the canonical layout (needs K % BLOCK_K == 0): each step loads the
-    [BLOCK_K, BLOCK_N] weight tile as words (every word eight times, from L1), shifts out the nibbles,
-    and feeds exact integer codes to the dot; the group scale multiplies the dot's result when a step
-    lies inside one group, else each weight."""
-    pid_m = tl.program_id(0)
-    pid_n = tl.program_id(1)
-    pid_k = tl.program_id(2)
-    num_n = tl.cdiv(N, BLOCK_N)
-    SCALE_AFTER: tl.constexpr = GROUP % BLOCK_K == 0
-    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    ram = tl.minimum(rm, M - 1)                          # clamped rows/cols are computed, never stored
-    rbn = tl.minimum(rn, N - 1)
-    rk = tl.arange(0, BLOCK_K)
-    shifts = (rk % 8) * 4
-    k_per_split = tl.cdiv(K // BLOCK_K, SPLIT_K) * BLOCK_K
-    k_start = pid_k * k_per_split
-    k_end = tl.minimum(k_start + k_per_split, K)
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k0 in range(k_start, k_end, BLOCK_K):
-        k = k0 + rk
-        a = tl.load(x_ptr + ram[:, None] * stride_xm + k[None, :])                     # [BM, BK]
-        words = tl.load(w_ptr + rbn[None, :] * KW + (k // 8)[:, None])                 # [BK, BN]
-        # nibble u as the float 2^23 + u (or-ing into the mantissa of 2^23 is cheaper than int->float)
-        u = (((words >> shifts[:, None]) & 0xF) | 0x4B000000).to(tl.float32, bitcast=True)
-        if SCALE_AFTER:
-            grp = k0 // GROUP
-            s = tl.load(s_ptr + rbn * G + grp).to(tl.float32)                          # [BN]
-            if HAS_ZERO:
-                z = tl.load(z_ptr + rbn * G + grp).to(tl.float32)
-                q = u - (8388608.0 + 8.0 + z[None, :])
-            else:
-                q = u - (8388608.0 + 8.0)
-            acc += _dot(a, q.to(a.dtype), INTERPRET) * s[None, :]
-        else:
-            grp = k // GROUP
-            s = tl.load(s_ptr + rbn[None, :] * G + grp[:, None]).to(tl.float32)       # [BK, BN]
-            if HAS_ZERO:
-                z = tl.load(z_ptr + rbn[None, :] * G + grp[:, None]).to(tl.float32)
-                w = (u - (8388608.0 + 8.0 + z)) * s
-            else:
-                w = (u - (8388608.0 + 8.0)) * s
-            acc += _dot(a, w.to(a.dtype), INTERPRET)
-    tile_id = pid_m * num_n + pid_n
-    _split_k_finish(acc, ws_ptr, cnt_ptr, bias_ptr, out_ptr, rm, rn, M, N, stride_om,
-                    pid_k, tile_id, SPLIT_K, HAS_BIAS)
 
 
 # ----------------------------------------------------------------------------- dequant (large M)
@@ -472,15 +420,24 @@ class StripedWeight:
 
     ``words`` replace the canonical packed codes; scales and zero points are used as stored."""
 
-    def __init__(self, packed: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None, group_size: int):
+    def __init__(self, packed: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None, group_size: int,
+                 hold_packed: bool = True):
         n, kw = packed.shape
         self.out_features, self.in_features = n, kw * 8
         self.group_size = group_size
         self.stripe = stripe_size(group_size)
         self.words = repack_striped(packed, self.in_features, self.stripe)         # [N, K/8] int32, GEMV
-        self.canonical = packed.contiguous()                                       # [N, K/8] int32, mma/dequant
+        canonical = packed.contiguous()                                            # [N, K/8] int32, tc/dequant
+        # A cache keyed on ``packed`` must not keep it alive: then hold it weakly (the caller passes it on
+        # every call, so it is alive whenever a kernel runs).
+        weak = not hold_packed and canonical is packed
+        self._canonical = weakref.ref(canonical) if weak else (lambda: canonical)
         self.scales = scales.contiguous()                                          # [N, K/g] bf16
         self.zeros = None if zeros is None else zeros.to(torch.int8).contiguous()  # [N, K/g] int8
+
+    @property
+    def canonical(self) -> torch.Tensor:
+        return self._canonical()
 
 
 MAX_TILES = 1 << 16   # split-K is used only while one launch has at most this many output tiles
@@ -554,15 +511,6 @@ def gemv_config(m: int, n: int, k: int, stripe: int, sms: int) -> dict:
     return dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_KW=block_kw, SPLIT_K=split, num_warps=4, num_stages=3)
 
 
-def mma_config(m: int, n: int, k: int, sms: int) -> dict:
-    block_m = 16 if m <= 16 else (32 if m <= 32 else 64)
-    block_n = 64 if m <= 64 else 128
-    block_k = next(b for b in (128, 64, 32, 16) if k % b == 0)
-    tiles = triton.cdiv(m, block_m) * triton.cdiv(n, block_n)
-    split = _split_for(tiles, k // block_k, 2 * sms) if tiles <= MAX_TILES else 1
-    return dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, SPLIT_K=split, num_warps=4, num_stages=3)
-
-
 def _launch(kernel, grid, x2: torch.Tensor, w: StripedWeight, bias: torch.Tensor | None, cfg: dict) -> torch.Tensor:
     m = x2.shape[0]
     n, k = w.out_features, w.in_features
@@ -588,28 +536,6 @@ def w4a16_gemv(x2: torch.Tensor, w: StripedWeight, bias: torch.Tensor | None = N
         raise ValueError(f"BLOCK_KW {cfg['BLOCK_KW']} must divide {k // 8} words and be a multiple of {w.stripe // 8}")
     grid = (triton.cdiv(n, cfg["BLOCK_N"]), cfg["SPLIT_K"])
     return _launch(w4a16_gemv_kernel, grid, x2, w, bias, cfg)
-
-
-def w4a16_mma(x2: torch.Tensor, w: StripedWeight, bias: torch.Tensor | None = None,
-              cfg: dict | None = None) -> torch.Tensor:
-    """x2: [M, K] contiguous -> [M, N] (tensor-core tiles, dequantized in registers)."""
-    m, n, k = x2.shape[0], w.out_features, w.in_features
-    cfg = dict(cfg or mma_config(m, n, k, _sm_count(x2.device)))
-    if k % cfg["BLOCK_K"]:
-        raise ValueError(f"BLOCK_K {cfg['BLOCK_K']} must divide K = {k}")
-    if cfg["SPLIT_K"] > 1 and triton.cdiv(m, cfg["BLOCK_M"]) * triton.cdiv(n, cfg["BLOCK_N"]) > MAX_TILES:
-        cfg["SPLIT_K"] = 1
-    out = torch.empty((m, n), dtype=x2.dtype, device=x2.device)
-    split = cfg["SPLIT_K"]
-    ws = torch.empty((split, m, n) if split > 1 else (1,), dtype=torch.float32, device=x2.device)
-    dummy = w.scales
-    grid = (triton.cdiv(m, cfg["BLOCK_M"]), triton.cdiv(n, cfg["BLOCK_N"]), split)
-    w4a16_mma_kernel[grid](x2, w.canonical, w.scales, dummy if w.zeros is None else w.zeros,
-                           dummy if bias is None else bias, out, ws, split_k_counters(x2.device),
-                           m, n, k, k // 8, k // w.group_size, x2.stride(0), out.stride(0),
-                           GROUP=w.group_size, HAS_ZERO=w.zeros is not None, HAS_BIAS=bias is not None,
-                           INTERPRET=INTERPRETING, **cfg)
-    return out
 
 
 def w4a16_dequantize(w: StripedWeight, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:

@@ -15,7 +15,7 @@ Two ways to get nibbles out of the words (``UNPACK``):
   that are interleaved back into ``[BN, BK]``.
 
 * ``2`` ("asm", GPU only): as ``1``, with the nibbles turned into bf16 pairs by inline PTX (prmt, lop3 and
-  one bf16x2 fma per two weights). The interpreter cannot run PTX, so under ``TRITON_INTERPRET`` the
+  one bf16x2 fma per two weights, plus two shifts per two words). The interpreter cannot run PTX, so under ``TRITON_INTERPRET`` the
   launcher runs ``1`` instead; the GPU benchmark checks ``2`` against the reference.
 
 ``0`` and ``1`` make floats without an int->float convert: ``u | 0x4B000000`` is the float ``2^23 + u``;
@@ -55,15 +55,22 @@ def _unpack_tile(w_ptr, rbn, kw0, KW, BLOCK_K: tl.constexpr, UNPACK: tl.constexp
     return (u | 0x4B000000).to(tl.float32, bitcast=True)
 
 
-# Nibble j of two words -> bf16x2 (j - 8 in both halves): prmt puts byte j/2 of each word in the low byte
-# of one half; lop3 masks the nibble and ors in the exponent of 128 (even j: 128 + u; odd j: 128 + 16u);
-# one bf16x2 fma maps that to u - 8 exactly. 3 instructions per 2 weights, no int->float converts.
-_ASM_NIBBLES_BF16 = tl.constexpr("\n".join(
-    f"{{ .reg .b32 t, m, c; prmt.b32 t, $8, $9, {hex((j // 2) | (j // 2) << 4 | (4 + j // 2) << 8 | (4 + j // 2) << 12)}; "
-    f"lop3.b32 t, t, {'0x000F000F' if j % 2 == 0 else '0x00F000F0'}, 0x43004300, 0xEA; "
-    f"mov.b32 m, {'0x3F803F80' if j % 2 == 0 else '0x3D803D80'}; "
-    f"mov.b32 c, {'0xC308C308' if j % 2 == 0 else '0xC180C180'}; fma.rn.bf16x2 ${j}, t, m, c; }}"
-    for j in range(8)))
+# Nibble j of two words -> bf16x2 (j - 8 in both halves). prmt puts byte j/2 of each word (of each word
+# shifted right by 4 for odd j: bf16 has only 7 mantissa bits, so a nibble must sit in bits 0-3) in the
+# low byte of one half; lop3 keeps the nibble and ors in the exponent of 128, giving 128 + u; one bf16x2
+# fma maps that to u - 8 exactly. About 1.6 instructions per weight, no int->float converts.
+def _asm_nibbles_bf16() -> str:
+    lines = ["{ .reg .b32 a4, b4, t, one, off;",
+             "shr.u32 a4, $8, 4; shr.u32 b4, $9, 4; mov.b32 one, 0x3F803F80; mov.b32 off, 0xC308C308;"]
+    for j in range(8):
+        i = j // 2
+        a, b = ("$8", "$9") if j % 2 == 0 else ("a4", "b4")
+        lines.append(f"prmt.b32 t, {a}, {b}, {hex(i | i << 4 | (4 + i) << 8 | (4 + i) << 12)}; "
+                     f"lop3.b32 t, t, 0x000F000F, 0x43004300, 0xEA; fma.rn.bf16x2 ${j}, t, one, off;")
+    return "\n".join(lines + ["}"])
+
+
+_ASM_NIBBLES_BF16 = tl.constexpr(_asm_nibbles_bf16())
 
 
 @triton.jit
@@ -123,14 +130,13 @@ def w4a16_tc_kernel(x_ptr, w_ptr, s_ptr, z_ptr, bias_ptr, out_ptr, ws_ptr, cnt_p
 
 
 def tc_config(m: int, n: int, k: int, group: int, sms: int) -> dict:
-    """Default tile shape for M rows of an N x K weight (H100-tuned table in :data:`TUNED_TC` wins)."""
+    """Default tile for M rows of an N x K weight (the tuned table, :mod:`.tuned_w4a16`, wins where it has
+    the shape); the tile most often fastest in the H100 search."""
     block_m = 16 if m <= 16 else (32 if m <= 32 else (64 if m <= 64 else 128))
-    block_n = 128 if m <= 64 else 64
-    block_k = next(b for b in (128, 64, 32, 16) if group % b == 0 and k % b == 0)
-    tiles = triton.cdiv(m, block_m) * triton.cdiv(n, block_n)
+    block_k = next(b for b in (64, 128, 32, 16) if group % b == 0 and k % b == 0)
+    tiles = triton.cdiv(m, block_m) * triton.cdiv(n, 64)
     split = _split_for(tiles, k // block_k, 2 * sms) if tiles <= MAX_TILES else 1
-    return dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, SPLIT_K=split, UNPACK=0,
-                num_warps=4, num_stages=4)
+    return dict(BLOCK_M=block_m, BLOCK_N=64, BLOCK_K=block_k, SPLIT_K=split, UNPACK=2, num_warps=4, num_stages=4)
 
 
 def tc_supported(w: StripedWeight) -> bool:
@@ -143,7 +149,7 @@ def w4a16_tc(x2: torch.Tensor, w: StripedWeight, bias: torch.Tensor | None = Non
     """x2: [M, K] contiguous -> [M, N] (tensor cores, weight dequantized in registers)."""
     m, n, k = x2.shape[0], w.out_features, w.in_features
     cfg = dict(cfg or tc_config(m, n, k, w.group_size, _sm_count(x2.device)))
-    if INTERPRETING and cfg.get("UNPACK") == 2:
+    if cfg.get("UNPACK") == 2 and (INTERPRETING or x2.dtype != torch.bfloat16):
         cfg["UNPACK"] = 1
     bk = cfg["BLOCK_K"]
     if k % bk or w.group_size % bk:

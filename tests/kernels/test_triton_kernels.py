@@ -95,30 +95,43 @@ def test_w4a16_gemv2_matches_reference(m, n, k, group, symmetric, bias, cfg):
     assert int(T4.split_k_counters(x.device).abs().sum()) == 0
 
 
-def test_w4a16_dispatch_picks_gemv2_and_runs_it():
-    assert ops.w4a16_path(1, 4096, 4096) == "gemv2" and ops.w4a16_path(3, 4096, 4096) == "gemv"
-    assert ops.w4a16_path(2, 8192, 8192) == "gemv2" and ops.w4a16_path(16, 4096, 4096) == "dequant"
+def test_w4a16_dispatch_by_m():
+    assert ops.w4a16_path(1, 4096, 4096) == "gemv2"
+    assert ops.w4a16_path(3, 4096, 4096) == "tc" and ops.w4a16_path(16, 4096, 14336) == "tc"
+    assert ops.w4a16_path(100, 96, 256) == "tc"          # untuned shape: the default by M
+    assert ops.w4a16_path(5000, 4096, 4096) == "dequant"
+
+
+def test_w4a16_tuned_table_is_consistent():
+    from quantarena.kernels import tuned_w4a16 as TW
+
+    assert TW.TABLE, "the dispatch table is empty"
+    for (m, n, k), (path, cfg) in TW.TABLE.items():
+        assert m in TW.BUCKETS and path in ("gemv2", "tc", "dequant")
+        if path == "tc":
+            assert 128 % cfg["BLOCK_K"] == 0 and k % cfg["BLOCK_K"] == 0 and cfg["UNPACK"] in (0, 1, 2)
+    assert TW.lookup(3, 4096, 4096) == TW.TABLE.get((4, 4096, 4096)) and TW.lookup(3, None, 4096) is None
+
+
+@pytest.mark.parametrize("path", ["gemv2", "tc", "dequant", "gemv"])
+def test_w4a16_every_path_runs_through_the_op(path):
     packed, scales, zeros = make_w4(24, 256, 64, False)
-    x = make_x(5, 256)
-    out = ops._w4a16_op(x, packed, scales, zeros, 64, None, None, "gemv2")
+    x = make_x(1 if path == "gemv2" else 3, 256)
+    out = ops._w4a16_op(x, packed, scales, zeros, 64, None, None, path)
     assert rel_err(out, R.w4a16_linear(x, packed, scales, zeros, 64)) < REL_TOL
 
 
-@pytest.mark.parametrize("m,split,block_k,group,symmetric", [
-    (5, 1, 128, 128, True),     # scale after the dot (a step inside one group)
-    (17, 2, 128, 64, False),    # scale per element (a step spans two groups), asymmetric, split-K
-    (33, 4, 64, 128, False),
-])
-def test_w4a16_mma_matches_reference(m, split, block_k, group, symmetric):
-    n, k = 72, 512
-    packed, scales, zeros = make_w4(n, k, group, symmetric)
-    x = make_x(m, k)
-    b = torch.randn(n).to(torch.bfloat16).to(DEVICE)
-    w = T4.StripedWeight(packed, scales, zeros, group)
-    cfg = dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=block_k, SPLIT_K=split, num_warps=4, num_stages=1)
-    out = T4.w4a16_mma(x, w, b, cfg)
-    assert rel_err(out, R.w4a16_linear(x, packed, scales, zeros, group, b)) < REL_TOL
-    assert int(T4.split_k_counters(x.device).abs().sum()) == 0
+def test_w4a16_kernel_layout_cache_frees_with_the_weight():
+    """The cache keyed on a packed weight must not keep it alive (it leaked whole models before)."""
+    import gc
+
+    before = len(ops._W4A16_CACHE)
+    packed, scales, zeros = make_w4(24, 256, 64, True)
+    ops._w4a16_op(make_x(3, 256), packed, scales, zeros, 64, None, None, "tc")
+    assert len(ops._W4A16_CACHE) == before + 1
+    del packed
+    gc.collect()
+    assert len(ops._W4A16_CACHE) == before
 
 
 @pytest.mark.parametrize("m,n,split,block_k,group,symmetric,unpack", [
