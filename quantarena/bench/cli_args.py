@@ -25,6 +25,8 @@ def add_bench_parser(subparsers) -> argparse.ArgumentParser:
     d.add_argument("--batch", default="1,4,16,64,128,256")
     d.add_argument("--prompt-len", type=int, default=128)
     d.add_argument("--gen-len", type=int, default=64)
+    d.add_argument("--no-compile", action="store_true",
+                   help="run the blocks' non-linear work eagerly instead of fused by torch.compile")
     d.add_argument("--json", default=None, metavar="OUT", help="write the results object to OUT")
     return p
 
@@ -51,7 +53,8 @@ def run_bench(args) -> int:
         if shape not in decode.SHAPES:
             print(f"error: unknown model {args.model!r}; use preset:{', preset:'.join(decode.SHAPES)}", file=sys.stderr)
             return 2
-        result = decode.run(shape, args.schemes.split(","), batches, args.prompt_len, args.gen_len, log=log)
+        result = decode.run(shape, args.schemes.split(","), batches, args.prompt_len, args.gen_len, log=log,
+                            compile=not args.no_compile)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(result, f, indent=1)

@@ -106,6 +106,7 @@ class LeanLlama(nn.Module):
         freqs = torch.outer(torch.arange(max_len, device=device).float(), inv)
         emb = torch.cat((freqs, freqs), dim=-1)
         self.cos, self.sin = emb.cos().to(torch.bfloat16), emb.sin().to(torch.bfloat16)
+        self.block_fn = _run_block
 
     def new_cache(self, batch: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
         s = self.s
@@ -113,14 +114,24 @@ class LeanLlama(nn.Module):
         return [(torch.zeros(shape, device=self.embed.device, dtype=torch.bfloat16),
                  torch.zeros(shape, device=self.embed.device, dtype=torch.bfloat16)) for _ in range(s["layers"])]
 
+    def compile(self) -> None:
+        """Fuse each block's non-linear work (norms, RoPE, cache writes, SiLU, residuals) with torch.compile;
+        the quantized linears stay our custom ops. One compiled graph (dynamic in batch and length) serves
+        every block."""
+        self.block_fn = torch.compile(_run_block, dynamic=True)
+
     def forward(self, tokens: torch.Tensor, pos: torch.Tensor, cache, decode: bool) -> torch.Tensor:
         """tokens [B, T]; pos [T] int64 positions. Returns the last position's logits [B, vocab]."""
         x = self.embed[tokens]
         cos, sin = self.cos[pos], self.sin[pos]
         mask = (torch.arange(self.max_len, device=tokens.device) <= pos[-1]).view(1, 1, 1, -1) if decode else None
         for block, (kc, vc) in zip(self.blocks, cache):
-            x = block(x, cos, sin, kc, vc, pos, mask)
+            x = self.block_fn(block, x, cos, sin, kc, vc, pos, mask)
         return F.linear(rms_norm(x[:, -1], self.norm), self.lm_head)
+
+
+def _run_block(block: Block, x, cos, sin, k_cache, v_cache, pos, mask):
+    return block(x, cos, sin, k_cache, v_cache, pos, mask)
 
 
 @contextlib.contextmanager
@@ -206,7 +217,8 @@ def check_outputs(model: LeanLlama, steps: int = 8) -> dict:
             "greedy_agree": sum(a == b for a, b in zip(out["fast"][1], out["reference"][1])), "greedy_steps": steps}
 
 
-def bench_scheme(shape: str, scheme: str, batches: list[int], prompt_len: int, gen_len: int, log=print) -> tuple[list, dict]:
+def bench_scheme(shape: str, scheme: str, batches: list[int], prompt_len: int, gen_len: int, log=print,
+                 compile: bool = True) -> tuple[list, dict]:
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
     t0 = time.time()
@@ -215,6 +227,12 @@ def bench_scheme(shape: str, scheme: str, batches: list[int], prompt_len: int, g
     log(f"{scheme}: model built in {time.time() - t0:.0f}s, {weights_gb:.1f} GB")
     check = check_outputs(model)
     log(f"{scheme}: check {check}")
+    if compile:
+        torch._dynamo.reset()                            # each scheme compiles its own block graphs
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+        model.compile()
+        check["compiled_vs_eager_logits_rel_err"] = _compiled_vs_eager(model)
+        log(f"{scheme}: compiled vs eager {check['compiled_vs_eager_logits_rel_err']:.2e}")
     rows = []
     for batch in batches:
         with torch.no_grad():
@@ -238,6 +256,16 @@ def bench_scheme(shape: str, scheme: str, batches: list[int], prompt_len: int, g
     return rows, check
 
 
+def _compiled_vs_eager(model: LeanLlama) -> float:
+    """Relative difference of the first logits (batch 1, 16-token prompt) with and without torch.compile."""
+    compiled, model.block_fn = model.block_fn, _run_block
+    with torch.no_grad():
+        eager = DecodeRun(model, 1, 16).prefill().float()
+        model.block_fn = compiled
+        fused = DecodeRun(model, 1, 16).prefill().float()
+    return ((fused - eager).norm() / eager.norm()).item()
+
+
 def crossover(rows: list[dict]) -> dict:
     """Smallest batch at which each 8-bit scheme's decode throughput passes W4A16's (None if never)."""
     by = {(r["scheme"], r["batch"]): r["decode_tok_s"] for r in rows}
@@ -250,15 +278,16 @@ def crossover(rows: list[dict]) -> dict:
 
 
 def run(shape: str, schemes: list[str], batches: list[int], prompt_len: int = 128, gen_len: int = 64,
-        log=print) -> dict:
+        log=print, compile: bool = True) -> dict:
     rows, checks = [], {}
     for scheme in schemes:
-        r, c = bench_scheme(shape, scheme, batches, prompt_len, gen_len, log)
+        r, c = bench_scheme(shape, scheme, batches, prompt_len, gen_len, log, compile)
         rows += r
         checks[scheme] = c
     return {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
             "date": datetime.date.today().isoformat(), "model": f"preset:{shape} (random weights)",
             "prompt_len": prompt_len, "gen_len": gen_len,
             "method": "lean Llama runner, static KV cache, one CUDA graph per decode step, greedy; "
-                      "prefill timed eagerly (one forward of batch x prompt_len tokens)",
+                      + ("block non-linear work fused by torch.compile (linears are our custom ops); " if compile else "")
+                      + "prefill timed without a graph (one forward of batch x prompt_len tokens)",
             "crossover": crossover(rows), "checks": checks, "rows": rows}
