@@ -119,9 +119,8 @@ def contenders(layer: Layer, m: int, with_gemlite: bool) -> list[tuple[str, str,
     path = ops.w4a16_path(m, layer.n, layer.k)
     out.append(("w4a16", "quantarena", path,
                 lambda x: ops.w4a16_linear(x, layer.packed, layer.scales, None, GROUP)))
-    for other in ("gemv", "gemv2", "mma", "dequant"):
-        if other != path and (other != "gemv" or m <= ops.W4A16_GEMV_MAX_M) and (other != "mma" or m <= 256) \
-                and (other != "gemv2" or m <= ops.W4A16_GEMV2_MAX_M):
+    for other in ("gemv2", "tc", "dequant"):
+        if other != path and (other != "gemv2" or m == 1) and (other != "tc" or m <= 1024):
             out.append(("w4a16", "quantarena:" + other, other,
                         lambda x, p=other: ops.w4a16_linear(x, layer.packed, layer.scales, None, GROUP, path=p)))
     if m <= 1024:
