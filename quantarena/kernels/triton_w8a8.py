@@ -82,6 +82,94 @@ def int8_gemm_kernel(a_ptr, b_ptr, a_scale_ptr, w_scale_ptr, bias_ptr, out_ptr, 
             tl.atomic_xchg(cnt_ptr + tile_id, 0, sem="relaxed", scope="gpu")
 
 
+@triton.jit
+def a8w8_swap_kernel(a_ptr, b_ptr, a_scale_ptr, w_scale_ptr, bias_ptr, out_ptr, ws_ptr, cnt_ptr,
+                     M, N, K, stride_am, stride_bn, stride_as, stride_om,
+                     HAS_BIAS: tl.constexpr, FP8: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                     BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr, EVEN_K: tl.constexpr):
+    """Skinny-M variant ("swap-AB"): the tile is ``W[BN, BK] @ a^T[BK, BM]`` so the wide weight dimension fills
+    the tensor cores' M slot and a handful of tokens the N slot. int8 x int8 -> int32 (exact) or
+    fp8 e4m3 x fp8 e4m3 -> fp32; same epilogue and split-K finish as :func:`int8_gemm_kernel`."""
+    pid_n = tl.program_id(0)
+    pid_m = tl.program_id(1)
+    pid_k = tl.program_id(2)
+    num_n = tl.cdiv(N, BLOCK_N)
+    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    ram = tl.minimum(rm, M - 1)
+    rbn = tl.max_contiguous(tl.multiple_of(tl.minimum(rn, N - 1), BLOCK_N), BLOCK_N)
+    k_per_split = tl.cdiv(tl.cdiv(K, BLOCK_K), SPLIT_K) * BLOCK_K
+    k_start = pid_k * k_per_split
+    k_end = tl.minimum(k_start + k_per_split, K)
+    rk = tl.arange(0, BLOCK_K)
+    if FP8:
+        acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+    else:
+        acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.int32)
+    for k0 in range(k_start, k_end, BLOCK_K):
+        k = k0 + rk
+        if EVEN_K:
+            w = tl.load(b_ptr + rbn[:, None] * stride_bn + k[None, :])                 # [BN, BK]
+            at = tl.load(a_ptr + ram[None, :] * stride_am + k[:, None])                # [BK, BM]
+        else:
+            w = tl.load(b_ptr + rbn[:, None] * stride_bn + k[None, :], mask=k[None, :] < k_end, other=0)
+            at = tl.load(a_ptr + ram[None, :] * stride_am + k[:, None], mask=k[:, None] < k_end, other=0)
+        if FP8:
+            acc = tl.dot(w, at, acc, out_dtype=tl.float32)
+        else:
+            acc = tl.dot(w, at, acc, out_dtype=tl.int32)
+    acc = tl.trans(acc)                                                                 # [BM, BN]
+    if SPLIT_K == 1:
+        _epilogue(acc, a_scale_ptr, w_scale_ptr, bias_ptr, out_ptr, rm, rn, M, N, stride_as, stride_om, HAS_BIAS)
+    else:
+        mask = (rm[:, None] < M) & (rn[None, :] < N)
+        ws_off = rm[:, None] * N + rn[None, :]
+        tl.store(ws_ptr + pid_k * M * N + ws_off, acc, mask=mask)
+        tl.debug_barrier()  # every thread's partial is written before the release below
+        tile_id = pid_m * num_n + pid_n
+        arrived = tl.atomic_add(cnt_ptr + tile_id, 1, sem="acq_rel", scope="gpu")
+        if arrived == SPLIT_K - 1:
+            total = tl.zeros((BLOCK_M, BLOCK_N), dtype=acc.dtype)
+            for s in range(SPLIT_K):
+                total += tl.load(ws_ptr + s * M * N + ws_off, mask=mask, other=0, cache_modifier=".cg")
+            _epilogue(total, a_scale_ptr, w_scale_ptr, bias_ptr, out_ptr, rm, rn, M, N, stride_as, stride_om,
+                      HAS_BIAS)
+            tl.atomic_xchg(cnt_ptr + tile_id, 0, sem="relaxed", scope="gpu")
+
+
+def swap_config(m: int, n: int, k: int, sms: int) -> dict:
+    """Default skinny-M tile (the tuned table, :mod:`.tuned_w8a8`, wins where it has the shape)."""
+    block_m = max(16, min(128, triton.next_power_of_2(m)))
+    block_n, block_k = 128, 128
+    tiles = triton.cdiv(m, block_m) * triton.cdiv(n, block_n)
+    split, k_steps = 1, triton.cdiv(k, block_k)
+    while tiles * split < 2 * sms and split * 2 <= k_steps and split < 16 and tiles <= MAX_TILES:
+        split *= 2
+    return dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, SPLIT_K=split, num_warps=4, num_stages=4)
+
+
+def a8w8_swap_gemm(a: torch.Tensor, a_scale: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
+                   bias: torch.Tensor | None, out_dtype: torch.dtype, cfg: dict | None = None) -> torch.Tensor:
+    """As :func:`int8_gemm` for int8 or fp8 e4m3 codes (``a`` and ``weight`` of the same kind), swap-AB tiles."""
+    m, k = a.shape
+    n = weight.shape[0]
+    fp8 = a.dtype == torch.float8_e4m3fn
+    if fp8 != (weight.dtype == torch.float8_e4m3fn):
+        raise ValueError(f"activation codes {a.dtype} and weight codes {weight.dtype} must be both int8 or both fp8")
+    w_scale = weight_scale.reshape(-1)
+    cfg = dict(cfg or swap_config(m, n, k, _sm_count(a.device)))
+    split = cfg["SPLIT_K"]
+    out = torch.empty((m, n), dtype=out_dtype, device=a.device)
+    ws = torch.empty((split, m, n) if split > 1 else (1,), dtype=torch.float32 if fp8 else torch.int32,
+                     device=a.device)
+    grid = (triton.cdiv(n, cfg["BLOCK_N"]), triton.cdiv(m, cfg["BLOCK_M"]), split)
+    a8w8_swap_kernel[grid](a, weight, a_scale, w_scale, bias if bias is not None else w_scale, out, ws,
+                           split_k_counters(a.device), m, n, k, a.stride(0), weight.stride(0), a_scale.stride(0),
+                           out.stride(0), HAS_BIAS=bias is not None, FP8=fp8,
+                           EVEN_K=k % (cfg["BLOCK_K"] * split) == 0, **cfg)
+    return out
+
+
 def _sm_count(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 8
 

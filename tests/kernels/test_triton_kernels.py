@@ -243,6 +243,35 @@ def test_int8_gemm_is_exact(m, n, k, split, block_k, bias):
     assert int(T4.split_k_counters(a.device).abs().sum()) == 0
 
 
+@pytest.mark.parametrize("m,n,k,split,block_k,bias", [
+    (1, 40, 300, 1, 64, False),     # one token, ragged K and N
+    (5, 72, 512, 2, 64, True),      # split-K, even K
+    (20, 72, 384, 4, 64, False),    # split-K with a ragged last split, two token tiles
+])
+def test_int8_swap_gemm_is_exact(m, n, k, split, block_k, bias):
+    gen = torch.Generator().manual_seed(7)
+    wq, ws = P.quantize_int8(torch.randn(n, k, generator=gen), "channel")
+    a = torch.randint(-128, 128, (m, k), dtype=torch.int8, generator=gen)
+    a_scale = torch.rand(m, 1, generator=gen)
+    b = torch.randn(n, generator=gen) if bias else None
+    wq, ws, a, a_scale = wq.to(DEVICE), ws.to(DEVICE), a.to(DEVICE), a_scale.to(DEVICE)
+    b = None if b is None else b.to(DEVICE)
+    cfg = dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=block_k, SPLIT_K=split, num_warps=4, num_stages=1)
+    out = T8.a8w8_swap_gemm(a, a_scale, wq, ws, b, torch.float32, cfg)
+    ref = R.int8_matmul(a, wq).float() * a_scale * ws.reshape(1, -1)
+    if b is not None:
+        ref = ref + b
+    assert torch.equal(out, ref)
+    assert int(T4.split_k_counters(a.device).abs().sum()) == 0
+
+
+def test_a8w8_swap_gemm_rejects_mixed_codes():
+    a = torch.zeros(2, 64, dtype=torch.int8, device=DEVICE)
+    w = torch.zeros(32, 64, device=DEVICE).to(torch.float8_e4m3fn)
+    with pytest.raises(ValueError, match="both int8 or both fp8"):
+        T8.a8w8_swap_gemm(a, torch.ones(2, 1, device=DEVICE), w, torch.ones(32, device=DEVICE), None, torch.float32)
+
+
 @pytest.mark.parametrize("static,smooth", [(False, False), (False, True), (True, False)])
 def test_w8a8_op_matches_reference(static, smooth):
     m, n, k = 6, 48, 256
