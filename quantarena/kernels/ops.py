@@ -9,6 +9,10 @@ W4A16 paths by M: the tile GEMV v2 (``gemv2``) at M = 1; the tensor-core kernel 
 to win (M > 256 by default). Per (M bucket, N, K) the path and tile measured fastest on H100 come from
 :mod:`.tuned_w4a16` (written by ``benchmarks/w4a16_tc_tune.py``); shapes not in it get the defaults above.
 The older CUDA-core GEMV (``gemv``, M <= 4) serves group sizes the other two cannot.
+
+W8A8 int8 and FP8: one fused activation-quant kernel, then the GEMM measured fastest for the shape in
+:mod:`.tuned_w8a8`: the swap-AB Triton kernel for skinny M, the tiled int8 kernel (tuned tile) or
+``torch._scaled_mm`` for larger M; untuned shapes get the tiled int8 kernel / ``torch._scaled_mm``.
 The kernel-layout copy of each W4A16
 weight is built once, on first use, and kept while the canonical tensor lives (keyed on the tensor
 object, dropped with it). Build it before CUDA-graph capture: run the layer once first, as every
@@ -150,14 +154,28 @@ def w4a16_linear(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, ze
 
 # ----------------------------------------------------------------------------- W8A8 INT8
 
+def _a8w8_choice(op: str, m: int, n: int, k: int) -> tuple[str, dict | None]:
+    """The GEMM kernel (and tile) measured fastest for an int8 (``w8a8``) or ``fp8`` linear of this shape:
+    from :mod:`.tuned_w8a8` where it has the shape, else the tiled int8 kernel / ``torch._scaled_mm``."""
+    from .tuned_w8a8 import lookup
+
+    tuned = lookup(op, m, n, k)
+    if tuned is not None:
+        return tuned
+    return ("std" if op == "w8a8" else "scaled_mm"), None
+
+
 @torch.library.custom_op("quantarena::w8a8_linear", mutates_args=())
 def _w8a8_op(x2: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor, input_scale: torch.Tensor | None,
              smooth: torch.Tensor | None, bias: torch.Tensor | None) -> torch.Tensor:
     from .triton_act_quant import act_quant
-    from .triton_w8a8 import int8_gemm
+    from .triton_w8a8 import a8w8_swap_gemm, int8_gemm
 
     xq, xs = act_quant(x2.contiguous(), fp8=False, input_scale=input_scale, smooth=smooth)
-    return int8_gemm(xq, xs, weight, weight_scale, bias, x2.dtype)
+    kernel, cfg = _a8w8_choice("w8a8", x2.shape[0], weight.shape[0], weight.shape[1])
+    if kernel == "swap":
+        return a8w8_swap_gemm(xq, xs, weight, weight_scale, bias, x2.dtype, cfg)
+    return int8_gemm(xq, xs, weight, weight_scale, bias, x2.dtype, cfg)
 
 
 @_w8a8_op.register_fake
@@ -185,6 +203,11 @@ def _fp8_op(x2: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
     from .triton_act_quant import act_quant
 
     xq, xs = act_quant(x2.contiguous(), fp8=True)
+    kernel, cfg = _a8w8_choice("fp8", x2.shape[0], weight.shape[0], weight.shape[1])
+    if kernel == "swap":
+        from .triton_w8a8 import a8w8_swap_gemm
+
+        return a8w8_swap_gemm(xq, xs, weight, weight_scale, bias, x2.dtype, cfg)
     # weight [N, K] row-major: .t() is the column-major [K, N] operand cuBLASLt wants; rowwise scales
     return torch._scaled_mm(xq, weight.t(), scale_a=xs, scale_b=weight_scale.reshape(1, -1),
                             bias=bias, out_dtype=x2.dtype)

@@ -265,6 +265,31 @@ def test_int8_swap_gemm_is_exact(m, n, k, split, block_k, bias):
     assert int(T4.split_k_counters(a.device).abs().sum()) == 0
 
 
+def test_fp8_swap_gemm_matches_the_float_product():
+    gen = torch.Generator().manual_seed(8)
+    wq, ws = P.quantize_fp8(torch.randn(40, 256, generator=gen), "row")
+    xq, xs = P.quantize_fp8(torch.randn(3, 256, generator=gen), "row")
+    wq, ws, xq, xs = wq.to(DEVICE), ws.to(DEVICE), xq.to(DEVICE), xs.to(DEVICE)
+    cfg = dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=64, SPLIT_K=2, num_warps=4, num_stages=1)
+    out = T8.a8w8_swap_gemm(xq, xs, wq, ws, None, torch.float32, cfg)
+    ref = (xq.float() @ wq.float().t()) * xs * ws.reshape(1, -1)
+    assert rel_err(out, ref) < 1e-3   # Hopper's fp8 MMA accumulates with reduced precision
+
+
+def test_w8a8_tuned_table_is_consistent():
+    from quantarena.kernels import tuned_w8a8 as TW
+
+    assert TW.TABLE, "the dispatch table is empty"
+    for (op, m, n, k), (kernel, cfg) in TW.TABLE.items():
+        assert op in ("w8a8", "fp8") and m in TW.BUCKETS
+        assert kernel in (("std", "swap") if op == "w8a8" else ("scaled_mm", "swap"))
+        if kernel != "scaled_mm":
+            assert {"BLOCK_M", "BLOCK_N", "BLOCK_K", "SPLIT_K"} <= set(cfg)
+    assert ops._a8w8_choice("w8a8", 3, 96, 256) == ("std", None)          # untuned shape: defaults
+    assert ops._a8w8_choice("fp8", 3, 96, 256) == ("scaled_mm", None)
+    assert ops._a8w8_choice("w8a8", 3, 4096, 4096) == TW.TABLE[("w8a8", 4, 4096, 4096)]
+
+
 def test_a8w8_swap_gemm_rejects_mixed_codes():
     a = torch.zeros(2, 64, dtype=torch.int8, device=DEVICE)
     w = torch.zeros(32, 64, device=DEVICE).to(torch.float8_e4m3fn)
