@@ -30,6 +30,28 @@ def _epilogue(acc, a_scale_ptr, w_scale_ptr, bias_ptr, out_ptr, rm, rn, M, N, st
 
 
 @triton.jit
+def _finish(acc, a_scale_ptr, w_scale_ptr, bias_ptr, out_ptr, ws_ptr, cnt_ptr, rm, rn, M, N, stride_as, stride_om,
+            pid_k, tile_id, SPLIT_K: tl.constexpr, HAS_BIAS: tl.constexpr):
+    """acc [BM, BN] (int32 or fp32): the epilogue, at once or, with split-K, by the last program of the tile
+    after summing every split's partial (exact for int32); that program resets the tile's counter."""
+    if SPLIT_K == 1:
+        _epilogue(acc, a_scale_ptr, w_scale_ptr, bias_ptr, out_ptr, rm, rn, M, N, stride_as, stride_om, HAS_BIAS)
+    else:
+        mask = (rm[:, None] < M) & (rn[None, :] < N)
+        ws_off = rm[:, None] * N + rn[None, :]
+        tl.store(ws_ptr + pid_k * M * N + ws_off, acc, mask=mask)
+        tl.debug_barrier()  # every thread's partial is written before the release below
+        arrived = tl.atomic_add(cnt_ptr + tile_id, 1, sem="acq_rel", scope="gpu")
+        if arrived == SPLIT_K - 1:
+            total = tl.zeros_like(acc)
+            for s in range(SPLIT_K):
+                total += tl.load(ws_ptr + s * M * N + ws_off, mask=mask, other=0, cache_modifier=".cg")
+            _epilogue(total, a_scale_ptr, w_scale_ptr, bias_ptr, out_ptr, rm, rn, M, N, stride_as, stride_om,
+                      HAS_BIAS)
+            tl.atomic_xchg(cnt_ptr + tile_id, 0, sem="relaxed", scope="gpu")
+
+
+@triton.jit
 def int8_gemm_kernel(a_ptr, b_ptr, a_scale_ptr, w_scale_ptr, bias_ptr, out_ptr, ws_ptr, cnt_ptr,
                      M, N, K, stride_am, stride_bn, stride_as, stride_om,
                      HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -64,22 +86,8 @@ def int8_gemm_kernel(a_ptr, b_ptr, a_scale_ptr, w_scale_ptr, bias_ptr, out_ptr, 
             a = tl.load(a_ptr + ram[:, None] * stride_am + k[None, :], mask=k[None, :] < k_end, other=0)
             b = tl.load(b_ptr + rbn[:, None] * stride_bn + k[None, :], mask=k[None, :] < k_end, other=0)
         acc = tl.dot(a, tl.trans(b), acc, out_dtype=tl.int32)
-    if SPLIT_K == 1:
-        _epilogue(acc, a_scale_ptr, w_scale_ptr, bias_ptr, out_ptr, rm, rn, M, N, stride_as, stride_om, HAS_BIAS)
-    else:
-        mask = (rm[:, None] < M) & (rn[None, :] < N)
-        ws_off = rm[:, None] * N + rn[None, :]
-        tl.store(ws_ptr + pid_k * M * N + ws_off, acc, mask=mask)
-        tl.debug_barrier()  # every thread's partial is written before the release below
-        tile_id = pid_m * num_n + pid_n
-        arrived = tl.atomic_add(cnt_ptr + tile_id, 1, sem="acq_rel", scope="gpu")
-        if arrived == SPLIT_K - 1:
-            total = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
-            for s in range(SPLIT_K):
-                total += tl.load(ws_ptr + s * M * N + ws_off, mask=mask, other=0, cache_modifier=".cg")
-            _epilogue(total, a_scale_ptr, w_scale_ptr, bias_ptr, out_ptr, rm, rn, M, N, stride_as, stride_om,
-                      HAS_BIAS)
-            tl.atomic_xchg(cnt_ptr + tile_id, 0, sem="relaxed", scope="gpu")
+    _finish(acc, a_scale_ptr, w_scale_ptr, bias_ptr, out_ptr, ws_ptr, cnt_ptr, rm, rn, M, N, stride_as, stride_om,
+            pid_k, pid_m * num_n + pid_n, SPLIT_K, HAS_BIAS)
 
 
 @triton.jit
@@ -118,23 +126,8 @@ def a8w8_swap_kernel(a_ptr, b_ptr, a_scale_ptr, w_scale_ptr, bias_ptr, out_ptr, 
             acc = tl.dot(w, at, acc, out_dtype=tl.float32)
         else:
             acc = tl.dot(w, at, acc, out_dtype=tl.int32)
-    acc = tl.trans(acc)                                                                 # [BM, BN]
-    if SPLIT_K == 1:
-        _epilogue(acc, a_scale_ptr, w_scale_ptr, bias_ptr, out_ptr, rm, rn, M, N, stride_as, stride_om, HAS_BIAS)
-    else:
-        mask = (rm[:, None] < M) & (rn[None, :] < N)
-        ws_off = rm[:, None] * N + rn[None, :]
-        tl.store(ws_ptr + pid_k * M * N + ws_off, acc, mask=mask)
-        tl.debug_barrier()  # every thread's partial is written before the release below
-        tile_id = pid_m * num_n + pid_n
-        arrived = tl.atomic_add(cnt_ptr + tile_id, 1, sem="acq_rel", scope="gpu")
-        if arrived == SPLIT_K - 1:
-            total = tl.zeros((BLOCK_M, BLOCK_N), dtype=acc.dtype)
-            for s in range(SPLIT_K):
-                total += tl.load(ws_ptr + s * M * N + ws_off, mask=mask, other=0, cache_modifier=".cg")
-            _epilogue(total, a_scale_ptr, w_scale_ptr, bias_ptr, out_ptr, rm, rn, M, N, stride_as, stride_om,
-                      HAS_BIAS)
-            tl.atomic_xchg(cnt_ptr + tile_id, 0, sem="relaxed", scope="gpu")
+    _finish(tl.trans(acc), a_scale_ptr, w_scale_ptr, bias_ptr, out_ptr, ws_ptr, cnt_ptr, rm, rn, M, N, stride_as,
+            stride_om, pid_k, pid_m * num_n + pid_n, SPLIT_K, HAS_BIAS)
 
 
 def swap_config(m: int, n: int, k: int, sms: int) -> dict:
