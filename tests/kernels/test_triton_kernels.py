@@ -219,6 +219,15 @@ def test_act_quant_fp8_scales_are_exact():
 
 # ----------------------------------------------------------------------------- int8 GEMM
 
+def _assert_exact_epilogue(out: torch.Tensor, ref: torch.Tensor, has_bias: bool) -> None:
+    """The int32 sums are exact; with a bias the GPU contracts ``acc * scales + bias`` into one fma (one
+    rounding instead of two), so allow that last ulp there."""
+    if has_bias and out.is_cuda:
+        assert (out - ref).abs().max() <= 2e-7 * ref.abs().max()
+    else:
+        assert torch.equal(out, ref)
+
+
 @pytest.mark.parametrize("m,n,k,split,block_k,bias", [
     (3, 40, 300, 1, 64, False),     # ragged K (masked loads)
     (3, 40, 512, 2, 64, True),      # split-K, even K
@@ -239,7 +248,7 @@ def test_int8_gemm_is_exact(m, n, k, split, block_k, bias):
     ref = R.int8_matmul(a, wq).float() * a_scale * ws.reshape(1, -1)
     if b is not None:
         ref = ref + b
-    assert torch.equal(out, ref)
+    _assert_exact_epilogue(out, ref, b is not None)
     assert int(T4.split_k_counters(a.device).abs().sum()) == 0
 
 
@@ -261,7 +270,7 @@ def test_int8_swap_gemm_is_exact(m, n, k, split, block_k, bias):
     ref = R.int8_matmul(a, wq).float() * a_scale * ws.reshape(1, -1)
     if b is not None:
         ref = ref + b
-    assert torch.equal(out, ref)
+    _assert_exact_epilogue(out, ref, b is not None)
     assert int(T4.split_k_counters(a.device).abs().sum()) == 0
 
 
