@@ -33,6 +33,8 @@ class CalibrationOptions:
     awq_windows: int = 4            # AWQ: windows whose module outputs measure each candidate's loss
     awq_duo_scaling: bool = True    # AWQ: s = x^r / w^(1-r) (llm-compressor's default) instead of s = x^r
     awq_clip: bool = True           # AWQ: weight-clipping search (not with GPTQ, which rounds itself)
+    awq_clip_sweeps: int = 2        # AWQ clipping scored through X^T X of all tokens, with this many cross-group
+                                    # coordinate-descent passes; -1: per (row, group) on sample rows (AutoAWQ's)
     sample_tokens: int = 512        # token rows kept per layer input for clipping / alpha searches
     alpha_search: bool = False      # SmoothQuant: per-layer alpha on output error instead of scheme.alpha
 
@@ -125,7 +127,9 @@ def _awq(ctx: BlockContext, groups: list[SmoothGroup], scheme: Scheme, opts: Cal
     MLP, or the Linear itself), folding, then the clipping search."""
     foldable = [g for g in groups if smoothquant.can_fold(_prev(ctx.block, g), g.prev_kind,
                                                         ctx.block.get_submodule(g.linears[0]).in_features)]
-    stats = {g: InputStats(sample_tokens=opts.sample_tokens) for g in groups}
+    clip = opts.awq_clip and not scheme.method.endswith("gptq")
+    full_clip = clip and opts.awq_clip_sweeps >= 0
+    stats = {g: InputStats(sample_tokens=0 if full_clip else opts.sample_tokens, hessian=full_clip) for g in groups}
     watched = {}  # group -> (module whose outputs measure the loss, its recorded calls)
     for g in foldable:
         parent = _common_parent(g.linears) if g.prev_kind != "linear" else ""
@@ -163,14 +167,20 @@ def _awq(ctx: BlockContext, groups: list[SmoothGroup], scheme: Scheme, opts: Cal
         smoothquant.fold_into_prev(_prev(ctx.block, g), g.prev_kind, s)
         smoothquant.scale_inputs(linears, s)
         stats[g].samples = [x / s for x in stats[g].samples]
-    if opts.awq_clip and not scheme.method.endswith("gptq"):
+        if stats[g].H is not None:  # the Linears now see x / s
+            stats[g].H = stats[g].H / s.unsqueeze(0) / s.unsqueeze(1)
+    if clip:
         for g in groups:
-            x = stats[g].sample()
+            x = None if full_clip else stats[g].sample()
             for n in g.linears:
                 if n.endswith(_NO_CLIP):
                     continue
                 lin = ctx.block.get_submodule(n)
-                max_val = awq.search_clip(lin.weight.detach(), x, scheme.group_size, scheme.symmetric)
+                if full_clip:
+                    max_val = awq.search_clip_full(lin.weight.detach(), stats[g].hessian, scheme.group_size,
+                                                   scheme.symmetric, sweeps=opts.awq_clip_sweeps)
+                else:
+                    max_val = awq.search_clip(lin.weight.detach(), x, scheme.group_size, scheme.symmetric)
                 lin.weight.data = awq.apply_clip(lin.weight.detach(), max_val)
     return {"loss": total}
 

@@ -8,7 +8,9 @@ Two searches, both pure functions here (the caller supplies the model-aware loss
   (large activations) get larger weights, so rounding hurts them less. ``s`` is then folded into the
   preceding op (see :mod:`.smoothquant`).
 * :func:`search_clip`: per (output row, group) the clipping range ``max|W| * ratio`` that minimises the
-  error of ``X Q(clip(W))^T`` against ``X W^T`` on sample inputs.
+  error of ``X Q(clip(W))^T`` against ``X W^T`` on sample inputs; :func:`search_clip_full` the same
+  grid, scored through ``H = X^T X / n`` over all calibration tokens with the cross-group terms of each
+  row's output error (coordinate descent over the groups). The latter is the default in ``quantize``.
 """
 from __future__ import annotations
 
@@ -88,6 +90,50 @@ def search_clip(W: torch.Tensor, x: torch.Tensor, group_size: int = 128, symmetr
         best_err = torch.where(better, err, best_err)
         best_max = torch.where(better, max_val, best_max)
     return best_max
+
+
+@torch.no_grad()
+def search_clip_full(W: torch.Tensor, H: torch.Tensor, group_size: int = 128, symmetric: bool = True,
+                     n_grid: int = 20, max_shrink: float = 0.5, sweeps: int = 2) -> torch.Tensor:
+    """Clipping bounds ``[out, in/g]`` for ``W [out, in]`` that minimise each row's whole output error
+    ``d H d^T`` (``d`` the row's rounding error, ``H [in, in]`` the input second moments over every
+    calibration token). First each (row, group) on its own (``d_g H_gg d_g^T``, what :func:`search_clip`
+    measures on sample rows), then ``sweeps`` passes of coordinate descent over the groups with the
+    cross-group terms included, so a group's choice can offset the others' rounding error."""
+    out_features, in_features = W.shape
+    g = in_features if group_size == -1 else group_size
+    P.check_group_size(in_features, g)
+    n_cand = int(max_shrink * n_grid)
+    W, H = W.float(), H.float().to(W.device)
+    rows = max(1, min(out_features, (1 << 26) // max(n_cand * in_features, 1)))  # rows are independent
+    return torch.cat([_clip_rows(W[r:r + rows], H, g, symmetric, n_grid, n_cand, sweeps)
+                      for r in range(0, out_features, rows)])
+
+
+def _clip_rows(W: torch.Tensor, H: torch.Tensor, g: int, symmetric: bool, n_grid: int, n_cand: int,
+               sweeps: int) -> torch.Tensor:
+    out_features, in_features = W.shape
+    n_groups = in_features // g
+    org_max = W.abs().reshape(out_features, n_groups, g).amax(dim=-1)               # [out, G]
+    maxes = torch.stack([org_max * (1.0 - i / n_grid) for i in range(n_cand)])      # [C, out, G]
+    cands = torch.stack([rtn.fake_int4(apply_clip(W, m), g, symmetric) - W for m in maxes])  # [C, out, in]
+    choice = torch.zeros(out_features, n_groups, dtype=torch.long, device=W.device)
+    rows = torch.arange(out_features, device=W.device)
+    D = None  # rounding error of the current choice [out, in]
+    for sweep in range(sweeps + 1):
+        for j in range(n_groups):
+            sl = slice(j * g, (j + 1) * g)
+            Hjj = H[sl, sl]
+            dj = cands[:, :, sl]                                                   # [C, out, g]
+            err = ((dj @ Hjj) * dj).sum(-1)                                        # [C, out]
+            if D is not None:  # cross terms with the other groups' current errors
+                err = err + 2.0 * (dj * (D @ H[:, sl] - D[:, sl] @ Hjj)).sum(-1)
+            choice[:, j] = err.argmin(dim=0)
+            if D is not None:
+                D[:, sl] = dj[choice[:, j], rows]
+        if D is None:
+            D = cands.gather(0, choice.repeat_interleave(g, dim=1).unsqueeze(0)).squeeze(0)
+    return maxes.gather(0, choice.unsqueeze(0)).squeeze(0)
 
 
 def apply_clip(W: torch.Tensor, max_val: torch.Tensor) -> torch.Tensor:
