@@ -7,7 +7,8 @@ work goes through ``torch.library`` custom ops (``quantarena::w4a16_linear``, ``
 W4A16 paths by M: the tile GEMV v2 (``gemv2``) at M = 1; the tensor-core kernel (``tc``,
 :mod:`.triton_w4a16_tc`) from M = 2; dequantize + cuBLAS (``dequant``) once M is large enough for cuBLAS
 to win (M > 256 by default). Per (M bucket, N, K) the path and tile measured fastest on H100 come from
-:mod:`.tuned_w4a16` (written by ``benchmarks/w4a16_tc_tune.py``); shapes not in it get the defaults above.
+:mod:`.tuned_w4a16` (written by ``benchmarks/w4a16_tc_tune.py``); shapes not in it, and GPUs other than
+Hopper (the tables were measured on an H100), get the defaults above.
 The older CUDA-core GEMV (``gemv``, M <= 4) serves group sizes the other two cannot.
 
 W8A8 int8 and FP8: one fused activation-quant kernel, then the GEMM measured fastest for the shape in
@@ -29,6 +30,11 @@ from . import reference
 W4A16_GEMV_MAX_M = 4
 W4A16_GEMV2_MAX_M = 16
 W4A16_TC_MAX_M = 256          # default upper end of the tensor-core path; dequant + cuBLAS above
+
+
+def _tuned_for(x: torch.Tensor) -> bool:
+    """The dispatch tables were measured on an H100: use them on Hopper GPUs (sm_90), defaults elsewhere."""
+    return x.device.type == "cuda" and torch.cuda.get_device_capability(x.device)[0] == 9
 
 
 def _triton_ok(x: torch.Tensor) -> bool:
@@ -90,11 +96,11 @@ def _prepared(packed: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | 
     return prep
 
 
-def w4a16_path(m: int, n: int | None = None, k: int | None = None) -> str:
+def w4a16_path(m: int, n: int | None = None, k: int | None = None, tuned_table: bool = True) -> str:
     """Which W4A16 CUDA kernel serves M rows of an N x K weight: the measured fastest where tuned."""
     from .tuned_w4a16 import lookup
 
-    tuned = lookup(m, n, k)
+    tuned = lookup(m, n, k) if tuned_table else None
     if tuned is not None:
         return tuned[0]
     if m == 1:
@@ -123,7 +129,7 @@ def _w4a16_op(x2: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, zero
     if path == "tc":
         from .tuned_w4a16 import lookup
 
-        tuned = lookup(m, n, k)
+        tuned = lookup(m, n, k) if _tuned_for(x2) else None
         cfg = tuned[1] if tuned is not None and tuned[0] == "tc" else None
         return TC.w4a16_tc(x2, prep.striped, bias, cfg)
     return T.w4a16_dequant_matmul(x2, prep.striped, bias)
@@ -142,7 +148,7 @@ def w4a16_linear(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, ze
     if not _triton_ok(x) or in_features % 8 or group_size % 8:
         return reference.w4a16_linear(x, packed, scales, zeros, group_size, bias, g_idx)
     x2 = x.reshape(-1, in_features)
-    path = path or w4a16_path(x2.shape[0], packed.shape[0], in_features)
+    path = path or w4a16_path(x2.shape[0], packed.shape[0], in_features, _tuned_for(x2))
     if path == "gemv" and x2.shape[0] > W4A16_GEMV_MAX_M:
         raise ValueError(f"the W4A16 GEMV serves at most {W4A16_GEMV_MAX_M} rows, got {x2.shape[0]}")
     if path == "gemv2" and x2.shape[0] > W4A16_GEMV2_MAX_M:
@@ -154,12 +160,12 @@ def w4a16_linear(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, ze
 
 # ----------------------------------------------------------------------------- W8A8 INT8
 
-def _a8w8_choice(op: str, m: int, n: int, k: int) -> tuple[str, dict | None]:
+def _a8w8_choice(op: str, m: int, n: int, k: int, tuned_table: bool = True) -> tuple[str, dict | None]:
     """The GEMM kernel (and tile) measured fastest for an int8 (``w8a8``) or ``fp8`` linear of this shape:
     from :mod:`.tuned_w8a8` where it has the shape, else the tiled int8 kernel / ``torch._scaled_mm``."""
     from .tuned_w8a8 import lookup
 
-    tuned = lookup(op, m, n, k)
+    tuned = lookup(op, m, n, k) if tuned_table else None
     if tuned is not None:
         return tuned
     return ("std" if op == "w8a8" else "scaled_mm"), None
@@ -172,7 +178,7 @@ def _w8a8_op(x2: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
     from .triton_w8a8 import a8w8_swap_gemm, int8_gemm
 
     xq, xs = act_quant(x2.contiguous(), fp8=False, input_scale=input_scale, smooth=smooth)
-    kernel, cfg = _a8w8_choice("w8a8", x2.shape[0], weight.shape[0], weight.shape[1])
+    kernel, cfg = _a8w8_choice("w8a8", x2.shape[0], weight.shape[0], weight.shape[1], _tuned_for(x2))
     if kernel == "swap":
         return a8w8_swap_gemm(xq, xs, weight, weight_scale, bias, x2.dtype, cfg)
     return int8_gemm(xq, xs, weight, weight_scale, bias, x2.dtype, cfg)
@@ -203,7 +209,7 @@ def _fp8_op(x2: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
     from .triton_act_quant import act_quant
 
     xq, xs = act_quant(x2.contiguous(), fp8=True)
-    kernel, cfg = _a8w8_choice("fp8", x2.shape[0], weight.shape[0], weight.shape[1])
+    kernel, cfg = _a8w8_choice("fp8", x2.shape[0], weight.shape[0], weight.shape[1], _tuned_for(x2))
     if kernel == "swap":
         from .triton_w8a8 import a8w8_swap_gemm
 

@@ -100,6 +100,8 @@ def test_w4a16_dispatch_by_m():
     assert ops.w4a16_path(3, 4096, 4096) == "tc" and ops.w4a16_path(16, 4096, 14336) == "tc"
     assert ops.w4a16_path(100, 96, 256) == "tc"          # untuned shape: the default by M
     assert ops.w4a16_path(5000, 4096, 4096) == "dequant"
+    assert ops.w4a16_path(512, 4096, 4096, tuned_table=False) == "dequant"   # non-Hopper GPUs: defaults only
+    assert ops.w4a16_path(128, 1024, 4096) == "dequant" and ops.w4a16_path(128, 1024, 4096, False) == "tc"
 
 
 def test_w4a16_tuned_table_is_consistent():
@@ -297,6 +299,7 @@ def test_w8a8_tuned_table_is_consistent():
     assert ops._a8w8_choice("w8a8", 3, 96, 256) == ("std", None)          # untuned shape: defaults
     assert ops._a8w8_choice("fp8", 3, 96, 256) == ("scaled_mm", None)
     assert ops._a8w8_choice("w8a8", 3, 4096, 4096) == TW.TABLE[("w8a8", 4, 4096, 4096)]
+    assert ops._a8w8_choice("fp8", 3, 4096, 4096, tuned_table=False) == ("scaled_mm", None)
 
 
 def test_a8w8_swap_gemm_rejects_mixed_codes():
