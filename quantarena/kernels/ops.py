@@ -14,8 +14,8 @@ The older CUDA-core GEMV (``gemv``, M <= 4) serves group sizes the other two can
 W8A8 int8 and FP8: one fused activation-quant kernel, then the GEMM measured fastest for the shape in
 :mod:`.tuned_w8a8`: the swap-AB Triton kernel for skinny M, the tiled int8 kernel (tuned tile) or
 ``torch._scaled_mm`` for larger M; untuned shapes get the tiled int8 kernel / ``torch._scaled_mm``.
-The kernel-layout copy of each W4A16
-weight is built once, on first use, and kept while the canonical tensor lives (keyed on the tensor
+
+The kernel-layout copy of each W4A16 weight is built once, on first use, and kept while the canonical tensor lives (keyed on the tensor
 object, dropped with it). Build it before CUDA-graph capture: run the layer once first, as every
 graph capture needs a warm-up call anyway.
 """

@@ -1,28 +1,25 @@
 """W4A16 tensor-core GEMM for small and medium M (Triton), "swap-AB".
 
 The tile computed is ``out^T[BN, BM] = W[BN, BK] @ x^T[BK, BM]``: the dequantized weight tile is the
-left operand of the dot. On Hopper the left operand of ``wgmma`` may live in registers, so the weight
-goes global -> registers -> (dequantize) -> tensor cores without a shared-memory round trip; only the
-small activation tile is staged through shared memory. The weight words are read along K (the
-contiguous dimension of the canonical ``[N, K/8]`` layout), so the loads are coalesced.
+left operand of the dot, so the wide weight dimension fills the tensor cores' M slot and a few tokens the
+N slot. The weight words are read along K (the contiguous dimension of the canonical ``[N, K/8]``
+layout), so the loads are coalesced. (Hopper's ``wgmma`` could take the left operand from registers, but
+Triton 3.6 still stages the dequantized tile through shared memory before the dot: see
+``benchmarks/results/h100-notes.md``.)
 
-Two ways to get nibbles out of the words (``UNPACK``):
+The tile is loaded once as ``[BN, BK/8]`` words and its nibbles are made floats in one of two ways
+(``UNPACK``):
 
-* ``0`` ("dup"): the tile is loaded as ``[BN, BK]`` with each word's address repeated for its eight
-  elements (served by L1), every element shifting its own nibble out. Purely elementwise from the load,
-  so Triton can load straight into the dot-operand layout.
-* ``1`` ("join"): the tile is loaded once as ``[BN, BK/8]`` words and split into eight nibble planes
-  that are interleaved back into ``[BN, BK]``.
+* ``1``: eight nibble planes by shift-and-mask, or-ed into the mantissa of ``2^23`` (``u | 0x4B000000``
+  is the float ``2^23 + u``, no int->float convert), interleaved back into ``[BN, BK]``; the
+  ``2^23 + 8 (+ zero)`` offset is subtracted exactly.
+* ``2`` (GPU only, the tuned choice): bf16 pairs straight from inline PTX (prmt, lop3 and one bf16x2 fma
+  per two weights, plus two shifts per two words). The interpreter cannot run PTX, so under
+  ``TRITON_INTERPRET`` (and for fp16 activations) the launcher runs ``1``; the GPU benchmark and the
+  kernel tests on a GPU check ``2`` against the reference.
 
-* ``2`` ("asm", GPU only): as ``1``, with the nibbles turned into bf16 pairs by inline PTX (prmt, lop3 and
-  one bf16x2 fma per two weights, plus two shifts per two words). The interpreter cannot run PTX, so under ``TRITON_INTERPRET`` the
-  launcher runs ``1`` instead; the GPU benchmark checks ``2`` against the reference.
-
-``0`` and ``1`` make floats without an int->float convert: ``u | 0x4B000000`` is the float ``2^23 + u``;
-the ``2^23 + 8 (+ zero)`` offset is subtracted exactly. The group scale multiplies the fp32 dot result of a
-K step (``BLOCK_K`` divides the group size), which is cheaper than scaling every weight.
-
-Split-K reuses the single-launch counter finish of :mod:`.triton_w4a16`.
+The group scale multiplies the fp32 dot result of a K step (``BLOCK_K`` divides the group size), which is
+cheaper than scaling every weight. Split-K reuses the single-launch counter finish of :mod:`.triton_w4a16`.
 """
 from __future__ import annotations
 
@@ -35,23 +32,18 @@ from .triton_w4a16 import (INTERPRETING, MAX_TILES, StripedWeight, _dot, _sm_cou
 
 
 @triton.jit
-def _unpack_tile(w_ptr, rbn, kw0, KW, BLOCK_K: tl.constexpr, UNPACK: tl.constexpr):
+def _unpack_tile(w_ptr, rbn, kw0, KW, BLOCK_K: tl.constexpr):
     """Nibbles u in [0, 16) of the [BN, BK] tile starting at word kw0, as floats 2^23 + u."""
-    if UNPACK == 0:
-        rk = tl.arange(0, BLOCK_K)
-        words = tl.load(w_ptr + rbn[:, None] * KW + (kw0 + rk // 8)[None, :])          # [BN, BK]
-        u = (words >> ((rk % 8) * 4)[None, :]) & 0xF
-    else:
-        rkw = tl.arange(0, BLOCK_K // 8)
-        words = tl.load(w_ptr + rbn[:, None] * KW + (kw0 + rkw)[None, :])              # [BN, BK/8]
-        a01 = tl.join(words & 0xF, (words >> 4) & 0xF)                                  # [BN, BKW, 2]
-        a23 = tl.join((words >> 8) & 0xF, (words >> 12) & 0xF)
-        a45 = tl.join((words >> 16) & 0xF, (words >> 20) & 0xF)
-        a67 = tl.join((words >> 24) & 0xF, (words >> 28) & 0xF)
-        a = tl.join(tl.join(a01, a23), tl.join(a45, a67))                              # [BN, BKW, 2, 2, 2]
-        # join appends the new axis last: a[..., i, j, l] is nibble 4l + 2j + i -> reorder to (l, j, i)
-        a = tl.permute(a, (0, 1, 4, 3, 2))
-        u = tl.reshape(a, (rbn.shape[0], BLOCK_K))
+    rkw = tl.arange(0, BLOCK_K // 8)
+    words = tl.load(w_ptr + rbn[:, None] * KW + (kw0 + rkw)[None, :])                  # [BN, BK/8]
+    a01 = tl.join(words & 0xF, (words >> 4) & 0xF)                                      # [BN, BKW, 2]
+    a23 = tl.join((words >> 8) & 0xF, (words >> 12) & 0xF)
+    a45 = tl.join((words >> 16) & 0xF, (words >> 20) & 0xF)
+    a67 = tl.join((words >> 24) & 0xF, (words >> 28) & 0xF)
+    a = tl.join(tl.join(a01, a23), tl.join(a45, a67))                                  # [BN, BKW, 2, 2, 2]
+    # join appends the new axis last: a[..., i, j, l] is nibble 4l + 2j + i -> reorder to (l, j, i)
+    a = tl.permute(a, (0, 1, 4, 3, 2))
+    u = tl.reshape(a, (rbn.shape[0], BLOCK_K))
     return (u | 0x4B000000).to(tl.float32, bitcast=True)
 
 
@@ -117,7 +109,7 @@ def w4a16_tc_kernel(x_ptr, w_ptr, s_ptr, z_ptr, bias_ptr, out_ptr, ws_ptr, cnt_p
             if HAS_ZERO:
                 q = q - tl.load(z_ptr + rbn * G + grp).to(tl.bfloat16)[:, None]
         else:
-            f = _unpack_tile(w_ptr, rbn, k0 // 8, KW, BLOCK_K, UNPACK)
+            f = _unpack_tile(w_ptr, rbn, k0 // 8, KW, BLOCK_K)
             if HAS_ZERO:
                 z = tl.load(z_ptr + rbn * G + grp).to(tl.float32)
                 q = f - (8388608.0 + 8.0 + z[:, None])
@@ -146,7 +138,7 @@ def tc_supported(w: StripedWeight) -> bool:
 
 def w4a16_tc(x2: torch.Tensor, w: StripedWeight, bias: torch.Tensor | None = None,
              cfg: dict | None = None) -> torch.Tensor:
-    """x2: [M, K] contiguous -> [M, N] (tensor cores, weight dequantized in registers)."""
+    """x2: [M, K] contiguous -> [M, N] (tensor cores, the weight tile dequantized on the fly)."""
     m, n, k = x2.shape[0], w.out_features, w.in_features
     cfg = dict(cfg or tc_config(m, n, k, w.group_size, _sm_count(x2.device)))
     if cfg.get("UNPACK") == 2 and (INTERPRETING or x2.dtype != torch.bfloat16):

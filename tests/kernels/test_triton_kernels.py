@@ -111,7 +111,7 @@ def test_w4a16_tuned_table_is_consistent():
     for (m, n, k), (path, cfg) in TW.TABLE.items():
         assert m in TW.BUCKETS and path in ("gemv2", "tc", "dequant")
         if path == "tc":
-            assert 128 % cfg["BLOCK_K"] == 0 and k % cfg["BLOCK_K"] == 0 and cfg["UNPACK"] in (0, 1, 2)
+            assert 128 % cfg["BLOCK_K"] == 0 and k % cfg["BLOCK_K"] == 0 and cfg["UNPACK"] in (1, 2)
     assert TW.lookup(3, 4096, 4096) == TW.TABLE.get((4, 4096, 4096)) and TW.lookup(3, None, 4096) is None
 
 
@@ -137,9 +137,9 @@ def test_w4a16_kernel_layout_cache_frees_with_the_weight():
 
 
 @pytest.mark.parametrize("m,n,split,block_k,group,symmetric,unpack", [
-    (1, 72, 1, 128, 128, True, 0),     # ragged N, one row
+    (1, 72, 1, 128, 128, True, 1),     # ragged N, one row
     (5, 72, 2, 64, 128, False, 1),     # asymmetric, split-K, nibble planes joined
-    (17, 40, 4, 32, 64, True, 0),      # ragged M across two row tiles, small groups
+    (17, 40, 4, 32, 64, True, 2),      # ragged M across two row tiles, small groups (PTX unpack on a GPU)
     (33, 64, 1, 64, 64, False, 1),
 ])
 def test_w4a16_tc_matches_reference(m, n, split, block_k, group, symmetric, unpack):
@@ -157,7 +157,7 @@ def test_w4a16_tc_matches_reference(m, n, split, block_k, group, symmetric, unpa
 def test_w4a16_tc_rejects_a_k_step_that_spans_groups():
     packed, scales, zeros = make_w4(32, 256, 32, True)
     w = T4.StripedWeight(packed, scales, zeros, 32)
-    cfg = dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=64, SPLIT_K=1, UNPACK=0, num_warps=4, num_stages=1)
+    cfg = dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=64, SPLIT_K=1, UNPACK=1, num_warps=4, num_stages=1)
     with pytest.raises(ValueError, match="BLOCK_K 64 must divide"):
         TC.w4a16_tc(make_x(2, 256), w, None, cfg)
 
