@@ -61,29 +61,44 @@ def repack_striped(packed: torch.Tensor, in_features: int, stripe: int) -> torch
 # ----------------------------------------------------------------------------- split-K finish
 
 @triton.jit
-def _split_k_finish(part, ws_ptr, cnt_ptr, bias_ptr, out_ptr, rm, rn, M, N, stride_om,
-                    pid_k, tile_id, SPLIT_K: tl.constexpr, HAS_BIAS: tl.constexpr):
-    """part: fp32 [BM, BN] partial sum of this program. Writes out (bf16/fp16) once all splits are in."""
+def split_k_reduce(part, ws_ptr, cnt_ptr, rm, rn, M, N, pid_k, tile_id, SPLIT_K):
+    """Split-K in one launch: each program stores its partial ``part`` [BM, BN] (fp32 or int32) to the
+    workspace and counts itself in at the tile's counter. Returns ``(total, last)``: in the last program
+    to arrive, the sum of every split's partial (exact for int32) and True, after resetting the counter to
+    zero so the buffer is reusable across calls and CUDA-graph replays; elsewhere zeros and False.
+    ``SPLIT_K`` may be a constexpr or a runtime value (the v2 GEMV passes it at run time)."""
     mask = (rm[:, None] < M) & (rn[None, :] < N)
+    ws_off = rm[:, None] * N + rn[None, :]
+    tl.store(ws_ptr + pid_k * M * N + ws_off, part, mask=mask)
+    tl.debug_barrier()  # every thread's partial is written before the release below
+    arrived = tl.atomic_add(cnt_ptr + tile_id, 1, sem="acq_rel", scope="gpu")
+    last = arrived == SPLIT_K - 1
+    total = tl.zeros_like(part)
+    if last:
+        for s in range(SPLIT_K):
+            total += tl.load(ws_ptr + s * M * N + ws_off, mask=mask, other=0, cache_modifier=".cg")
+        tl.atomic_xchg(cnt_ptr + tile_id, 0, sem="relaxed", scope="gpu")
+    return total, last
+
+
+@triton.jit
+def _store_out(total, bias_ptr, out_ptr, rm, rn, M, N, stride_om, HAS_BIAS: tl.constexpr):
+    if HAS_BIAS:
+        total += tl.load(bias_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)[None, :]
+    mask = (rm[:, None] < M) & (rn[None, :] < N)
+    tl.store(out_ptr + rm[:, None] * stride_om + rn[None, :], total.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _split_k_finish(part, ws_ptr, cnt_ptr, bias_ptr, out_ptr, rm, rn, M, N, stride_om,
+                    pid_k, tile_id, SPLIT_K, HAS_BIAS: tl.constexpr):
+    """part: fp32 [BM, BN] partial sum of this program. Writes out (bf16/fp16) once all splits are in."""
     if SPLIT_K == 1:
-        total = part
-        if HAS_BIAS:
-            total += tl.load(bias_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)[None, :]
-        tl.store(out_ptr + rm[:, None] * stride_om + rn[None, :], total.to(out_ptr.dtype.element_ty), mask=mask)
+        _store_out(part, bias_ptr, out_ptr, rm, rn, M, N, stride_om, HAS_BIAS)
     else:
-        ws_off = rm[:, None] * N + rn[None, :]
-        tl.store(ws_ptr + pid_k * M * N + ws_off, part, mask=mask)
-        tl.debug_barrier()  # every thread's partial is written before the release below
-        arrived = tl.atomic_add(cnt_ptr + tile_id, 1, sem="acq_rel", scope="gpu")
-        if arrived == SPLIT_K - 1:
-            total = tl.zeros_like(part)
-            for s in range(SPLIT_K):
-                total += tl.load(ws_ptr + s * M * N + ws_off, mask=mask, other=0.0, cache_modifier=".cg")
-            if HAS_BIAS:
-                total += tl.load(bias_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)[None, :]
-            tl.store(out_ptr + rm[:, None] * stride_om + rn[None, :], total.to(out_ptr.dtype.element_ty),
-                     mask=mask)
-            tl.atomic_xchg(cnt_ptr + tile_id, 0, sem="relaxed", scope="gpu")
+        total, last = split_k_reduce(part, ws_ptr, cnt_ptr, rm, rn, M, N, pid_k, tile_id, SPLIT_K)
+        if last:
+            _store_out(total, bias_ptr, out_ptr, rm, rn, M, N, stride_om, HAS_BIAS)
 
 
 # ----------------------------------------------------------------------------- gemv (M <= 4)
@@ -352,26 +367,8 @@ def w4a16_gemv2_kernel(x_ptr, w_ptr, s_ptr, z_ptr, bias_ptr, out_ptr, ws_ptr, cn
         part = _gemv2_select(part, rm, 14, acc14)
         part = _gemv2_select(part, rm, 15, acc15)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    mask = (rm[:, None] < M) & (rn[None, :] < N)
-    if SPLIT_K == 1:
-        total = part
-        if HAS_BIAS:
-            total += tl.load(bias_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)[None, :]
-        tl.store(out_ptr + rm[:, None] * stride_om + rn[None, :], total.to(out_ptr.dtype.element_ty), mask=mask)
-    else:
-        ws_off = rm[:, None] * N + rn[None, :]
-        tl.store(ws_ptr + pid_k * M * N + ws_off, part, mask=mask)
-        tl.debug_barrier()
-        arrived = tl.atomic_add(cnt_ptr + pid_n, 1, sem="acq_rel", scope="gpu")
-        if arrived == SPLIT_K - 1:
-            total = tl.zeros_like(part)
-            for sk in range(SPLIT_K):
-                total += tl.load(ws_ptr + sk * M * N + ws_off, mask=mask, other=0.0, cache_modifier=".cg")
-            if HAS_BIAS:
-                total += tl.load(bias_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)[None, :]
-            tl.store(out_ptr + rm[:, None] * stride_om + rn[None, :], total.to(out_ptr.dtype.element_ty),
-                     mask=mask)
-            tl.atomic_xchg(cnt_ptr + pid_n, 0, sem="relaxed", scope="gpu")
+    _split_k_finish(part, ws_ptr, cnt_ptr, bias_ptr, out_ptr, rm, rn, M, N, stride_om, pid_k, pid_n, SPLIT_K,
+                    HAS_BIAS)
 
 
 # ----------------------------------------------------------------------------- dot helper

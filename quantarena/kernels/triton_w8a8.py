@@ -14,7 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .triton_w4a16 import MAX_TILES, split_k_counters
+from .triton_w4a16 import MAX_TILES, split_k_counters, split_k_reduce
 
 
 @triton.jit
@@ -33,22 +33,14 @@ def _epilogue(acc, a_scale_ptr, w_scale_ptr, bias_ptr, out_ptr, rm, rn, M, N, st
 def _finish(acc, a_scale_ptr, w_scale_ptr, bias_ptr, out_ptr, ws_ptr, cnt_ptr, rm, rn, M, N, stride_as, stride_om,
             pid_k, tile_id, SPLIT_K: tl.constexpr, HAS_BIAS: tl.constexpr):
     """acc [BM, BN] (int32 or fp32): the epilogue, at once or, with split-K, by the last program of the tile
-    after summing every split's partial (exact for int32); that program resets the tile's counter."""
+    on the sum of every split's partial (:func:`.triton_w4a16.split_k_reduce`)."""
     if SPLIT_K == 1:
         _epilogue(acc, a_scale_ptr, w_scale_ptr, bias_ptr, out_ptr, rm, rn, M, N, stride_as, stride_om, HAS_BIAS)
     else:
-        mask = (rm[:, None] < M) & (rn[None, :] < N)
-        ws_off = rm[:, None] * N + rn[None, :]
-        tl.store(ws_ptr + pid_k * M * N + ws_off, acc, mask=mask)
-        tl.debug_barrier()  # every thread's partial is written before the release below
-        arrived = tl.atomic_add(cnt_ptr + tile_id, 1, sem="acq_rel", scope="gpu")
-        if arrived == SPLIT_K - 1:
-            total = tl.zeros_like(acc)
-            for s in range(SPLIT_K):
-                total += tl.load(ws_ptr + s * M * N + ws_off, mask=mask, other=0, cache_modifier=".cg")
+        total, last = split_k_reduce(acc, ws_ptr, cnt_ptr, rm, rn, M, N, pid_k, tile_id, SPLIT_K)
+        if last:
             _epilogue(total, a_scale_ptr, w_scale_ptr, bias_ptr, out_ptr, rm, rn, M, N, stride_as, stride_om,
                       HAS_BIAS)
-            tl.atomic_xchg(cnt_ptr + tile_id, 0, sem="relaxed", scope="gpu")
 
 
 @triton.jit
