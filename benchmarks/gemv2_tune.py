@@ -121,9 +121,8 @@ for model in ("llama-3-8b", "llama-3-70b"):
                              "N": n, "M": m, "path": "gemv2", "us": round(us, 2), "rel_err": err,
                              "config": {kk: v for kk, v in cfg.items()}})
             for r in rows:
-                if r["M"] == m and r["K"] == k and r["N"] == n and "us" in r:
-                    r["tb_s"] = round(BK.bytes_moved(r["op"], k, n, m) / r["us"] / 1e6, 3)
-                    r["tflop_s"] = round(2 * m * k * n / r["us"] / 1e6, 1)
+                if r["M"] == m and r["K"] == k and r["N"] == n:
+                    BK.add_rates(r)
             mine = {r["impl"]: r["us"] for r in rows if r["M"] == m and r["K"] == k and r["N"] == n and "us" in r}
             log(model, label, m, {a: round(b, 1) for a, b in mine.items()})
         del layer, sw

@@ -160,6 +160,14 @@ def bytes_moved(op: str, k: int, n: int, m: int) -> int:
     return weight + 2 * m * k + 2 * m * n
 
 
+def add_rates(row: dict) -> None:
+    """Achieved TB/s (weights, scales, activations in and out) and TFLOP/s of a timed row, in place."""
+    if "us" in row:
+        m, k, n = row["M"], row["K"], row["N"]
+        row["tb_s"] = round(bytes_moved(row["op"], k, n, m) / row["us"] / 1e6, 3)
+        row["tflop_s"] = round(2 * m * k * n / row["us"] / 1e6, 1)
+
+
 def sweep(models: list[str], batches: list[int], with_gemlite: bool = True, reps: int = 20,
           budget_s: float | None = None, log=print, partial_path: str | None = None) -> dict:
     """Run the sweep; returns the results object (schema of benchmarks/results/<gpu>-kernels.json)."""
@@ -183,9 +191,7 @@ def sweep(models: list[str], batches: list[int], with_gemlite: bool = True, reps
                             row["rel_err"] = check_error(op, fn, layer, m)
                     except Exception as exc:  # a contender that cannot run this shape is recorded, not fatal
                         row["error"] = f"{type(exc).__name__}: {str(exc)[:200]}"
-                    if "us" in row:
-                        row["tb_s"] = round(bytes_moved(op, k, n, m) / row["us"] / 1e6, 3)
-                        row["tflop_s"] = round(2 * m * k * n / row["us"] / 1e6, 1)
+                    add_rates(row)
                     rows.append(row)
                 log(f"{model} {label} M={m} done ({time.time() - started:.0f}s)")
             del layer
