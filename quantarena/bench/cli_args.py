@@ -1,4 +1,4 @@
-"""``quantarena bench kernels|decode`` arguments and runner, for cli.py to wire in:
+"""``quantarena bench kernels|decode|greedy`` arguments and runner, for cli.py to wire in:
 
     from .bench.cli_args import add_bench_parser, run_bench
     add_bench_parser(sub)            # in the parser setup
@@ -28,6 +28,11 @@ def add_bench_parser(subparsers) -> argparse.ArgumentParser:
     d.add_argument("--no-compile", action="store_true",
                    help="run the blocks' non-linear work eagerly instead of fused by torch.compile")
     d.add_argument("--json", default=None, metavar="OUT", help="write the results object to OUT")
+    g = bench_sub.add_parser("greedy", help="greedy generations of a real model: our kernels vs the reference kernels")
+    g.add_argument("--model", default="default", help="default | a Hugging Face folder | a .gguf file")
+    g.add_argument("--schemes", default="w4a16,w8a8-int8,fp8")
+    g.add_argument("--steps", type=int, default=32, help="greedy tokens per prompt")
+    g.add_argument("--json", default=None, metavar="OUT", help="write the results object to OUT")
     return p
 
 
@@ -37,8 +42,20 @@ def run_bench(args) -> int:
     if not torch.cuda.is_available():
         print("error: quantarena bench needs a CUDA GPU; run it on a GPU machine", file=sys.stderr)
         return 2
-    batches = [int(b) for b in args.batch.split(",")]
     log = (lambda s: print(s, file=sys.stderr, flush=True))
+    if args.bench_command == "greedy":
+        from . import greedy
+        from ..models import ModelError
+        try:
+            result = greedy.check(args.model, args.schemes.split(","), args.steps, log=log)
+        except (ValueError, ModelError) as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        if args.json:
+            _write_json(args.json, result)
+        print(json.dumps({k: [p["agree_prefix"] for p in v] for k, v in result["schemes"].items()}))
+        return 0
+    batches = [int(b) for b in args.batch.split(",")]
     if args.bench_command == "kernels":
         from . import kernels
         unknown = [s for s in args.shapes.split(",") if s not in kernels.SHAPES]
@@ -56,7 +73,11 @@ def run_bench(args) -> int:
         result = decode.run(shape, args.schemes.split(","), batches, args.prompt_len, args.gen_len, log=log,
                             compile=not args.no_compile)
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=1)
+        _write_json(args.json, result)
     print(json.dumps({k: v for k, v in result.items() if k != "rows"} | {"rows": len(result["rows"])}))
     return 0
+
+
+def _write_json(path: str, result: dict) -> None:
+    from ..atomic import atomic_path
+    atomic_path(path, lambda tmp: tmp.write_text(json.dumps(result, indent=1)), is_dir=False)

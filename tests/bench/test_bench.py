@@ -56,3 +56,26 @@ def test_bench_cli_arguments_and_missing_gpu_error(capsys):
     if not torch.cuda.is_available():
         assert cli_args.run_bench(args) == 2
         assert "needs a CUDA GPU" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_greedy_check_on_the_default_model_runs_both_kernel_paths():
+    from quantarena.bench import greedy
+    # on the CPU our ops take the reference path, so both runs must agree exactly; the GPU run is the real check
+    result = greedy.check("default", ["bf16", "w8a8-int8"], steps=3, device="cpu", log=lambda s: None)
+    assert list(result["schemes"]) == ["w8a8-int8"] and len(result["bf16_text"]) == len(greedy.PROMPTS)
+    for p in result["schemes"]["w8a8-int8"]:
+        assert p["agree_prefix"] == p["steps"] == 3 and p["first_logits_rel_err"] == 0.0
+        assert 0 <= p["agree_with_bf16"] <= 3 and isinstance(p["text"], str)
+    with pytest.raises(ValueError, match="unknown schemes"):
+        greedy.check("default", ["w3a3"], device="cpu")
+
+
+def test_greedy_compare_reports_the_divergence_margin():
+    from quantarena.bench import greedy
+    ref = ([1, 2, 3], [torch.tensor([0.0, 5.0, 1.0, 0.0])] * 3)
+    fast = ([1, 2, 4], [torch.tensor([0.0, 5.0, 1.5, 0.0])] * 3)
+    out = greedy.compare(fast, ref)
+    assert out["agree_prefix"] == 2 and out["divergence_ref_margin"] == 4.0
+    assert out["divergence_fast_vs_ref_max_abs"] == 0.5 and out["first_logits_rel_err"] > 0
+    assert greedy.compare(ref, ref) == {"steps": 3, "agree_prefix": 3, "first_logits_rel_err": 0.0}
