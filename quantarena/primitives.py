@@ -33,6 +33,13 @@ class QuantizationError(ValueError):
     """Input that cannot be quantized as asked (bad group size, NaN/Inf, ...)."""
 
 
+
+def div_exact(x: torch.Tensor, divisor: float) -> torch.Tensor:
+    """``x / divisor``, correctly rounded on every device. (CUDA PyTorch turns division by a Python number
+    into a multiplication by its reciprocal, one ulp off at times; a scale one ulp off flips codes at
+    rounding ties, so the GPU reference would not match the CPU reference or our kernels bit for bit.)"""
+    return x / torch.tensor(divisor, dtype=x.dtype, device=x.device)
+
 def check_finite(w: torch.Tensor, name: str = "tensor") -> None:
     """Raise QuantizationError if ``w`` holds NaN or Inf."""
     if not torch.isfinite(w).all():
@@ -74,12 +81,12 @@ def int4_qparams(w: torch.Tensor, group_size: int, symmetric: bool = True,
         wmax = wg.amax(dim=-1)
     if symmetric:
         absmax = torch.maximum(wmin.abs(), wmax.abs()).clamp(min=_TINY)
-        scales = (absmax / 7.5).to(torch.bfloat16).float()
+        scales = div_exact(absmax, 7.5).to(torch.bfloat16).float()
         zeros = torch.zeros_like(scales, dtype=torch.int8)
     else:
         wmin = wmin.clamp(max=0.0)
         wmax = wmax.clamp(min=0.0)
-        scales = ((wmax - wmin).clamp(min=_TINY) / 15.0).to(torch.bfloat16).float()
+        scales = div_exact((wmax - wmin).clamp(min=_TINY), 15.0).to(torch.bfloat16).float()
         zeros = (torch.round(-wmin / scales) + INT4_MIN).clamp(INT4_MIN, INT4_MAX).to(torch.int8)
     return scales, zeros
 
@@ -152,7 +159,7 @@ def int8_scale(x: torch.Tensor, granularity: str) -> torch.Tensor:
         absmax = xf.abs().amax()
     else:
         absmax = xf.abs().amax(dim=-1, keepdim=True)
-    return absmax.clamp(min=_TINY) / INT8_MAX
+    return div_exact(absmax.clamp(min=_TINY), INT8_MAX)
 
 
 def int8_quantize(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -181,7 +188,7 @@ def fp8_scale(x: torch.Tensor, granularity: str) -> torch.Tensor:
         absmax = xf.abs().amax(dim=-1, keepdim=True)
     else:
         raise QuantizationError(f"unknown fp8 granularity {granularity!r}; use tensor or row")
-    return absmax.clamp(min=_TINY) / FP8_MAX
+    return div_exact(absmax.clamp(min=_TINY), FP8_MAX)
 
 
 def fp8_quantize(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:

@@ -107,3 +107,11 @@ def test_bad_group_size_and_nan():
     w[1, 1] = math.inf
     with pytest.raises(P.QuantizationError, match="NaN/Inf"):
         P.quantize_int4(w, 32)
+
+
+def test_scales_are_correctly_rounded_divisions():
+    # the same float32 scale on every device: CUDA would otherwise multiply by a rounded reciprocal
+    absmax = torch.rand(4096, 1) * 300 + 1e-3
+    assert torch.equal(P.int8_scale(absmax, "token"), (absmax.double() / 127).float())
+    assert torch.equal(P.fp8_scale(absmax, "token"), (absmax.double() / 448).float())
+    assert torch.equal(P.div_exact(absmax, 7.5), (absmax.double() / 7.5).float())

@@ -15,6 +15,7 @@ import copy
 import torch
 
 from ..models import load_model
+from ..nn import QUANT_LINEARS
 from ..quantize import quantize
 from .decode import reference_kernels
 
@@ -53,6 +54,36 @@ def compare(fast: tuple[list[int], list[torch.Tensor]], ref: tuple[list[int], li
     return out
 
 
+@torch.no_grad()
+def layer_errors(model, ids: torch.Tensor) -> list[dict]:
+    """Each quantized Linear, our kernel against the reference kernel on the real input it sees for ``ids``:
+    relative error of the outputs for all prompt rows (``prefill``) and for the last row alone (``m1``)."""
+    inputs = {}
+
+    def capture(name):
+        def hook(module, args, output):
+            inputs.setdefault(name, args[0].reshape(-1, args[0].shape[-1]))
+        return hook
+
+    mods = {n: m for n, m in model.named_modules() if isinstance(m, QUANT_LINEARS)}
+    hooks = [m.register_forward_hook(capture(n)) for n, m in mods.items()]
+    try:
+        model(ids)
+    finally:
+        for h in hooks:
+            h.remove()
+    rows = []
+    for name, x in inputs.items():
+        row = {"layer": name}
+        for tag, xi in (("prefill", x), ("m1", x[-1:])):
+            fast = mods[name](xi).float()
+            with reference_kernels():
+                ref = mods[name](xi).float()
+            row[tag] = float((fast - ref).norm() / ref.norm().clamp_min(1e-30))
+        rows.append(row)
+    return rows
+
+
 def check(source: str = "default", schemes: list[str] | None = None, steps: int = 32, device: str = "cuda",
           log=print) -> dict:
     """Run every scheme's greedy generation with our kernels and with the reference kernels; see the module doc."""
@@ -77,10 +108,17 @@ def check(source: str = "default", schemes: list[str] | None = None, steps: int 
         for name, ctx in (("fast", contextlib.nullcontext()), ("reference", reference_kernels())):
             with ctx:
                 runs[name] = [greedy(model, ids, steps) for ids in prompts]
+        layers = layer_errors(model, prompts[0])
+        worst = sorted(layers, key=lambda r: -max(r["prefill"], r["m1"]))
+        result.setdefault("layer_errors", {})[scheme] = {
+            "max_prefill": max(r["prefill"] for r in layers), "max_m1": max(r["m1"] for r in layers),
+            "worst": worst[:5]}
         per_prompt = [compare(f, r) | {"agree_with_bf16": compare(f, b)["agree_prefix"],
                                        "text": lm.tokenizer.decode(f[0])}
                       for f, r, b in zip(runs["fast"], runs["reference"], bf16)]
         result["schemes"][scheme] = per_prompt
+        log(f"{scheme}: per-layer rel err max {result['layer_errors'][scheme]['max_prefill']:.1e} (prompt rows) / "
+            f"{result['layer_errors'][scheme]['max_m1']:.1e} (one row); worst {worst[0]}")
         log(f"{scheme}: " + "; ".join(f"{p['agree_prefix']}/{p['steps']} agree, logits rel err "
                                        f"{p['first_logits_rel_err']:.1e}" for p in per_prompt))
         del model

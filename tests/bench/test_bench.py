@@ -67,6 +67,8 @@ def test_greedy_check_on_the_default_model_runs_both_kernel_paths():
     for p in result["schemes"]["w8a8-int8"]:
         assert p["agree_prefix"] == p["steps"] == 3 and p["first_logits_rel_err"] == 0.0
         assert 0 <= p["agree_with_bf16"] <= 3 and isinstance(p["text"], str)
+    errs = result["layer_errors"]["w8a8-int8"]
+    assert errs["max_prefill"] == errs["max_m1"] == 0.0 and len(errs["worst"]) == 5
     with pytest.raises(ValueError, match="unknown schemes"):
         greedy.check("default", ["w3a3"], device="cpu")
 
