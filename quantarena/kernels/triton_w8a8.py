@@ -112,8 +112,9 @@ def a8w8_swap_kernel(a_ptr, b_ptr, a_scale_ptr, w_scale_ptr, bias_ptr, out_ptr, 
             w = tl.load(b_ptr + rbn[:, None] * stride_bn + k[None, :])                 # [BN, BK]
             at = tl.load(a_ptr + ram[None, :] * stride_am + k[:, None])                # [BK, BM]
         else:
-            w = tl.load(b_ptr + rbn[:, None] * stride_bn + k[None, :], mask=k[None, :] < k_end, other=0)
-            at = tl.load(a_ptr + ram[None, :] * stride_am + k[:, None], mask=k[:, None] < k_end, other=0)
+            # other=0.0: a float converts to int8 and to e4m3 (an integer 0 has no conversion to fp8)
+            w = tl.load(b_ptr + rbn[:, None] * stride_bn + k[None, :], mask=k[None, :] < k_end, other=0.0)
+            at = tl.load(a_ptr + ram[None, :] * stride_am + k[:, None], mask=k[:, None] < k_end, other=0.0)
         if FP8:
             acc = tl.dot(w, at, acc, out_dtype=tl.float32)
         else:
