@@ -175,13 +175,15 @@ def _a8w8_choice(op: str, m: int, n: int, k: int, tuned_table: bool = True) -> t
 def _w8a8_op(x2: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor, input_scale: torch.Tensor | None,
              smooth: torch.Tensor | None, bias: torch.Tensor | None) -> torch.Tensor:
     from .triton_act_quant import act_quant
-    from .triton_w8a8 import a8w8_swap_gemm, int8_gemm
+    from .triton_w8a8 import a8w8_swap_gemm, a8w8_tma_gemm, int8_gemm, tma_supported
 
     xq, xs = act_quant(x2.contiguous(), fp8=False, input_scale=input_scale, smooth=smooth)
     kernel, cfg = _a8w8_choice("w8a8", x2.shape[0], weight.shape[0], weight.shape[1], _tuned_for(x2))
     if kernel == "swap":
         return a8w8_swap_gemm(xq, xs, weight, weight_scale, bias, x2.dtype, cfg)
-    return int8_gemm(xq, xs, weight, weight_scale, bias, x2.dtype, cfg)
+    if kernel == "tma" and tma_supported(xq, weight):
+        return a8w8_tma_gemm(xq, xs, weight, weight_scale, bias, x2.dtype, cfg)
+    return int8_gemm(xq, xs, weight, weight_scale, bias, x2.dtype, None if kernel == "tma" else cfg)
 
 
 @_w8a8_op.register_fake
@@ -214,6 +216,11 @@ def _fp8_op(x2: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
         from .triton_w8a8 import a8w8_swap_gemm
 
         return a8w8_swap_gemm(xq, xs, weight, weight_scale, bias, x2.dtype, cfg)
+    if kernel == "tma":
+        from .triton_w8a8 import a8w8_tma_gemm, tma_supported
+
+        if tma_supported(xq, weight):
+            return a8w8_tma_gemm(xq, xs, weight, weight_scale, bias, x2.dtype, cfg)
     # weight [N, K] row-major: .t() is the column-major [K, N] operand cuBLASLt wants; rowwise scales
     return torch._scaled_mm(xq, weight.t(), scale_a=xs, scale_b=weight_scale.reshape(1, -1),
                             bias=bias, out_dtype=x2.dtype)

@@ -215,3 +215,71 @@ def int8_gemm(a: torch.Tensor, a_scale: torch.Tensor, weight: torch.Tensor, weig
                            out.stride(0),
                            HAS_BIAS=bias is not None, EVEN_K=k % (cfg["BLOCK_K"] * split) == 0, **cfg)
     return out
+
+
+# ----------------------------------------------------------------------------- large M: TMA, persistent
+
+@triton.jit
+def a8w8_tma_kernel(a_desc, b_desc, a_scale_ptr, w_scale_ptr, bias_ptr, out_ptr, M, N, K, stride_as, stride_om,
+                    HAS_BIAS: tl.constexpr, FP8: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                    BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, NUM_PROGRAMS: tl.constexpr):
+    """Prefill-sized M: a persistent kernel (one program per SM walks the output tiles in grouped order) whose
+    operand tiles come through tensor-memory-access descriptors (``a_desc`` [M, K] and ``b_desc`` [N, K] with
+    [BLOCK_M, BLOCK_K] / [BLOCK_N, BLOCK_K] boxes; out-of-range rows and K are zero-filled by the copy engine,
+    so no masks). int8 -> exact int32 or fp8 -> fp32; the epilogue of :func:`int8_gemm_kernel`."""
+    num_m = tl.cdiv(M, BLOCK_M)
+    num_n = tl.cdiv(N, BLOCK_N)
+    k_tiles = tl.cdiv(K, BLOCK_K)
+    for tile in tl.range(tl.program_id(0), num_m * num_n, NUM_PROGRAMS):
+        group = tile // (GROUP_M * num_n)
+        first_m = group * GROUP_M
+        size_m = tl.minimum(num_m - first_m, GROUP_M)
+        pid_m = first_m + (tile % (GROUP_M * num_n)) % size_m
+        pid_n = (tile % (GROUP_M * num_n)) // size_m
+        if FP8:
+            acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        else:
+            acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
+        for ki in range(k_tiles):
+            a = a_desc.load([pid_m * BLOCK_M, ki * BLOCK_K])
+            b = b_desc.load([pid_n * BLOCK_N, ki * BLOCK_K])
+            acc = tl.dot(a, b.T, acc, out_dtype=tl.float32 if FP8 else tl.int32)
+        rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        _epilogue(acc, a_scale_ptr, w_scale_ptr, bias_ptr, out_ptr, rm, rn, M, N, stride_as, stride_om, HAS_BIAS)
+
+
+def tma_supported(a: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Descriptors need 16-byte aligned rows (K a multiple of 16 one-byte codes) and contiguous operands."""
+    return a.shape[1] % 16 == 0 and a.is_contiguous() and weight.is_contiguous()
+
+
+def tma_config(m: int, n: int, k: int) -> dict:
+    """Default large-M tile (the tuned table, :mod:`.tuned_w8a8`, wins where it has the shape)."""
+    return dict(BLOCK_M=128, BLOCK_N=256 if n >= 4096 else 128, BLOCK_K=128, GROUP_M=8, num_warps=8, num_stages=3)
+
+
+def a8w8_tma_gemm(a: torch.Tensor, a_scale: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
+                  bias: torch.Tensor | None, out_dtype: torch.dtype, cfg: dict | None = None) -> torch.Tensor:
+    """As :func:`int8_gemm` (int8 or fp8 e4m3 codes, both of one kind), persistent with TMA loads; see
+    :func:`tma_supported` for the shapes it takes."""
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
+    m, k = a.shape
+    n = weight.shape[0]
+    fp8 = a.dtype == torch.float8_e4m3fn
+    if fp8 != (weight.dtype == torch.float8_e4m3fn):
+        raise ValueError(f"activation codes {a.dtype} and weight codes {weight.dtype} must be both int8 or both fp8")
+    if not tma_supported(a, weight):
+        raise ValueError(f"the TMA GEMM needs contiguous operands and K % 16 == 0 (K={k})")
+    cfg = dict(cfg or tma_config(m, n, k))
+    out = torch.empty((m, n), dtype=out_dtype, device=a.device)
+    a_desc = TensorDescriptor.from_tensor(a, [cfg["BLOCK_M"], cfg["BLOCK_K"]])
+    b_desc = TensorDescriptor.from_tensor(weight, [cfg["BLOCK_N"], cfg["BLOCK_K"]])
+    tiles = triton.cdiv(m, cfg["BLOCK_M"]) * triton.cdiv(n, cfg["BLOCK_N"])
+    programs = min(tiles, _sm_count(a.device))
+    w_scale = weight_scale.reshape(-1)
+    a8w8_tma_kernel[(programs,)](a_desc, b_desc, a_scale, w_scale, bias if bias is not None else w_scale, out,
+                                 m, n, k, a_scale.stride(0), out.stride(0), HAS_BIAS=bias is not None, FP8=fp8,
+                                 NUM_PROGRAMS=programs, **cfg)
+    return out

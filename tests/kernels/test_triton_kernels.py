@@ -288,14 +288,41 @@ def test_fp8_swap_gemm_matches_the_float_product(k):
     assert rel_err(out, ref) < 1e-3   # Hopper's fp8 MMA accumulates with reduced precision
 
 
+@pytest.mark.parametrize("m,n,k,bias", [(40, 72, 96, False), (130, 64, 48, True), (5, 200, 160, False)])
+def test_tma_gemm_int8_is_exact_and_fp8_matches(m, n, k, bias):
+    # ragged M, N and K: the descriptors zero-fill what lies outside the operands
+    gen = torch.Generator().manual_seed(m * n)
+    a = torch.randint(-128, 128, (m, k), generator=gen, dtype=torch.int8).to(DEVICE)
+    wq = torch.randint(-128, 128, (n, k), generator=gen, dtype=torch.int8).to(DEVICE)
+    a_scale = (torch.rand(m, 1, generator=gen) + 0.5).to(DEVICE)
+    ws = (torch.rand(n, generator=gen) + 0.5).to(DEVICE)
+    b = torch.randn(n, generator=gen).to(DEVICE) if bias else None
+    cfg = dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=32, GROUP_M=2, num_warps=4, num_stages=2)
+    out = T8.a8w8_tma_gemm(a, a_scale, wq, ws, b, torch.float32, cfg)
+    ref = R.int8_matmul(a, wq).float() * a_scale * ws.reshape(1, -1)
+    if b is not None:
+        ref = ref + b
+    _assert_exact_epilogue(out, ref, b is not None)
+    xq, xs = P.quantize_fp8(torch.randn(m, k, generator=gen), "row")
+    fq, fs = P.quantize_fp8(torch.randn(n, k, generator=gen), "row")
+    xq, xs, fq, fs = xq.to(DEVICE), xs.to(DEVICE), fq.to(DEVICE), fs.to(DEVICE)
+    out = T8.a8w8_tma_gemm(xq, xs, fq, fs, None, torch.float32, cfg)
+    ref = (xq.float() @ fq.float().t()) * xs * fs.reshape(1, -1)
+    assert rel_err(out, ref) < 1e-3   # Hopper's fp8 MMA accumulates with reduced precision
+    with pytest.raises(ValueError, match="K % 16"):
+        T8.a8w8_tma_gemm(a[:, :40], a_scale, wq[:, :40], ws, None, torch.float32, cfg)
+
+
 def test_w8a8_tuned_table_is_consistent():
     from quantarena.kernels import tuned_w8a8 as TW
 
     assert TW.TABLE, "the dispatch table is empty"
     for (op, m, n, k), (kernel, cfg) in TW.TABLE.items():
         assert op in ("w8a8", "fp8") and m in TW.BUCKETS
-        assert kernel in (("std", "swap") if op == "w8a8" else ("scaled_mm", "swap"))
-        if kernel != "scaled_mm":
+        assert kernel in (("std", "swap", "tma") if op == "w8a8" else ("scaled_mm", "swap", "tma"))
+        if kernel == "tma":
+            assert {"BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M"} <= set(cfg)
+        elif kernel != "scaled_mm":
             assert {"BLOCK_M", "BLOCK_N", "BLOCK_K", "SPLIT_K"} <= set(cfg)
     assert ops._a8w8_choice("w8a8", 3, 96, 256) == ("std", None)          # untuned shape: defaults
     assert ops._a8w8_choice("fp8", 3, 96, 256) == ("scaled_mm", None)
