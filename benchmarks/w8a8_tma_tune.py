@@ -6,7 +6,7 @@ candidate on already-quantized inputs for M >= 128 on the Llama-3 8B / 70B shape
 (rows as in benchmarks/results/*-kernels.json, ``impl`` naming the kernel and ``config`` its tile).
 Merge into the dispatch table with ``benchmarks/w8a8_tuned_table.py``: the rows of this run replace the
 older run's rows for the (M, N, K) it measured.
-Usage: python benchmarks/w8a8_tma_tune.py [out_dir]
+Usage: [W8_MS=128,...] [W8_OPS=w8a8,fp8] [W8_TILES=BMxBNxBKxWARPSxSTAGES,...] python benchmarks/w8a8_tma_tune.py [out_dir]
 """
 from __future__ import annotations
 
@@ -29,6 +29,9 @@ MS = [int(v) for v in os.environ.get("W8_MS", "128,256,512,1024,2048,4096").spli
 # (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages)
 TILES = [(128, 256, 128, 8, 3), (128, 128, 128, 8, 4), (128, 128, 128, 4, 4), (256, 128, 128, 8, 3),
          (64, 256, 128, 4, 4), (128, 256, 64, 8, 4), (64, 128, 256, 4, 4)]
+if os.environ.get("W8_TILES"):  # e.g. 128x256x256x8x2,128x128x256x8x3
+    TILES = [tuple(int(v) for v in t.split("x")) for t in os.environ["W8_TILES"].split(",")]
+OPS = os.environ.get("W8_OPS", "w8a8,fp8").split(",")
 started = time.time()
 flush = L2Flush()
 
@@ -103,10 +106,12 @@ for model in ("llama-3-8b", "llama-3-70b"):
                     rows.append(dict(base, op=op, impl=kernel, config=cfg, us=t(fn)))
             for bm, bn, bk, nw, ns in TILES:
                 cfg = dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8, num_warps=nw, num_stages=ns)
-                rows.append(dict(base, op="w8a8", impl="tma", config=cfg, us=t(
-                    lambda: T8.a8w8_tma_gemm(xq, xs, layer.w8, layer.w8_scale, None, torch.bfloat16, cfg))))
-                rows.append(dict(base, op="fp8", impl="tma", config=cfg, us=t(
-                    lambda: T8.a8w8_tma_gemm(fq, fs, layer.wf8, layer.wf8_scale, None, torch.bfloat16, cfg))))
+                if "w8a8" in OPS:
+                    rows.append(dict(base, op="w8a8", impl="tma", config=cfg, us=t(
+                        lambda: T8.a8w8_tma_gemm(xq, xs, layer.w8, layer.w8_scale, None, torch.bfloat16, cfg))))
+                if "fp8" in OPS:
+                    rows.append(dict(base, op="fp8", impl="tma", config=cfg, us=t(
+                        lambda: T8.a8w8_tma_gemm(fq, fs, layer.wf8, layer.wf8_scale, None, torch.bfloat16, cfg))))
             mine = [r for r in rows if r["M"] == m and r["K"] == k and r["N"] == n]
             best = {}
             for r in mine:
