@@ -1,7 +1,8 @@
 """Activation quantization: bf16/fp16 rows -> int8 or fp8 e4m3 codes + per-token scales, one kernel.
 
-One program per row. Dynamic: pass 1 finds the row's absmax (after the optional SmoothQuant divide),
-pass 2 rounds. Static (a given per-tensor ``input_scale``): one pass. The arithmetic is the reference's
+One program per row. Rows of up to 32768 elements are read once and kept in registers; longer rows are
+read twice (pass 1 finds the absmax after the optional SmoothQuant divide, pass 2 rounds). Static (a
+given per-tensor ``input_scale``): no absmax. The arithmetic is the reference's
 (:func:`quantarena.kernels.reference.act_quant_int8` / ``act_quant_fp8``) step for step in float32 with
 correctly rounded division, so int8 codes and scales match it bit for bit.
 """
@@ -12,6 +13,7 @@ import triton
 import triton.language as tl
 
 TINY = 1e-12  # the absmax floor of quantarena.primitives
+MAX_ONE_PASS = 32768  # rows up to this many (padded) elements are read once and kept in registers
 
 
 @triton.jit
@@ -29,29 +31,45 @@ def _load_row(x_row, smooth_ptr, k, K, HAS_SMOOTH: tl.constexpr):
 
 
 @triton.jit
+def _store_codes(y, q_ptr, row, stride_qm, k, K, FP8: tl.constexpr, QMAX: tl.constexpr):
+    if FP8:
+        q = tl.clamp(y, -QMAX, QMAX).to(q_ptr.dtype.element_ty)
+    else:
+        q = _rint(tl.clamp(y, -128.0, 127.0)).to(tl.int8)
+    tl.store(q_ptr + row * stride_qm + k, q, mask=k < K)
+
+
+@triton.jit
 def act_quant_kernel(x_ptr, smooth_ptr, q_ptr, scale_ptr, static_scale_ptr, K, stride_xm, stride_qm,
                      HAS_SMOOTH: tl.constexpr, STATIC: tl.constexpr, FP8: tl.constexpr,
                      QMAX: tl.constexpr, BLOCK_K: tl.constexpr):
-    """q[row] = round(x[row] / smooth / scale[row]); scale = absmax / QMAX (dynamic) or the static scale."""
+    """q[row] = round(x[row] / smooth / scale[row]); scale = absmax / QMAX (dynamic) or the static scale.
+    When BLOCK_K >= K the row is read once and kept in registers; otherwise twice (absmax, then codes)."""
     row = tl.program_id(0)
     x_row = x_ptr + row * stride_xm
-    if STATIC:
-        scale = tl.load(static_scale_ptr).to(tl.float32)
-    else:
-        absmax = tl.zeros((BLOCK_K,), dtype=tl.float32)
-        for k0 in range(0, K, BLOCK_K):
-            x = _load_row(x_row, smooth_ptr, k0 + tl.arange(0, BLOCK_K), K, HAS_SMOOTH)
-            absmax = tl.maximum(absmax, tl.abs(x))
-        scale = tl.math.div_rn(tl.maximum(tl.max(absmax, axis=0), 1e-12), QMAX)
-        tl.store(scale_ptr + row, scale)
-    for k0 in range(0, K, BLOCK_K):
-        k = k0 + tl.arange(0, BLOCK_K)
-        y = tl.math.div_rn(_load_row(x_row, smooth_ptr, k, K, HAS_SMOOTH), scale + tl.zeros_like(k).to(tl.float32))
-        if FP8:
-            q = tl.clamp(y, -QMAX, QMAX).to(q_ptr.dtype.element_ty)
+    if BLOCK_K >= K:
+        k = tl.arange(0, BLOCK_K)
+        x = _load_row(x_row, smooth_ptr, k, K, HAS_SMOOTH)
+        if STATIC:
+            scale = tl.load(static_scale_ptr).to(tl.float32)
         else:
-            q = _rint(tl.clamp(y, -128.0, 127.0)).to(tl.int8)
-        tl.store(q_ptr + row * stride_qm + k, q, mask=k < K)
+            scale = tl.math.div_rn(tl.maximum(tl.max(tl.abs(x), axis=0), 1e-12), QMAX)
+            tl.store(scale_ptr + row, scale)
+        _store_codes(tl.math.div_rn(x, scale + tl.zeros_like(x)), q_ptr, row, stride_qm, k, K, FP8, QMAX)
+    else:
+        if STATIC:
+            scale = tl.load(static_scale_ptr).to(tl.float32)
+        else:
+            absmax = tl.zeros((BLOCK_K,), dtype=tl.float32)
+            for k0 in range(0, K, BLOCK_K):
+                x = _load_row(x_row, smooth_ptr, k0 + tl.arange(0, BLOCK_K), K, HAS_SMOOTH)
+                absmax = tl.maximum(absmax, tl.abs(x))
+            scale = tl.math.div_rn(tl.maximum(tl.max(absmax, axis=0), 1e-12), QMAX)
+            tl.store(scale_ptr + row, scale)
+        for k0 in range(0, K, BLOCK_K):
+            k = k0 + tl.arange(0, BLOCK_K)
+            y = tl.math.div_rn(_load_row(x_row, smooth_ptr, k, K, HAS_SMOOTH), scale + tl.zeros_like(k).to(tl.float32))
+            _store_codes(y, q_ptr, row, stride_qm, k, K, FP8, QMAX)
 
 
 def act_quant(x2: torch.Tensor, fp8: bool = False, input_scale: torch.Tensor | None = None,
@@ -67,9 +85,12 @@ def act_quant(x2: torch.Tensor, fp8: bool = False, input_scale: torch.Tensor | N
     else:
         static = None
         scale = torch.empty((m, 1), dtype=torch.float32, device=x2.device)
-    block_k = min(4096, triton.next_power_of_2(k))
+    block_k = triton.next_power_of_2(k)
+    if block_k > MAX_ONE_PASS:
+        block_k = min(4096, MAX_ONE_PASS)  # two passes over the row (the second mostly from L2)
+    warps = 4 if block_k <= 2048 else 8 if block_k <= 8192 else 16
     act_quant_kernel[(m,)](x2, smooth if smooth is not None else x2, q, scale,
                            static if static is not None else scale, k, x2.stride(0), q.stride(0),
                            HAS_SMOOTH=smooth is not None, STATIC=static is not None, FP8=fp8,
-                           QMAX=448.0 if fp8 else 127.0, BLOCK_K=block_k, num_warps=8 if block_k >= 2048 else 4)
+                           QMAX=448.0 if fp8 else 127.0, BLOCK_K=block_k, num_warps=warps)
     return q, scale

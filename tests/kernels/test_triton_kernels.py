@@ -192,8 +192,11 @@ def test_w4a16_custom_op_fake_impl():
 
 # ----------------------------------------------------------------------------- activation quantization
 
+@pytest.mark.parametrize("two_pass", [False, True])
 @pytest.mark.parametrize("smooth", [False, True])
-def test_act_quant_int8_dynamic_is_exact(smooth):
+def test_act_quant_int8_dynamic_is_exact(smooth, two_pass, monkeypatch):
+    if two_pass:  # rows longer than MAX_ONE_PASS are read twice, in blocks
+        monkeypatch.setattr(AQ, "MAX_ONE_PASS", 128)
     x = (make_x(5, 300) * 3).to(torch.bfloat16)
     x[1] = 0  # an all-zero row gets the floor scale and zero codes
     s = (torch.rand(300, generator=torch.Generator().manual_seed(4)) + 0.5).to(DEVICE) if smooth else None
@@ -202,7 +205,10 @@ def test_act_quant_int8_dynamic_is_exact(smooth):
     assert torch.equal(q, q_ref) and torch.equal(scale, scale_ref)
 
 
-def test_act_quant_int8_static_is_exact():
+@pytest.mark.parametrize("two_pass", [False, True])
+def test_act_quant_int8_static_is_exact(two_pass, monkeypatch):
+    if two_pass:
+        monkeypatch.setattr(AQ, "MAX_ONE_PASS", 64)
     x = (make_x(4, 200) * 5).to(torch.bfloat16)
     input_scale = torch.tensor([0.02], device=DEVICE)   # small: many values clamp at -128 / 127
     q, scale = AQ.act_quant(x, input_scale=input_scale)
