@@ -4,9 +4,10 @@ Calibrates on the first half of the pydoc corpus and evaluates on the second hal
 with the defaults of ``quantarena compare``. Peak memory: the process RSS is sampled during each
 ``quantize`` call; ``calib_peak_mb`` is that peak minus the RSS just before (what calibration adds
 on top of the model). ``quantize_cpu_s`` is the process CPU time (all threads): on a shared, loaded
-machine wall time overstates what an idle 2-core machine needs, and CPU time bounds it from above. Writes benchmarks/results/cpu-calibration.json after every scheme.
+machine wall time overstates what an idle 2-core machine needs, and CPU time bounds it from above. Merges its rows into benchmarks/results/cpu-calibration.json after every
+scheme: a row replaces an earlier one of the same scheme and run label, every other row is kept.
 
-    python benchmarks/cpu_calibration.py [--schemes a,b,...] [--threads 2]
+    python benchmarks/cpu_calibration.py [--schemes a,b,...] [--threads 2] [--run LABEL]
 """
 from __future__ import annotations
 
@@ -56,6 +57,12 @@ class PeakRSS:
         self.peak = max(self.peak, rss_mb())
 
 
+def _rtn_of(scheme: str) -> str:
+    """The RTN scheme with the same group size and symmetry as a w4a16 scheme."""
+    _, _, options = scheme.partition(" ")[0].partition("-")[2].partition("-")
+    return "w4a16-rtn" + ("-" + options if options else "")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--schemes", default=SCHEMES)
@@ -64,6 +71,7 @@ def main() -> None:
     parser.add_argument("--calib-windows", type=int, default=16)
     parser.add_argument("--no-duo-scaling", action="store_true", help="AWQ: s = x^r instead of x^r / w^(1-r)")
     parser.add_argument("--alpha-search", action="store_true", help="SmoothQuant: per-layer alpha search")
+    parser.add_argument("--run", default=None, help="label stored in each new row's 'run' field")
     parser.add_argument("--out", default="benchmarks/results/cpu-calibration.json")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -83,10 +91,14 @@ def main() -> None:
                      "evaluation": f"pydoc second half, {eval_windows.shape[0]} windows x {settings.seq_len}",
                      "tokens": ref.tokens},
         "reference": {"scheme": "unquantized (fp32)", "ppl": ref.ppl, "eval_s": round(time.perf_counter() - t0, 1)},
-        "rows": [],
     }
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
+    previous = json.loads(out.read_text()) if out.exists() else {}
+    if previous and abs(previous["reference"]["ppl"] - ref.ppl) > 1e-6 * ref.ppl:
+        raise SystemExit(f"{out} holds rows for another reference (ppl {previous['reference']['ppl']:.4f}, "
+                         f"now {ref.ppl:.4f}): use another --out")
+    result = {**previous, **result, "notes": previous.get("notes", []), "rows": previous.get("rows", [])}
     print(f"unquantized ppl {ref.ppl:.3f}", flush=True)
     for scheme in [s.strip() for s in args.schemes.split(",") if s.strip()]:
         del lm
@@ -109,6 +121,12 @@ def main() -> None:
         blocks = getattr(lm.model, "quantarena_calibration", None)
         if blocks:
             row["block_seconds"] = [b["seconds"] for b in blocks]
+        rtn_ppl = next((r["ppl"] for r in result["rows"] if r["scheme"] == _rtn_of(scheme)), None)
+        if "w4a16" in scheme and rtn_ppl is not None and "rtn" not in scheme:
+            row["recovered_pct_of_rtn_loss"] = round(100 * (rtn_ppl - res.ppl) / (rtn_ppl - ref.ppl), 1)
+        row |= {"run": args.run} if args.run else {}
+        row |= {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "cpu_threads": args.threads}
+        result["rows"] = [r for r in result["rows"] if (r["scheme"], r.get("run")) != (row["scheme"], row.get("run"))]
         result["rows"].append(row)
         print(json.dumps(row), flush=True)
         tmp = out.with_suffix(".tmp")

@@ -35,8 +35,10 @@ class CalibrationOptions:
     awq_clip: bool = True           # AWQ: weight-clipping search (not with GPTQ, which rounds itself)
     awq_clip_sweeps: int = 2        # AWQ clipping scored through X^T X of all tokens, with this many cross-group
                                     # coordinate-descent passes; -1: per (row, group) on sample rows (AutoAWQ's)
+    awq_clip_grid: int = 100        # AWQ clipping: candidate bounds max|W| * (1 - i / grid), i < grid / 2
     sample_tokens: int = 512        # token rows kept per layer input for clipping / alpha searches
-    alpha_search: bool = False      # SmoothQuant: per-layer alpha on output error instead of scheme.alpha
+    alpha_search: bool = False      # SmoothQuant: per-group alpha on the watched output's error instead of scheme.alpha
+    sq_alphas: tuple[float, ...] = tuple(round(0.05 * i, 2) for i in range(2, 19))  # alpha grid of that search
 
 
 def make_linear(scheme: Scheme, linear: nn.Linear, input_scale: torch.Tensor | None = None,
@@ -91,19 +93,87 @@ def _prev(block: nn.Module, group: SmoothGroup) -> nn.Module | None:
     return block.get_submodule(group.prev) if group.prev else None
 
 
+class _Fixed(nn.Module):
+    """A Linear that computes with a given (candidate) weight; used only while scoring candidates."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None):
+        super().__init__()
+        self.weight, self.bias = weight, bias
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return nn.functional.linear(x, self.weight, self.bias)
+
+
+@dataclass
+class _Watch:
+    """Where a group's candidates are scored: the module the group feeds (attention, MLP), replayed on its
+    recorded calls, or, when ``single``, the group's Linears alone on the inputs recorded at the first one."""
+    module: nn.Module
+    calls: ModuleCalls
+    single: bool
+
+
+def _common_parent(names: tuple[str, ...]) -> str:
+    parents = {n.rpartition(".")[0] for n in names}
+    return parents.pop() if len(parents) == 1 else ""
+
+
+def _watch(ctx: BlockContext, group: SmoothGroup) -> _Watch:
+    parent = _common_parent(group.linears) if group.prev_kind != "linear" else ""
+    return _Watch(ctx.block.get_submodule(parent or group.linears[0]), ModuleCalls(), not parent)
+
+
+def _scorer(ctx: BlockContext, watch: _Watch, names: tuple[str, ...]):
+    """``loss(candidates)``: mean squared error of the watched output when the Linears ``names`` are replaced
+    by the ``candidates`` modules, summed over the recorded windows."""
+    originals = [ctx.block.get_submodule(n) for n in names]
+    if watch.single:
+        xs = [a[0] for a in watch.calls.args]
+        refs = [[lin(x) for lin in originals] for x in xs]
+    else:
+        refs = watch.calls.outputs
+
+    def loss(candidates: list[nn.Module]) -> float:
+        if watch.single:
+            return sum((c(x) - r).float().pow(2).mean().item()
+                       for x, rs in zip(xs, refs) for c, r in zip(candidates, rs))
+        for n, c in zip(names, candidates):
+            set_module(ctx.block, n, c)
+        try:
+            return sum((o - r).float().pow(2).mean().item()
+                       for o, r in zip(watch.calls.replay(watch.module), refs))
+        finally:
+            for n, lin in zip(names, originals):
+                set_module(ctx.block, n, lin)
+    return loss
+
+
 def _smoothquant(ctx: BlockContext, groups: list[SmoothGroup], scheme: Scheme, opts: CalibrationOptions,
                  runtime_smooth: dict[str, torch.Tensor], absmax: dict[str, torch.Tensor]) -> dict:
-    """SmoothQuant for every group of the block from one (early-stopped) float pass."""
-    stats = {g: InputStats(sample_tokens=opts.sample_tokens if opts.alpha_search else 0) for g in groups}
-    observe(ctx, {g.linears[0]: (ctx.block.get_submodule(g.linears[0]), stats[g]) for g in groups})
+    """SmoothQuant for every group of the block from one float pass: scales from ``scheme.alpha``, or with
+    ``opts.alpha_search`` the alpha (or no smoothing) whose W8A8 layers, as they will run, give the smallest
+    error of the watched output (the module the group feeds, after its output norm)."""
+    stats = {g: InputStats() for g in groups}
+    watches = {g: _watch(ctx, g) for g in groups} if opts.alpha_search else {}
+    observe(ctx, {g.linears[0]: (ctx.block.get_submodule(g.linears[0]), stats[g]) for g in groups},
+            calls={g.linears[0] + "#": (w.module, w.calls) for g, w in watches.items()},
+            call_windows=opts.awq_windows)
     alphas = []
     for g in groups:
         linears = [ctx.block.get_submodule(n) for n in g.linears]
-        alpha = scheme.alpha
+        w_absmax = smoothquant.weight_absmax(linears)
         if opts.alpha_search:
-            alpha, _ = smoothquant.search_alpha(stats[g].sample(), [l.weight for l in linears], stats[g].absmax)
+            score = _scorer(ctx, watches[g], g.linears)
+
+            def loss_fn(s: torch.Tensor) -> float:
+                x_absmax = stats[g].absmax / s
+                return score([_w8a8_module(lin, *rtn.rtn_int8(lin.weight.detach().float() * s), scheme, x_absmax, s)
+                              for lin in linears])
+            s, alpha, _ = smoothquant.search_alpha(stats[g].absmax, w_absmax, loss_fn, opts.sq_alphas)
+        else:
+            alpha = scheme.alpha
+            s = smoothquant.smooth_scales(stats[g].absmax, w_absmax, alpha)
         alphas.append(alpha)
-        s = smoothquant.smooth_scales(stats[g].absmax, smoothquant.weight_absmax(linears), alpha)
         prev = _prev(ctx.block, g)
         if smoothquant.can_fold(prev, g.prev_kind, linears[0].in_features):
             smoothquant.fold_into_prev(prev, g.prev_kind, s)
@@ -112,11 +182,6 @@ def _smoothquant(ctx: BlockContext, groups: list[SmoothGroup], scheme: Scheme, o
             runtime_smooth.update({n: s for n in g.linears})
         absmax.update({n: stats[g].absmax / s for n in g.linears})
     return {"alpha": alphas} if opts.alpha_search else {}
-
-
-def _common_parent(names: tuple[str, ...]) -> str:
-    parents = {n.rpartition(".")[0] for n in names}
-    return parents.pop() if len(parents) == 1 else ""
 
 
 _NO_CLIP = ("q_proj", "k_proj", "qkv_proj")  # AWQ leaves query/key ranges alone (attention logits are sensitive)
@@ -130,37 +195,18 @@ def _awq(ctx: BlockContext, groups: list[SmoothGroup], scheme: Scheme, opts: Cal
     clip = opts.awq_clip and not scheme.method.endswith("gptq")
     full_clip = clip and opts.awq_clip_sweeps >= 0
     stats = {g: InputStats(sample_tokens=0 if full_clip else opts.sample_tokens, hessian=full_clip) for g in groups}
-    watched = {}  # group -> (module whose outputs measure the loss, its recorded calls)
-    for g in foldable:
-        parent = _common_parent(g.linears) if g.prev_kind != "linear" else ""
-        module = ctx.block.get_submodule(parent or g.linears[0])
-        watched[g] = (module, ModuleCalls(), not parent)
+    watches = {g: _watch(ctx, g) for g in foldable}
     observe(ctx, {g.linears[0]: (ctx.block.get_submodule(g.linears[0]), stats[g]) for g in groups},
-            calls={g.linears[0] + "#": (m, c) for g, (m, c, _) in watched.items()}, call_windows=opts.awq_windows)
+            calls={g.linears[0] + "#": (w.module, w.calls) for g, w in watches.items()}, call_windows=opts.awq_windows)
     total = 0.0
     for g in foldable:
-        module, calls, single = watched[g]
         linears = [ctx.block.get_submodule(n) for n in g.linears]
-        originals = [l.weight.detach().clone() for l in linears]
-        if single:  # the group's Linears on the inputs recorded at the first one
-            xs = [a[0] for a in calls.args]
-            refs = [[x @ W.t() for W in originals] for x in xs]
-        else:
-            refs = calls.outputs
+        originals = [lin.weight.detach().clone() for lin in linears]
+        score = _scorer(ctx, watches[g], g.linears)
 
         def loss_fn(s: torch.Tensor) -> float:
-            fakes = [(rtn.fake_int4(W.float() * s, scheme.group_size, scheme.symmetric) / s).to(W.dtype)
-                     for W in originals]
-            if single:
-                return sum((x @ F.t() - r).float().pow(2).mean().item()
-                           for x, rs in zip(xs, refs) for F, r in zip(fakes, rs))
-            for lin, F in zip(linears, fakes):
-                lin.weight.data = F
-            try:
-                return sum((o - r).float().pow(2).mean().item() for o, r in zip(calls.replay(module), refs))
-            finally:
-                for lin, W in zip(linears, originals):
-                    lin.weight.data = W
+            return score([_Fixed((rtn.fake_int4(W.float() * s, scheme.group_size, scheme.symmetric) / s).to(W.dtype),
+                                 lin.bias) for W, lin in zip(originals, linears)])
         s, _ratio, loss = awq.search_scales(stats[g].mean_abs, awq.weight_mean(originals, scheme.group_size),
                                             loss_fn, n_grid=opts.awq_grid, duo_scaling=opts.awq_duo_scaling)
         total += loss
@@ -173,15 +219,16 @@ def _awq(ctx: BlockContext, groups: list[SmoothGroup], scheme: Scheme, opts: Cal
         for g in groups:
             x = None if full_clip else stats[g].sample()
             for n in g.linears:
-                if n.endswith(_NO_CLIP):
-                    continue
                 lin = ctx.block.get_submodule(n)
-                if full_clip:
-                    max_val = awq.search_clip_full(lin.weight.detach(), stats[g].hessian, scheme.group_size,
-                                                   scheme.symmetric, sweeps=opts.awq_clip_sweeps)
-                else:
-                    max_val = awq.search_clip(lin.weight.detach(), x, scheme.group_size, scheme.symmetric)
-                lin.weight.data = awq.apply_clip(lin.weight.detach(), max_val)
+                if not n.endswith(_NO_CLIP):
+                    if full_clip:
+                        max_val = awq.search_clip_full(lin.weight.detach(), stats[g].hessian, scheme.group_size,
+                                                       scheme.symmetric,
+                                                       n_grid=opts.awq_clip_grid, sweeps=opts.awq_clip_sweeps)
+                    else:
+                        max_val = awq.search_clip(lin.weight.detach(), x, scheme.group_size, scheme.symmetric,
+                                                  n_grid=opts.awq_clip_grid)
+                    lin.weight.data = awq.apply_clip(lin.weight.detach(), max_val)
     return {"loss": total}
 
 

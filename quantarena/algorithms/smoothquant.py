@@ -14,10 +14,10 @@ weight arithmetic on the modules named by an architecture's smooth groups.
 """
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 from torch import nn
-
-from . import rtn
 
 _MIN_SCALE = 1e-5
 
@@ -73,18 +73,17 @@ def scale_inputs(linears: list[nn.Module], s: torch.Tensor) -> None:
 
 
 @torch.no_grad()
-def search_alpha(x: torch.Tensor, weights: list[torch.Tensor], x_absmax: torch.Tensor,
-                 alphas: tuple[float, ...] = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8)) -> tuple[float, float]:
-    """Per-layer alpha: the one whose simulated W8A8 (per-token int8 ``X/s``, per-channel int8 ``W s``)
-    gives the smallest output error on sample inputs ``x [tokens, in]``. Returns ``(alpha, error)``."""
-    x = x.float()
-    w_absmax = torch.stack([w.abs().amax(dim=0).float() for w in weights]).amax(dim=0)
-    refs = [x @ w.float().t() for w in weights]
-    best = (0.5, float("inf"))
+def search_alpha(x_absmax: torch.Tensor, w_absmax: torch.Tensor, loss_fn: Callable[[torch.Tensor], float],
+                 alphas: tuple[float, ...] = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8)
+                 ) -> tuple[torch.Tensor, float | None, float]:
+    """The smoothing of a group with the smallest ``loss_fn(s)`` (the caller's error of the group's output
+    when its layers compute W8A8 with ``X / s`` and ``W s``) over ``s = 1`` (no smoothing, alpha ``None``)
+    and :func:`smooth_scales` for each alpha. Returns ``(s [in], alpha, loss)``."""
+    best_s = torch.ones_like(x_absmax, dtype=torch.float32)
+    best_alpha, best_loss = None, loss_fn(best_s)
     for alpha in alphas:
         s = smooth_scales(x_absmax, w_absmax, alpha)
-        xs = rtn.fake_int8(x / s)  # per-token (rows) int8, same math as per-channel on a [tokens, in] matrix
-        err = sum(((xs @ rtn.fake_int8(w.float() * s).t() - ref) ** 2).mean().item() for w, ref in zip(weights, refs))
-        if err < best[1]:
-            best = (alpha, err)
-    return best
+        loss = loss_fn(s)
+        if loss < best_loss:
+            best_s, best_alpha, best_loss = s, alpha, loss
+    return best_s, best_alpha, best_loss

@@ -49,7 +49,7 @@ def test_every_arch_is_covered():
     assert set(CONFIGS) == set(ARCHS)
 
 
-@pytest.mark.parametrize("method", ["w8a8-sq", "w4a16-awq"])
+@pytest.mark.parametrize("method", ["w8a8-sq", "w8a8-sq alpha search", "w4a16-awq"])
 @pytest.mark.parametrize("arch_name", sorted(ARCHS))
 def test_fold_keeps_outputs(arch_name, method):
     model = tiny_model(arch_name)
@@ -59,8 +59,11 @@ def test_fold_keeps_outputs(arch_name, method):
     with torch.no_grad():
         before = model(probe).logits
     norms_before = [p.detach().clone() for p in model.parameters()]
-    infos = apply_transforms(model, f"{method}-g32" if "awq" in method else method, calib,
-                             CalibrationOptions(awq_grid=5, awq_windows=2))
+    scheme = method.split()[0] + ("-g32" if "awq" in method else "")
+    alpha_search = "alpha search" in method  # alphas scored on the output of the module each group feeds
+    infos = apply_transforms(model, scheme, calib, CalibrationOptions(awq_grid=5, awq_windows=2,
+                                                                      alpha_search=alpha_search,
+                                                                      sq_alphas=(0.3, 0.6)))
     with torch.no_grad():
         after = model(probe).logits
     changed = sum(not torch.equal(a, b) for a, b in zip(norms_before, model.parameters()))

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from quantarena.algorithms import awq, smoothquant
-from quantarena.algorithms.rtn import fake_int4
+from quantarena.algorithms.rtn import fake_int4, fake_int8
 from quantarena.calibration.data import random_windows
 from quantarena.evaluate import evaluate
 from quantarena.models import load_model
@@ -80,6 +80,19 @@ def test_awq_full_clip_uses_cross_group_terms():
     assert torch.equal(torch.cat([awq.search_clip_full(W[:40], H, 128), awq.search_clip_full(W[40:], H, 128)]), full)
 
 
+def test_finer_clip_grid_never_worse_per_group():
+    """Grid 100 holds every bound of grid 20, so group by group (no cross passes) it can only do better."""
+    g = torch.Generator().manual_seed(1)
+    X = torch.randn(1024, 256, generator=g) * torch.rand(256, generator=g) * 3
+    W = torch.randn(32, 256, generator=g) * 0.1
+    W[:, 7] *= 8.0
+    H = X.t() @ X / X.shape[0]
+    err = lambda m: ((X @ (fake_int4(awq.apply_clip(W, m), 128) - W).t()) ** 2).sum(0)  # per row
+    coarse = awq.search_clip_full(W, H, 128, n_grid=20, sweeps=0)
+    fine = awq.search_clip_full(W, H, 128, n_grid=100, sweeps=0)
+    assert err(fine).sum() < err(coarse).sum()
+
+
 FAST = CalibrationOptions(awq_grid=4, awq_windows=1, sample_tokens=64)
 
 
@@ -106,11 +119,30 @@ def test_calibrated_schemes_end_to_end(scheme, cls):
     assert "loss" in lm.model.quantarena_calibration[0] or not scheme.startswith("w4a16")
 
 
+def test_sq_alpha_search_end_to_end():
+    lm = load_model("preset:tiny-llama")
+    calib = random_windows(lm.config.vocab_size, 64, 4, seed=2)
+    probe = random_windows(lm.config.vocab_size, 64, 1, seed=3)
+    ref, states = evaluate(lm.model, lm.arch, probe, progress=False)
+    opts = CalibrationOptions(awq_windows=1, alpha_search=True, sq_alphas=(0.4, 0.6))
+    quantize(lm.model, "w8a8-sq", calib, progress=False, options=opts)
+    alphas = lm.model.quantarena_calibration[0]["alpha"]
+    assert len(alphas) == len(lm.arch.groups) and set(alphas) <= {None, 0.4, 0.6}
+    res, _ = evaluate(lm.model, lm.arch, probe, reference=states, progress=False)
+    assert res.kld < 0.05
+
+
 def test_alpha_search_picks_the_lowest_error():
     g = torch.Generator().manual_seed(0)
     x = torch.randn(256, 64, generator=g)
     x[:, :3] *= 40.0
     w = torch.randn(48, 64, generator=g) * 0.05
-    alpha, err = smoothquant.search_alpha(x, [w], x.abs().amax(0))
-    _, err_half = smoothquant.search_alpha(x, [w], x.abs().amax(0), alphas=(0.5,))
-    assert alpha in (0.3, 0.4, 0.5, 0.6, 0.7, 0.8) and err <= err_half
+    ref = x @ w.t()
+
+    def loss(s):  # per-token int8 X / s, per-channel int8 W s
+        return ((fake_int8(x / s) @ fake_int8(w * s).t() - ref) ** 2).mean().item()
+    x_absmax, w_absmax = x.abs().amax(0), w.abs().amax(0)
+    s, alpha, err = smoothquant.search_alpha(x_absmax, w_absmax, loss)
+    assert alpha in (0.3, 0.4, 0.5, 0.6, 0.7, 0.8) and err == loss(s)
+    assert err <= min(loss(smoothquant.smooth_scales(x_absmax, w_absmax, a)) for a in (0.3, 0.5, 0.8))
+    assert err < loss(torch.ones(64))  # no smoothing is a candidate, and loses on these outliers
