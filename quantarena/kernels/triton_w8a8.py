@@ -14,7 +14,6 @@ import torch
 import triton
 import triton.language as tl
 
-from .triton_act_quant import _rint
 from .triton_w4a16 import MAX_TILES, split_k_counters, split_k_reduce
 
 
@@ -121,74 +120,6 @@ def a8w8_swap_kernel(a_ptr, b_ptr, a_scale_ptr, w_scale_ptr, bias_ptr, out_ptr, 
         else:
             acc = tl.dot(w, at, acc, out_dtype=tl.int32)
     _finish(tl.trans(acc), a_scale_ptr, w_scale_ptr, bias_ptr, out_ptr, ws_ptr, cnt_ptr, rm, rn, M, N, stride_as,
-            stride_om, pid_k, pid_m * num_n + pid_n, SPLIT_K, HAS_BIAS)
-
-
-@triton.jit
-def _quant_tile(x_ptr, smooth_ptr, rows, k, k_end, stride_xm, scale, HAS_SMOOTH: tl.constexpr, FP8: tl.constexpr,
-                QMAX: tl.constexpr, codes_ty: tl.constexpr):
-    """The activation tile x^T [BK, BM] of ``rows``, divided by the smoothing and the per-token scale, as codes."""
-    xt = tl.load(x_ptr + rows[None, :] * stride_xm + k[:, None], mask=k[:, None] < k_end, other=0.0).to(tl.float32)
-    if HAS_SMOOTH:
-        xt = tl.math.div_rn(xt, tl.load(smooth_ptr + k, mask=k < k_end, other=1.0)[:, None])
-    y = tl.math.div_rn(xt, scale[None, :] + tl.zeros_like(xt))
-    if FP8:
-        y = tl.clamp(y, -QMAX, QMAX)
-    else:
-        y = _rint(tl.clamp(y, -128.0, 127.0))
-    return y.to(codes_ty)
-
-
-@triton.jit
-def a8w8_swapq_kernel(x_ptr, smooth_ptr, b_ptr, a_scale_ptr, w_scale_ptr, bias_ptr, out_ptr, ws_ptr, cnt_ptr,
-                      M, N, K, stride_xm, stride_bn, stride_om,
-                      HAS_SMOOTH: tl.constexpr, HAS_BIAS: tl.constexpr, FP8: tl.constexpr, QMAX: tl.constexpr,
-                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
-                      EVEN_K: tl.constexpr):
-    """:func:`a8w8_swap_kernel` with the dynamic per-token activation quantization fused in, for a few tokens:
-    every program first finds its tokens' absmax over all of K (the activations are tiny next to the weight),
-    then quantizes each activation tile as it loads it, with the arithmetic of
-    :func:`.triton_act_quant.act_quant_kernel` (so the codes, and int8 outputs, are the same bit for bit).
-    The scales are also written to ``a_scale_ptr`` (every program writes the same values)."""
-    pid_n = tl.program_id(0)
-    pid_m = tl.program_id(1)
-    pid_k = tl.program_id(2)
-    num_n = tl.cdiv(N, BLOCK_N)
-    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    ram = tl.minimum(rm, M - 1)
-    rbn = tl.max_contiguous(tl.multiple_of(tl.minimum(rn, N - 1), BLOCK_N), BLOCK_N)
-    rk = tl.arange(0, BLOCK_K)
-    amax = tl.zeros((BLOCK_M,), dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        k = k0 + rk
-        xt = tl.load(x_ptr + ram[None, :] * stride_xm + k[:, None], mask=k[:, None] < K, other=0.0).to(tl.float32)
-        if HAS_SMOOTH:
-            xt = tl.math.div_rn(xt, tl.load(smooth_ptr + k, mask=k < K, other=1.0)[:, None])
-        amax = tl.maximum(amax, tl.max(tl.abs(xt), axis=0))
-    scale = tl.math.div_rn(tl.maximum(amax, 1e-12), QMAX)
-    tl.store(a_scale_ptr + rm, scale, mask=rm < M)
-    k_per_split = tl.cdiv(tl.cdiv(K, BLOCK_K), SPLIT_K) * BLOCK_K
-    k_start = pid_k * k_per_split
-    k_end = tl.minimum(k_start + k_per_split, K)
-    if FP8:
-        acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
-    else:
-        acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.int32)
-    for k0 in range(k_start, k_end, BLOCK_K):
-        k = k0 + rk
-        if EVEN_K:
-            w = tl.load(b_ptr + rbn[:, None] * stride_bn + k[None, :])
-        else:
-            w = tl.load(b_ptr + rbn[:, None] * stride_bn + k[None, :], mask=k[None, :] < k_end, other=0.0)
-        at = _quant_tile(x_ptr, smooth_ptr, ram, k, k_end, stride_xm, scale, HAS_SMOOTH, FP8, QMAX,
-                         b_ptr.dtype.element_ty)
-        if FP8:
-            acc = tl.dot(w, at, acc, out_dtype=tl.float32)
-        else:
-            acc = tl.dot(w, at, acc, out_dtype=tl.int32)
-    tl.debug_barrier()  # this program's scale stores are visible to all its threads before the epilogue reads them
-    _finish(tl.trans(acc), a_scale_ptr, w_scale_ptr, bias_ptr, out_ptr, ws_ptr, cnt_ptr, rm, rn, M, N, 1,
             stride_om, pid_k, pid_m * num_n + pid_n, SPLIT_K, HAS_BIAS)
 
 
@@ -353,25 +284,3 @@ def a8w8_tma_gemm(a: torch.Tensor, a_scale: torch.Tensor, weight: torch.Tensor, 
                                  NUM_PROGRAMS=programs, **cfg)
     return out
 
-
-def a8w8_swapq_gemm(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor, bias: torch.Tensor | None,
-                    smooth: torch.Tensor | None = None, cfg: dict | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Dynamic per-token int8 (or fp8, by the weight's dtype) activation quantization and the swap-AB GEMM in
-    one launch, for a few tokens: x bf16/fp16 [M, K] -> (out [M, N] in x's dtype, the per-token scales [M, 1])."""
-    m, k = x.shape
-    n = weight.shape[0]
-    fp8 = weight.dtype == torch.float8_e4m3fn
-    cfg = dict(cfg or swap_config(m, n, k, _sm_count(x.device)))
-    split = cfg["SPLIT_K"]
-    out = torch.empty((m, n), dtype=x.dtype, device=x.device)
-    scale = torch.empty((m, 1), dtype=torch.float32, device=x.device)
-    ws = torch.empty((split, m, n) if split > 1 else (1,), dtype=torch.float32 if fp8 else torch.int32,
-                     device=x.device)
-    grid = (triton.cdiv(n, cfg["BLOCK_N"]), triton.cdiv(m, cfg["BLOCK_M"]), split)
-    w_scale = weight_scale.reshape(-1)
-    a8w8_swapq_kernel[grid](x, smooth if smooth is not None else w_scale, weight, scale, w_scale,
-                            bias if bias is not None else w_scale, out, ws, split_k_counters(x.device), m, n, k,
-                            x.stride(0), weight.stride(0), out.stride(0), HAS_SMOOTH=smooth is not None,
-                            HAS_BIAS=bias is not None, FP8=fp8, QMAX=448.0 if fp8 else 127.0,
-                            EVEN_K=k % (cfg["BLOCK_K"] * split) == 0, **cfg)
-    return out, scale
