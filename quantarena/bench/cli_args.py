@@ -28,6 +28,7 @@ def add_bench_parser(subparsers) -> argparse.ArgumentParser:
     d.add_argument("--no-compile", action="store_true",
                    help="run the blocks' non-linear work eagerly instead of fused by torch.compile")
     d.add_argument("--json", default=None, metavar="OUT", help="write the results object to OUT")
+    d.add_argument("--plot", default=None, metavar="PNG", help="also draw tokens/s and speed-up vs batch to PNG")
     g = bench_sub.add_parser("greedy", help="greedy generations of a real model: our kernels vs the reference kernels")
     g.add_argument("--model", default="default", help="default | a Hugging Face folder | a .gguf file")
     g.add_argument("--schemes", default="w4a16,w8a8-int8,fp8")
@@ -72,6 +73,9 @@ def run_bench(args) -> int:
             return 2
         result = decode.run(shape, args.schemes.split(","), batches, args.prompt_len, args.gen_len, log=log,
                             compile=not args.no_compile)
+        if args.plot:
+            from .plots import plot_decode
+            plot_decode(result, args.plot)
     if args.json:
         _write_json(args.json, result)
     print(json.dumps({k: v for k, v in result.items() if k != "rows"} | {"rows": len(result["rows"])}))

@@ -81,3 +81,15 @@ def test_greedy_compare_reports_the_divergence_margin():
     assert out["agree_prefix"] == 2 and out["divergence_ref_margin"] == 4.0
     assert out["divergence_fast_vs_ref_max_abs"] == 0.5 and out["first_logits_rel_err"] > 0
     assert greedy.compare(ref, ref) == {"steps": 3, "agree_prefix": 3, "first_logits_rel_err": 0.0}
+
+
+def test_decode_plot_writes_a_png(tmp_path):
+    from quantarena.bench.plots import plot_decode
+    rows = [{"scheme": s, "batch": b, "decode_tok_s": v} for s, b, v in [
+        ("bf16", 1, 100), ("bf16", 64, 5000), ("w4a16", 1, 180), ("w4a16", 64, 4000), ("fp8", 1, 120), ("fp8", 64, 6000)]]
+    out = plot_decode({"rows": rows, "crossover": {"fp8": 64}, "model": "m", "device": "d", "date": "x"},
+                      tmp_path / "d.png")
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    with pytest.raises(ValueError, match="no rows"):
+        plot_decode({"rows": []}, tmp_path / "e.png")
+    assert not (tmp_path / "e.png").exists()
