@@ -77,7 +77,7 @@ def _static_rtn(scheme: Scheme, arch: ArchSpec):
         stats = {name: InputStats() for name in linears}
         observe(ctx, {name: (lin, stats[name]) for name, lin in linears.items()})
         for name, lin in linears.items():
-            input_scale = stats[name].absmax.max().clamp(min=1e-12) / P.INT8_MAX
+            input_scale = P.div_exact(stats[name].absmax.max().clamp(min=1e-12), P.INT8_MAX)
             set_module(ctx.block, name, make_linear(scheme, lin, input_scale=input_scale))
         return {}
     return process
@@ -236,7 +236,7 @@ def _w8a8_module(linear: nn.Linear, codes: torch.Tensor, weight_scale: torch.Ten
                  absmax: torch.Tensor | None, smooth: torch.Tensor | None) -> W8A8Linear:
     input_scale = None
     if scheme.static:
-        input_scale = absmax.amax().clamp(min=1e-12) / P.INT8_MAX
+        input_scale = P.div_exact(absmax.amax().clamp(min=1e-12), P.INT8_MAX)
     return W8A8Linear(codes, weight_scale, linear.bias, input_scale, smooth)
 
 
