@@ -4,12 +4,13 @@ CPU (and any device or shape without a fast path) runs :mod:`quantarena.kernels.
 work goes through ``torch.library`` custom ops (``quantarena::w4a16_linear``, ``::w8a8_linear``,
 ``::fp8_linear``) with fake implementations, so ``torch.compile`` traces them and CUDA graphs capture them.
 
-W4A16 paths by M: the tile GEMV v2 (``gemv2``) at M = 1; the tensor-core kernel (``tc``,
+W4A16 paths by M: the GEMV v3 (``gemv3``, :mod:`.triton_w4a16_gemv`) at M = 1; the tensor-core kernel (``tc``,
 :mod:`.triton_w4a16_tc`) from M = 2; dequantize + cuBLAS (``dequant``) once M is large enough for cuBLAS
 to win (M > 256 by default). Per (M bucket, N, K) the path and tile measured fastest on H100 come from
 :mod:`.tuned_w4a16` (written by ``benchmarks/w4a16_tc_tune.py``); shapes not in it, and GPUs other than
 Hopper (the tables were measured on an H100), get the defaults above.
-The older CUDA-core GEMV (``gemv``, M <= 4) serves group sizes the other two cannot.
+The older CUDA-core GEMVs (``gemv``, M <= 4; ``gemv2``, M <= 16) serve group sizes the others cannot, and
+benchmarks.
 
 W8A8 int8 and FP8: one fused activation-quant kernel, then the GEMM measured fastest for the shape in
 :mod:`.tuned_w8a8`: the swap-AB Triton kernel for skinny M, the tiled int8 kernel (tuned tile) or
@@ -100,24 +101,28 @@ def w4a16_path(m: int, n: int | None = None, k: int | None = None, tuned_table: 
     """Which W4A16 CUDA kernel serves M rows of an N x K weight: the measured fastest where tuned."""
     from .tuned_w4a16 import lookup
 
+    if m == 1:   # gemv3 beat gemv2 on 7 of 8 tuned shapes and tied the 8th (h100-w4a16-gemv3.json)
+        return "gemv3"
     tuned = lookup(m, n, k) if tuned_table else None
     if tuned is not None:
         return tuned[0]
-    if m == 1:
-        return "gemv2"
     return "tc" if m <= W4A16_TC_MAX_M else "dequant"
 
 
 @torch.library.custom_op("quantarena::w4a16_linear", mutates_args=())
 def _w4a16_op(x2: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None,
               group_size: int, bias: torch.Tensor | None, g_idx: torch.Tensor | None, path: str) -> torch.Tensor:
-    from . import triton_w4a16 as T, triton_w4a16_tc as TC
+    from . import triton_w4a16 as T, triton_w4a16_gemv as G3, triton_w4a16_tc as TC
 
     prep = _prepared(packed, scales, zeros, group_size, g_idx)
     if prep is None:
         return reference.w4a16_linear(x2, packed, scales, zeros, group_size, bias, g_idx)
     x2 = x2.contiguous() if prep.perm is None else x2[:, prep.perm].contiguous()
     m, n, k = x2.shape[0], prep.striped.out_features, prep.striped.in_features
+    if path == "gemv3" and (m != 1 or not G3.gemv3_supported(prep.striped)):
+        path = "gemv2"
+    if path == "gemv3":
+        return G3.w4a16_gemv3(x2, prep.striped, bias)
     if path == "gemv2" and not T.gemv2_supported(prep.striped):
         path = "tc"
     if path == "tc" and not TC.tc_supported(prep.striped):
@@ -143,7 +148,8 @@ def _(x2, packed, scales, zeros, group_size, bias, g_idx, path):
 def w4a16_linear(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None,
                  group_size: int, bias: torch.Tensor | None = None, g_idx: torch.Tensor | None = None,
                  path: str | None = None) -> torch.Tensor:
-    """``x @ dequant(W).T + bias``; ``path`` forces a CUDA kernel (``gemv``/``gemv2``/``tc``/``dequant``; benchmarks)."""
+    """``x @ dequant(W).T + bias``; ``path`` forces a CUDA kernel (``gemv``/``gemv2``/``gemv3``/``tc``/``dequant``;
+    benchmarks)."""
     in_features = x.shape[-1]
     if not _triton_ok(x) or in_features % 8 or group_size % 8:
         return reference.w4a16_linear(x, packed, scales, zeros, group_size, bias, g_idx)
@@ -153,6 +159,8 @@ def w4a16_linear(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, ze
         raise ValueError(f"the W4A16 GEMV serves at most {W4A16_GEMV_MAX_M} rows, got {x2.shape[0]}")
     if path == "gemv2" and x2.shape[0] > W4A16_GEMV2_MAX_M:
         raise ValueError(f"the W4A16 GEMV v2 serves at most {W4A16_GEMV2_MAX_M} rows, got {x2.shape[0]}")
+    if path == "gemv3" and x2.shape[0] != 1:
+        raise ValueError(f"the W4A16 GEMV v3 serves one row, got {x2.shape[0]}")
     bias = None if bias is None else bias.to(x.dtype)
     out = _w4a16_op(x2, packed, scales.to(x.dtype), zeros, group_size, bias, g_idx, path)
     return out.reshape(*x.shape[:-1], packed.shape[0])

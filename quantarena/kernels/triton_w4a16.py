@@ -423,7 +423,8 @@ class StripedWeight:
         self.out_features, self.in_features = n, kw * 8
         self.group_size = group_size
         self.stripe = stripe_size(group_size)
-        self.words = repack_striped(packed, self.in_features, self.stripe)         # [N, K/8] int32, GEMV
+        self._words: torch.Tensor | None = None                                   # striped, built on first use
+        self._tiled: dict[tuple[int, int], torch.Tensor] = {}                     # gemv3 tile layouts, likewise
         canonical = packed.contiguous()                                            # [N, K/8] int32, tc/dequant
         # A cache keyed on ``packed`` must not keep it alive: then hold it weakly (the caller passes it on
         # every call, so it is alive whenever a kernel runs).
@@ -435,6 +436,25 @@ class StripedWeight:
     @property
     def canonical(self) -> torch.Tensor:
         return self._canonical()
+
+    @property
+    def words(self) -> torch.Tensor:
+        """The striped layout ``[N, K/8]`` int32 (gemv, gemv2), built on first use: a decode run that only
+        needs the tiled copy (gemv3) never holds this one too."""
+        if self._words is None:
+            self._words = repack_striped(self.canonical, self.in_features, self.stripe)
+        return self._words
+
+    def tiled(self, block_n: int, block_kw: int) -> torch.Tensor:
+        """The gemv3 layout for one tile shape (see ``triton_w4a16_gemv.tile_words``), built on first use."""
+        key = (block_n, block_kw)
+        if key not in self._tiled:
+            from .triton_w4a16_gemv import tile_words
+
+            striped = self._words if self._words is not None else repack_striped(self.canonical, self.in_features,
+                                                                                 self.stripe)
+            self._tiled[key] = tile_words(striped, block_n, block_kw)
+        return self._tiled[key]
 
 
 MAX_TILES = 1 << 16   # split-K is used only while one launch has at most this many output tiles
@@ -538,7 +558,7 @@ def w4a16_gemv(x2: torch.Tensor, w: StripedWeight, bias: torch.Tensor | None = N
 def w4a16_dequantize(w: StripedWeight, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
     """Dense ``[N, K]`` weight in ``dtype`` (canonical element order)."""
     n, k = w.out_features, w.in_features
-    out = torch.empty((n, k), dtype=dtype, device=w.words.device)
+    out = torch.empty((n, k), dtype=dtype, device=w.scales.device)
     block_n, block_kw = 16, 32
     grid = (triton.cdiv(n, block_n), triton.cdiv(k // 8, block_kw))
     dummy = w.scales

@@ -16,7 +16,7 @@ triton = pytest.importorskip("triton", reason="triton is not installed: the Trit
 from quantarena import primitives as P  # noqa: E402
 from quantarena.kernels import ops, reference as R  # noqa: E402
 from quantarena.kernels import triton_act_quant as AQ, triton_w4a16 as T4, triton_w8a8 as T8  # noqa: E402
-from quantarena.kernels import triton_w4a16_tc as TC  # noqa: E402
+from quantarena.kernels import triton_w4a16_gemv as G3, triton_w4a16_tc as TC  # noqa: E402
 
 REL_TOL = 8e-3
 
@@ -95,8 +95,68 @@ def test_w4a16_gemv2_matches_reference(m, n, k, group, symmetric, bias, cfg):
     assert int(T4.split_k_counters(x.device).abs().sum()) == 0
 
 
+@pytest.mark.parametrize("n,k,group,symmetric,bias,cfg", [
+    (40, 384, 128, True, False, None),   # ragged N, default config (tiled layout)
+    (33, 256, 64, False, True, dict(BLOCK_N=16, SUB=4, BLOCK_KW=16, SPLIT_K=3, num_warps=4, PREFETCH=True)),
+    (200, 1024, 32, False, True, dict(BLOCK_N=64, SUB=2, BLOCK_KW=32, SPLIT_K=2, num_warps=4, PREFETCH=False,
+                                      STAGES=2, TILED=True)),      # several groups per step, cp.async pipeline
+    (96, 2048, 256, True, False, dict(BLOCK_N=32, SUB=1, BLOCK_KW=16, SPLIT_K=8, num_warps=4, PREFETCH=True,
+                                      TILED=True)),                # group spans several steps
+])
+def test_w4a16_gemv3_matches_reference(n, k, group, symmetric, bias, cfg):
+    packed, scales, zeros = make_w4(n, k, group, symmetric)
+    x = make_x(1, k)
+    b = torch.randn(n).to(torch.bfloat16).to(DEVICE) if bias else None
+    w = T4.StripedWeight(packed, scales, zeros, group)
+    out = G3.w4a16_gemv3(x, w, b, cfg)
+    assert rel_err(out, R.w4a16_linear(x, packed, scales, zeros, group, b)) < REL_TOL
+    assert int(T4.split_k_counters(x.device).abs().sum()) == 0
+
+
+def test_w4a16_gemv3_tiled_layout_is_a_permutation():
+    words = torch.arange(40 * 24, dtype=torch.int32).reshape(40, 24)
+    t = G3.tile_words(words, 16, 8)                       # N padded 40 -> 48 with zero words
+    assert t.shape == (48, 24)
+    tiles = t.reshape(3, 3, 16, 8)                        # [N tile, K step, row, word]
+    assert torch.equal(tiles[1, 2], words[16:32, 16:24]) and torch.equal(tiles[2, 0, :8], words[32:, :8])
+    assert int(tiles[2, 0, 8:].abs().sum()) == 0
+
+
+def test_w4a16_gemv3_nibble_asm_decodes_every_code():
+    """The PTX that builds f = 1 + u/128 (GPU only) emulated bit by bit: lop3 (a & b) | c, shr, prmt."""
+    import re
+    import struct
+
+    asm = G3._asm_nibble_floats()
+    regs = {}
+
+    def val(tok):
+        return int(tok, 16) if tok.startswith("0x") else regs[tok]
+    word = 0x89ABCDEF ^ 0x13572468
+    regs["$8"] = word
+    for ins in asm.replace("\n", ";").split(";"):
+        parts = re.findall(r"[$\w]+", ins)
+        if not parts or parts[0] not in ("mov", "lop3", "shr", "prmt"):
+            continue
+        op, args = parts[0], parts[2:] if parts[1] in ("b32", "u32") else parts[1:]
+        if op == "mov":
+            regs[args[0]] = val(args[1])
+        elif op == "lop3":
+            assert args[4] == "0xEA"
+            regs[args[0]] = (val(args[1]) & val(args[2])) | val(args[3])
+        elif op == "shr":
+            regs[args[0]] = val(args[1]) >> int(args[2])
+        else:
+            src = [(val(args[1]) >> 8 * i) & 0xFF for i in range(4)] + [(val(args[2]) >> 8 * i) & 0xFF for i in range(4)]
+            sel = val(args[3])
+            regs[args[0]] = sum(src[(sel >> 4 * i) & 7] << 8 * i for i in range(4))
+    for j in range(8):
+        f = struct.unpack("<f", struct.pack("<I", regs[f"${j}"]))[0]
+        assert f == 1 + ((word >> 4 * j) & 0xF) / 128, j
+
+
 def test_w4a16_dispatch_by_m():
-    assert ops.w4a16_path(1, 4096, 4096) == "gemv2"
+    assert ops.w4a16_path(1, 4096, 4096) == "gemv3"
     assert ops.w4a16_path(3, 4096, 4096) == "tc" and ops.w4a16_path(16, 4096, 14336) == "tc"
     assert ops.w4a16_path(100, 96, 256) == "tc"          # untuned shape: the default by M
     assert ops.w4a16_path(5000, 4096, 4096) == "dequant"
@@ -109,16 +169,16 @@ def test_w4a16_tuned_table_is_consistent():
 
     assert TW.TABLE, "the dispatch table is empty"
     for (m, n, k), (path, cfg) in TW.TABLE.items():
-        assert m in TW.BUCKETS and path in ("gemv2", "tc", "dequant")
+        assert m in TW.BUCKETS and path in ("gemv2", "tc", "dequant")   # M = 1 rows are superseded by gemv3
         if path == "tc":
             assert 128 % cfg["BLOCK_K"] == 0 and k % cfg["BLOCK_K"] == 0 and cfg["UNPACK"] in (1, 2)
     assert TW.lookup(3, 4096, 4096) == TW.TABLE.get((4, 4096, 4096)) and TW.lookup(3, None, 4096) is None
 
 
-@pytest.mark.parametrize("path", ["gemv2", "tc", "dequant", "gemv"])
+@pytest.mark.parametrize("path", ["gemv3", "gemv2", "tc", "dequant", "gemv"])
 def test_w4a16_every_path_runs_through_the_op(path):
     packed, scales, zeros = make_w4(24, 256, 64, False)
-    x = make_x(1 if path == "gemv2" else 3, 256)
+    x = make_x(1 if path in ("gemv2", "gemv3") else 3, 256)
     out = ops._w4a16_op(x, packed, scales, zeros, 64, None, None, path)
     assert rel_err(out, R.w4a16_linear(x, packed, scales, zeros, 64)) < REL_TOL
 
