@@ -35,6 +35,9 @@ def check_scheme(scheme: str | Scheme, format: str) -> Scheme:
         if scheme.family == "fp8":
             raise FormatError(f"GGUF has no FP8 type, so scheme {scheme.name!r} cannot be exported to it; "
                               f"supported: {gg.SUPPORTED}")
+        if scheme.rotation is not None:
+            raise FormatError(f"llama.cpp has no online Hadamard rotation of a layer's input, so {scheme.name!r} "
+                              f"has no GGUF form; export it to compressed-tensors")
         if scheme.family == "w4a16" and scheme.group_size != -1 and scheme.group_size % gg.QK:
             raise FormatError(f"GGUF int4 blocks hold 32 weights; group size {scheme.group_size} of "
                               f"{scheme.name!r} is not a multiple of 32; supported: {gg.SUPPORTED}")

@@ -43,6 +43,9 @@ class ArchSpec:
     lm_head: str
     linears: tuple[str, ...]         # Linear layers of one block, in execution order
     groups: tuple[SmoothGroup, ...] = field(default_factory=tuple)
+    # Linears whose input W8A8 may rotate online (``-rot``): the down projection, whose input (an elementwise
+    # gated product) has the worst outlier channels and no preceding op that could absorb a rotation
+    rotated: tuple[str, ...] = ()
 
 
 def _llama_like(name: str, model_types: tuple[str, ...], norm_kind: str = "rmsnorm",
@@ -56,7 +59,8 @@ def _llama_like(name: str, model_types: tuple[str, ...], norm_kind: str = "rmsno
             SmoothGroup("self_attn.v_proj", "linear", ("self_attn.o_proj",)),
             SmoothGroup(pre_mlp_norm, norm_kind, ("mlp.gate_proj", "mlp.up_proj")),
             SmoothGroup("mlp.up_proj", "linear", ("mlp.down_proj",)),
-        ))
+        ),
+        rotated=("mlp.down_proj",))
 
 
 ARCHS: dict[str, ArchSpec] = {a.name: a for a in [
@@ -74,7 +78,8 @@ ARCHS: dict[str, ArchSpec] = {a.name: a for a in [
             SmoothGroup(None, "none", ("self_attn.o_proj",)),        # fused qkv: v rows not separable cheaply
             SmoothGroup("post_attention_layernorm", "rmsnorm", ("mlp.gate_up_proj",)),
             SmoothGroup(None, "none", ("mlp.down_proj",)),           # gated: up half of gate_up_proj
-        )),
+        ),
+        rotated=("mlp.down_proj",)),
     ArchSpec(
         name="opt", model_types=("opt",), layers="model.decoder.layers", decoder="model", lm_head="lm_head",
         linears=("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.out_proj", "fc1", "fc2"),
@@ -84,7 +89,8 @@ ARCHS: dict[str, ArchSpec] = {a.name: a for a in [
             SmoothGroup("self_attn.v_proj", "linear", ("self_attn.out_proj",)),
             SmoothGroup("final_layer_norm", "layernorm", ("fc1",)),
             SmoothGroup("fc1", "linear", ("fc2",)),                  # ReLU is positively homogeneous
-        )),
+        ),
+        rotated=("fc2",)),
 ]}
 
 

@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from . import primitives as P
+from .algorithms.rotation import hadamard, resolve_block, rotate, rotate_weight
 from .kernels import ops, reference
 
 
@@ -25,7 +26,8 @@ class QuantLinearBase(nn.Module):
 
     def weight_bytes(self) -> int:
         """Bytes of weights and their quantization parameters (what a checkpoint stores)."""
-        return sum(b.numel() * b.element_size() for n, b in self.named_buffers() if b is not None and n != "bias")
+        return sum(b.numel() * b.element_size() for n, b in self.named_buffers()
+                   if b is not None and n != "bias" and n not in self._non_persistent_buffers_set)
 
     def dequantize(self) -> torch.Tensor:
         raise NotImplementedError
@@ -97,40 +99,54 @@ class W8A8Linear(QuantLinearBase):
 
     ``smooth_scale`` [in] is an optional SmoothQuant divisor applied to activations inside the
     activation-quant step, for layers whose smoothing cannot be folded into a preceding op.
+    ``rotation`` (a Hadamard block size): the stored weight is ``(W s) R`` and the input is rotated online,
+    ``(x / s) R``, before it is quantized (:mod:`quantarena.algorithms.rotation`); ``hadamard`` holds the
+    +-1 block (not saved: the checkpoint's config describes it).
     """
 
     def __init__(self, weight: torch.Tensor, weight_scale: torch.Tensor, bias: torch.Tensor | None = None,
-                 input_scale: torch.Tensor | None = None, smooth_scale: torch.Tensor | None = None):
+                 input_scale: torch.Tensor | None = None, smooth_scale: torch.Tensor | None = None,
+                 rotation: int | None = None):
         super().__init__()
         self._init_common(weight.shape[1], weight.shape[0], bias)
         self.register_buffer("weight", weight.to(torch.int8))                           # [out, in]
         self.register_buffer("weight_scale", weight_scale.float().reshape(-1, 1))       # [out, 1]
         self.register_buffer("input_scale", None if input_scale is None else input_scale.float().reshape(1))
         self.register_buffer("smooth_scale", None if smooth_scale is None else smooth_scale.float())
+        self.rotation = None if rotation is None else resolve_block(self.in_features, rotation)
+        self.register_buffer("hadamard", None if rotation is None else hadamard(self.rotation, device=weight.device),
+                             persistent=False)                                          # [b, b] +-1
 
     @classmethod
     def from_float(cls, linear: nn.Linear, input_scale: torch.Tensor | None = None,
-                   smooth_scale: torch.Tensor | None = None) -> "W8A8Linear":
+                   smooth_scale: torch.Tensor | None = None, rotation: int | None = None) -> "W8A8Linear":
+        """Round-to-nearest; ``rotation`` (block size, -1 = full) rotates the weight first."""
         w = linear.weight.detach()
         P.check_finite(w, "weight")
         if smooth_scale is not None:
             w = w * smooth_scale.to(w.dtype)  # the activation is divided by s, so the weight carries s
+        if rotation is not None:
+            w = rotate_weight(w, resolve_block(w.shape[1], rotation))
         q, s = P.quantize_int8(w, "channel")
-        return cls(q, s, linear.bias, input_scale, smooth_scale)
+        return cls(q, s, linear.bias, input_scale, smooth_scale, rotation)
 
     @property
     def static(self) -> bool:
         return self.input_scale is not None
 
     def dequantize(self) -> torch.Tensor:
+        """The float weight the layer computes with, in the input's own basis (rotation and smoothing undone)."""
         w = P.dequantize_int8(self.weight, self.weight_scale)
+        if self.hadamard is not None:
+            w = rotate(w.double(), self.hadamard, torch.float64).float()  # R is symmetric and orthonormal
         return w if self.smooth_scale is None else w / self.smooth_scale.float()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return ops.w8a8_linear(x, self.weight, self.weight_scale, self.input_scale, self.smooth_scale, self.bias)
+        return ops.w8a8_linear(x, self.weight, self.weight_scale, self.input_scale, self.smooth_scale, self.bias,
+                               self.hadamard)
 
     def extra_repr(self) -> str:
-        return super().extra_repr() + f", static={self.static}"
+        return super().extra_repr() + f", static={self.static}" + (f", rotation={self.rotation}" if self.rotation else "")
 
 
 class FP8Linear(QuantLinearBase):

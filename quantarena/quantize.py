@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from . import primitives as P
-from .algorithms import awq, gptq, rtn, smoothquant
+from .algorithms import awq, gptq, rotation, rtn, smoothquant
 from .calibration.sequential import BlockContext, run_sequential
 from .calibration.stats import InputStats, ModuleCalls, observe
 from .models import ArchSpec, SmoothGroup, arch_for, blocks, set_module
@@ -39,17 +39,18 @@ class CalibrationOptions:
     sample_tokens: int = 512        # token rows kept per layer input for clipping / alpha searches
     alpha_search: bool = False      # SmoothQuant: per-group alpha on the watched output's error instead of scheme.alpha
     sq_alphas: tuple[float, ...] = tuple(round(0.05 * i, 2) for i in range(2, 19))  # alpha grid of that search
+    smooth_rotated: bool = True     # SmoothQuant also smooths the Linears a -rot scheme rotates (then rotates)
 
 
 def make_linear(scheme: Scheme, linear: nn.Linear, input_scale: torch.Tensor | None = None,
-                smooth_scale: torch.Tensor | None = None) -> nn.Module:
-    """Round-to-nearest quantized replacement of ``linear`` for ``scheme``."""
+                smooth_scale: torch.Tensor | None = None, rotation: int | None = None) -> nn.Module:
+    """Round-to-nearest quantized replacement of ``linear`` for ``scheme`` (``rotation``: W8A8 Hadamard block)."""
     if scheme.family == "bf16":
         return BF16Linear.from_float(linear)
     if scheme.family == "w4a16":
         return W4A16Linear.from_float(linear, scheme.group_size, scheme.symmetric)
     if scheme.family == "w8a8":
-        return W8A8Linear.from_float(linear, input_scale=input_scale, smooth_scale=smooth_scale)
+        return W8A8Linear.from_float(linear, input_scale=input_scale, smooth_scale=smooth_scale, rotation=rotation)
     if scheme.family == "fp8":
         return FP8Linear.from_float(linear)
     raise P.QuantizationError(f"no module for scheme family {scheme.family!r}")
@@ -59,8 +60,24 @@ def block_linears(block: nn.Module, arch: ArchSpec) -> dict[str, nn.Linear]:
     return {name: block.get_submodule(name) for name in arch.linears}
 
 
+def rotation_of(scheme: Scheme, arch: ArchSpec, name: str, in_features: int) -> int | None:
+    """The Hadamard block size of Linear ``name``'s online input rotation under ``scheme`` (None: not rotated)."""
+    if scheme.rotation is None or name not in arch.rotated:
+        return None
+    return rotation.resolve_block(in_features, scheme.rotation, name)
+
+
+def _input_rotation(block: int, smooth: torch.Tensor | None = None):
+    """What a rotated W8A8 layer does to its input before quantizing it: ``x -> (x / smooth) R``."""
+    H = rotation.hadamard(block)
+    return lambda x: rotation.rotate(x if smooth is None else x / smooth.to(x.device), H)
+
+
 def validate(model: nn.Module, arch: ArchSpec, scheme: Scheme) -> None:
-    """Fail before touching anything: non-finite weights, group sizes that do not divide."""
+    """Fail before touching anything: non-finite weights, group sizes that do not divide, Hadamard blocks."""
+    if scheme.rotation is not None and not arch.rotated:
+        raise P.QuantizationError(f"scheme {scheme.name!r} rotates the down projection's input, but the {arch.name} "
+                                  f"table names no Linear to rotate; drop -rot")
     for i, block in enumerate(blocks(model, arch)):
         for name, lin in block_linears(block, arch).items():
             if not isinstance(lin, nn.Linear):
@@ -68,17 +85,21 @@ def validate(model: nn.Module, arch: ArchSpec, scheme: Scheme) -> None:
             P.check_finite(lin.weight, f"weight of layer {i}.{name}")
             if scheme.family == "w4a16":
                 P.check_group_size(lin.in_features, scheme.group_size, f"layer {i}.{name}")
+            if scheme.rotation is not None and name in arch.rotated:
+                rotation.resolve_block(lin.in_features, scheme.rotation, f"layer {i}.{name}")
 
 
 def _static_rtn(scheme: Scheme, arch: ArchSpec):
     """Per block: observe each Linear's per-tensor input absmax, then quantize with that static scale."""
     def process(ctx: BlockContext) -> dict:
         linears = block_linears(ctx.block, arch)
-        stats = {name: InputStats() for name in linears}
+        blocks_ = {name: rotation_of(scheme, arch, name, lin.in_features) for name, lin in linears.items()}
+        stats = {name: InputStats(transform=None if blocks_[name] is None else _input_rotation(blocks_[name]))
+                 for name in linears}
         observe(ctx, {name: (lin, stats[name]) for name, lin in linears.items()})
         for name, lin in linears.items():
             input_scale = P.div_exact(stats[name].absmax.max().clamp(min=1e-12), P.INT8_MAX)
-            set_module(ctx.block, name, make_linear(scheme, lin, input_scale=input_scale))
+            set_module(ctx.block, name, make_linear(scheme, lin, input_scale=input_scale, rotation=blocks_[name]))
         return {}
     return process
 
@@ -148,11 +169,13 @@ def _scorer(ctx: BlockContext, watch: _Watch, names: tuple[str, ...]):
     return loss
 
 
-def _smoothquant(ctx: BlockContext, groups: list[SmoothGroup], scheme: Scheme, opts: CalibrationOptions,
-                 runtime_smooth: dict[str, torch.Tensor], absmax: dict[str, torch.Tensor]) -> dict:
+def _smoothquant(ctx: BlockContext, arch: ArchSpec, groups: list[SmoothGroup], scheme: Scheme,
+                 opts: CalibrationOptions, runtime_smooth: dict[str, torch.Tensor],
+                 absmax: dict[str, torch.Tensor]) -> dict:
     """SmoothQuant for every group of the block from one float pass: scales from ``scheme.alpha``, or with
     ``opts.alpha_search`` the alpha (or no smoothing) whose W8A8 layers, as they will run, give the smallest
-    error of the watched output (the module the group feeds, after its output norm)."""
+    error of the watched output (the module the group feeds, after its output norm). Linears the scheme
+    rotates are smoothed first (``opts.smooth_rotated``) or left alone."""
     stats = {g: InputStats() for g in groups}
     watches = {g: _watch(ctx, g) for g in groups} if opts.alpha_search else {}
     observe(ctx, {g.linears[0]: (ctx.block.get_submodule(g.linears[0]), stats[g]) for g in groups},
@@ -161,14 +184,18 @@ def _smoothquant(ctx: BlockContext, groups: list[SmoothGroup], scheme: Scheme, o
     alphas = []
     for g in groups:
         linears = [ctx.block.get_submodule(n) for n in g.linears]
+        blocks_ = [rotation_of(scheme, arch, n, lin.in_features) for n, lin in zip(g.linears, linears)]
         w_absmax = smoothquant.weight_absmax(linears)
+        if not opts.smooth_rotated and None not in blocks_:
+            alphas.append(None)  # rotation alone flattens these inputs
+            continue
         if opts.alpha_search:
             score = _scorer(ctx, watches[g], g.linears)
 
             def loss_fn(s: torch.Tensor) -> float:
                 x_absmax = stats[g].absmax / s
-                return score([_w8a8_module(lin, *rtn.rtn_int8(lin.weight.detach().float() * s), scheme, x_absmax, s)
-                              for lin in linears])
+                return score([_w8a8_module(lin, *rtn.rtn_int8(_rotated(lin.weight.detach().float() * s, b)), scheme,
+                                           x_absmax, s, b) for lin, b in zip(linears, blocks_)])
             s, alpha, _ = smoothquant.search_alpha(stats[g].absmax, w_absmax, loss_fn, opts.sq_alphas)
         else:
             alpha = scheme.alpha
@@ -232,48 +259,73 @@ def _awq(ctx: BlockContext, groups: list[SmoothGroup], scheme: Scheme, opts: Cal
     return {"loss": total}
 
 
+def _rotated(W: torch.Tensor, block: int | None) -> torch.Tensor:
+    return W if block is None else rotation.rotate_weight(W, block)
+
+
 def _w8a8_module(linear: nn.Linear, codes: torch.Tensor, weight_scale: torch.Tensor, scheme: Scheme,
-                 absmax: torch.Tensor | None, smooth: torch.Tensor | None) -> W8A8Linear:
+                 absmax: torch.Tensor | None, smooth: torch.Tensor | None, block: int | None = None) -> W8A8Linear:
+    """``absmax``: per-channel absmax of the input as the layer quantizes it (smoothed, rotated)."""
     input_scale = None
     if scheme.static:
         input_scale = P.div_exact(absmax.amax().clamp(min=1e-12), P.INT8_MAX)
-    return W8A8Linear(codes, weight_scale, linear.bias, input_scale, smooth)
+    return W8A8Linear(codes, weight_scale, linear.bias, input_scale, smooth, block)
 
 
-def _gptq_round(ctx: BlockContext, groups: list[SmoothGroup], scheme: Scheme, opts: CalibrationOptions,
-                runtime_smooth: dict[str, torch.Tensor]) -> dict:
+def _group_rotation(scheme: Scheme, arch: ArchSpec, group: SmoothGroup, in_features: int) -> int | None:
+    """The Hadamard block shared by every Linear of ``group`` (they share one input), or None."""
+    blocks_ = {rotation_of(scheme, arch, n, in_features) for n in group.linears}
+    if len(blocks_) > 1:
+        raise P.QuantizationError(f"the {arch.name} table rotates only some of {group.linears}, which share one "
+                                  f"input; rotate all of them or none")
+    return blocks_.pop()
+
+
+def _gptq_round(ctx: BlockContext, arch: ArchSpec, groups: list[SmoothGroup], scheme: Scheme,
+                opts: CalibrationOptions, runtime_smooth: dict[str, torch.Tensor]) -> dict:
     """GPTQ, group after group: each group's Hessian comes from inputs produced by the already-quantized
-    earlier layers of the block (the pass stops once the group's input is seen)."""
+    earlier layers of the block (the pass stops once the group's input is seen). A rotated group's
+    statistics are those of its rotated (and smoothed) input, the one its layers quantize."""
     bits = 4 if scheme.family == "w4a16" else 8
     total = 0.0
     for g in groups:
-        stats = InputStats(hessian=True)
-        observe(ctx, {g.linears[0]: (ctx.block.get_submodule(g.linears[0]), stats)})
+        first = ctx.block.get_submodule(g.linears[0])
+        block, s = _group_rotation(scheme, arch, g, first.in_features), runtime_smooth.get(g.linears[0])
+        stats = InputStats(hessian=True, transform=None if block is None else _input_rotation(block, s))
+        observe(ctx, {g.linears[0]: (first, stats)})
         H = stats.hessian
         for n in g.linears:
             linear = ctx.block.get_submodule(n)
-            W, Hn, s = linear.weight.detach(), H, runtime_smooth.get(n)
+            W, Hn, absmax = linear.weight.detach(), H, stats.absmax
             if s is not None:  # the layer computes (x / s) @ (W s)^T
-                W, Hn = W.float() * s, H / s.unsqueeze(0) / s.unsqueeze(1)
-            res = gptq.gptq(W, Hn, bits, scheme.group_size or -1, scheme.symmetric, opts.act_order,
-                            opts.block_size, opts.percdamp)
+                W = W.float() * s
+                if block is None:  # (a rotated group's statistics are already of x / s)
+                    Hn, absmax = H / s.unsqueeze(0) / s.unsqueeze(1), stats.absmax / s
+            res = gptq.gptq(_rotated(W, block), Hn, bits, scheme.group_size or -1, scheme.symmetric,
+                            opts.act_order, opts.block_size, opts.percdamp)
             total += res.loss
             if bits == 4:
                 module = W4A16Linear(res.codes, res.scales, res.zeros, scheme.group_size, linear.bias)
             else:
-                absmax = stats.absmax if s is None else stats.absmax / s
-                module = _w8a8_module(linear, res.codes, res.scales, scheme, absmax, s)
+                module = _w8a8_module(linear, res.codes, res.scales, scheme, absmax, s, block)
             set_module(ctx.block, n, module)
     return {"loss": total}
 
 
 def _rtn_round(ctx: BlockContext, arch: ArchSpec, scheme: Scheme, runtime_smooth: dict[str, torch.Tensor],
                absmax: dict[str, torch.Tensor]) -> None:
+    """Round every Linear of the block; a static scale of a rotated layer comes from its rotated input,
+    observed once the layers before it are quantized."""
     for n, linear in block_linears(ctx.block, arch).items():
         if scheme.family == "w8a8":
-            codes, scale = rtn.rtn_int8(linear.weight.detach().float() * runtime_smooth[n]
-                                        if n in runtime_smooth else linear.weight.detach())
-            module = _w8a8_module(linear, codes, scale, scheme, absmax.get(n), runtime_smooth.get(n))
+            block, s = rotation_of(scheme, arch, n, linear.in_features), runtime_smooth.get(n)
+            W = linear.weight.detach().float() * s if s is not None else linear.weight.detach()
+            codes, scale = rtn.rtn_int8(_rotated(W, block))
+            if block is not None and scheme.static:
+                stats = InputStats(transform=_input_rotation(block, s))
+                observe(ctx, {n: (linear, stats)})
+                absmax[n] = stats.absmax
+            module = _w8a8_module(linear, codes, scale, scheme, absmax.get(n), s, block)
         else:
             module = make_linear(scheme, linear)
         set_module(ctx.block, n, module)
@@ -287,11 +339,11 @@ def _calibrated(scheme: Scheme, arch: ArchSpec, opts: CalibrationOptions):
         absmax: dict[str, torch.Tensor] = {}           # Linear -> per-channel absmax of its smoothed input
         info: dict = {}
         if scheme.method.startswith("sq"):
-            info |= _smoothquant(ctx, groups, scheme, opts, runtime_smooth, absmax)
+            info |= _smoothquant(ctx, arch, groups, scheme, opts, runtime_smooth, absmax)
         if scheme.method.startswith("awq"):
             info |= _awq(ctx, groups, scheme, opts)
         if scheme.method.endswith("gptq"):
-            info |= _gptq_round(ctx, groups, scheme, opts, runtime_smooth)
+            info |= _gptq_round(ctx, arch, groups, scheme, opts, runtime_smooth)
         else:
             _rtn_round(ctx, arch, scheme, runtime_smooth, absmax)
         return info
@@ -314,7 +366,7 @@ def apply_transforms(model: nn.Module, scheme: str | Scheme, calibration: torch.
         groups = block_groups(arch)
         runtime: dict[str, torch.Tensor] = {}
         if scheme.method.startswith("sq"):
-            _smoothquant(ctx, groups, scheme, opts, runtime, {})
+            _smoothquant(ctx, arch, groups, scheme, opts, runtime, {})
         else:
             _awq(ctx, groups, scheme, opts)
         return {"runtime": sorted(runtime)}
@@ -352,6 +404,7 @@ def quantize(model: nn.Module, scheme: str | Scheme, calibration: torch.Tensor |
     else:
         for block in blocks(model, arch):
             for name, lin in block_linears(block, arch).items():
-                set_module(block, name, make_linear(scheme, lin))
+                set_module(block, name, make_linear(scheme, lin, rotation=rotation_of(scheme, arch, name,
+                                                                                     lin.in_features)))
     model.quantarena_scheme = scheme.name
     return model

@@ -2,8 +2,9 @@
 
 Grammar: ``BASE[-OPTION...]`` where BASE is one of :data:`BASES` and options are
 ``-g32|-g64|-g128|-gN`` (group size; ``-ch`` for per-channel), ``-asym``/``-sym``,
-``-static`` (calibrated per-tensor activation scale) and ``-a0.5`` (SmoothQuant alpha).
-Examples: ``w4a16-rtn``, ``w4a16-rtn-g64-asym``, ``w8a8-int8-static``, ``w8a8-sq-a0.6``.
+``-static`` (calibrated per-tensor activation scale), ``-a0.5`` (SmoothQuant alpha) and ``-rot``/``-rotN``
+(W8A8: online Hadamard rotation of the down projection's input, full or block-diagonal with N-blocks).
+Examples: ``w4a16-rtn``, ``w4a16-rtn-g64-asym``, ``w8a8-int8-static``, ``w8a8-sq-a0.6``, ``w8a8-sq-rot``.
 """
 from __future__ import annotations
 
@@ -33,6 +34,7 @@ class Scheme:
     symmetric: bool = True
     static: bool = False            # w8a8: calibrated per-tensor activation scale instead of dynamic per-token
     alpha: float | None = None      # SmoothQuant migration strength
+    rotation: int | None = None     # w8a8: online Hadamard of the ArchSpec's rotated Linears; -1 = full, N = blocks
     version: int = SCHEME_VERSION
 
     @property
@@ -48,6 +50,8 @@ class Scheme:
             parts.append("static")
         if self.alpha != default.alpha:
             parts.append(f"a{self.alpha:g}")
+        if self.rotation is not None:
+            parts.append("rot" if self.rotation == -1 else f"rot{self.rotation}")
         return "-".join(parts)
 
     @property
@@ -76,14 +80,14 @@ BASES: dict[str, Scheme] = {
 _ALLOWED = {
     "bf16": set(),
     "w4a16": {"group", "sym"},
-    "w8a8": {"static", "alpha"},
+    "w8a8": {"static", "alpha", "rotation"},
     "fp8": set(),
 }
 
 
 def valid_schemes() -> str:
     """A one-line description of valid scheme strings, for error messages."""
-    return ", ".join(BASES) + " (options: -g32/-g64/-g128/-ch, -asym, -static, -a0.5)"
+    return ", ".join(BASES) + " (options: -g32/-g64/-g128/-ch, -asym, -static, -a0.5, -rot/-rot128)"
 
 
 def parse_scheme(text: str | Scheme) -> Scheme:
@@ -106,6 +110,8 @@ def parse_scheme(text: str | Scheme) -> Scheme:
             kind, scheme = "sym", replace(scheme, symmetric=(opt == "sym"))
         elif opt == "static":
             kind, scheme = "static", replace(scheme, static=True)
+        elif m := re.fullmatch(r"rot(\d*)", opt):
+            kind, scheme = "rotation", replace(scheme, rotation=int(m.group(1)) if m.group(1) else -1)
         elif m := re.fullmatch(r"a(\d*\.?\d+)", opt):
             kind, scheme = "alpha", replace(scheme, alpha=float(m.group(1)))
         else:
@@ -114,6 +120,8 @@ def parse_scheme(text: str | Scheme) -> Scheme:
             raise SchemeError(f"option {opt!r} does not apply to {base!r}; valid schemes: {valid_schemes()}")
     if scheme.group_size is not None and scheme.group_size != -1 and scheme.group_size <= 0:
         raise SchemeError(f"group size must be positive in {text!r}")
+    if scheme.rotation not in (None, -1) and (scheme.rotation < 2 or scheme.rotation & (scheme.rotation - 1)):
+        raise SchemeError(f"Hadamard block must be a power of two >= 2, got {scheme.rotation} in {text!r}")
     if scheme.alpha is not None and not 0.0 <= scheme.alpha <= 1.0:
         raise SchemeError(f"SmoothQuant alpha must be in [0, 1], got {scheme.alpha} in {text!r}")
     return scheme

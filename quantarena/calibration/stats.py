@@ -9,6 +9,7 @@ soon as every observed layer has seen its input, so observing an early layer is 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 from torch import nn
@@ -23,8 +24,12 @@ class _Stop(Exception):
 class InputStats:
     """Running statistics of one layer input (float64 sums where precision matters)."""
 
-    def __init__(self, hessian: bool = False, sample_tokens: int = 0, moments: bool = False, seed: int = 0):
+    def __init__(self, hessian: bool = False, sample_tokens: int = 0, moments: bool = False, seed: int = 0,
+                 transform: Callable[[torch.Tensor], torch.Tensor] | None = None):
+        """``transform``: what the layer does to its input before the matmul (an online rotation); the
+        statistics are those of the transformed input."""
         self.want_hessian, self.sample_tokens, self.want_moments = hessian, sample_tokens, moments
+        self.transform = transform
         self.tokens = 0
         self.absmax: torch.Tensor | None = None   # [in]
         self.abssum: torch.Tensor | None = None   # [in]
@@ -36,6 +41,8 @@ class InputStats:
     @torch.no_grad()
     def update(self, x: torch.Tensor) -> None:
         x = x.detach().reshape(-1, x.shape[-1]).float()  # [tokens, in]
+        if self.transform is not None:
+            x = self.transform(x).float()
         absx = x.abs()
         amax, asum = absx.amax(dim=0), absx.sum(dim=0, dtype=torch.float64)
         if self.absmax is None:

@@ -9,6 +9,11 @@ writing is a copy plus a ``quantization_config`` that describes each group of la
 * W8A8 -> ``int-quantized``: ``weight`` int8 [out, in], ``weight_scale`` [out, 1]; static activations add
   ``input_scale`` [1]; dynamic per-token activations store nothing.
 * FP8 -> ``float-quantized``: ``weight`` e4m3 [out, in], ``weight_scale`` [out, 1], dynamic per-token inputs.
+* W8A8 with an online Hadamard rotation (``-rot``) -> the stored weight is already rotated (``W R``) and
+  ``quantization_config.transform_config`` holds SpinQuant's "R4" form, which vLLM applies online: a
+  ``"hadamard"`` scheme (Sylvester, not randomized; ``head_dim`` = block size, or null for the full size)
+  with an ``input`` rotation and the inverse ``weight_input`` rotation (already fused) on the same layers,
+  plus the +-1 matrix as ``<first layer>.R4_input.weight`` (one copy: readers share it across layers).
 * BF16 (unquantized) -> a plain checkpoint without ``quantization_config``.
 
 Reading (:func:`load`) builds the float skeleton without allocating its Linear weights and puts our modules
@@ -30,10 +35,12 @@ from . import FormatError
 
 FORMAT = "compressed-tensors"
 SUPPORTED = ("w4a16 (pack-quantized: sym/asym, group/channel), w8a8 (int-quantized: dynamic per-token or "
-             "static per-tensor activations), fp8 (float-quantized), bf16 (plain weights)")
+             "static per-tensor activations, optionally an online Hadamard input rotation), fp8 (float-quantized), "
+             "bf16 (plain weights)")
 WEIGHTS_FILE = "model.safetensors"
 META_FILE = "quantarena.json"
 PROBE_TEXT = "Hello world, def f(x): return x"
+ROTATION = "R4"  # SpinQuant's name for the online rotation of the down projection's input
 
 
 # ----------------------------------------------------------------------------- describing modules
@@ -118,6 +125,32 @@ def quantization_config(model: nn.Module) -> dict | None:
             "quantization_status": "compressed", "global_compression_ratio": None, "version": version}
 
 
+def _rotations(model: nn.Module) -> dict[str, tuple[int | None, list[str]]]:
+    """Transform scheme name -> (``head_dim``: the Hadamard block, None for a layer's full input; layers)."""
+    quantized, _ = _linears(model)
+    by_size: dict[int | None, list[str]] = {}
+    for name, module in quantized.items():
+        if isinstance(module, W8A8Linear) and module.rotation is not None:
+            head_dim = None if module.rotation == module.in_features else module.rotation
+            by_size.setdefault(head_dim, []).append(name)
+    return {(ROTATION if len(by_size) == 1 else f"{ROTATION}_{size or 'full'}"): (size, names)
+            for size, names in by_size.items()}
+
+
+def transform_config(model: nn.Module) -> dict | None:
+    """The ``transform_config`` of ``model``'s online input rotations (None if it has none)."""
+    rotations = _rotations(model)
+    if not rotations:
+        return None
+    groups = {}
+    for key, (head_dim, names) in rotations.items():
+        apply = [{"targets": names, "location": "input", "inverse": False, "ignore": []},
+                 {"targets": names, "location": "weight_input", "inverse": True, "ignore": []}]
+        groups[key] = {"type": "hadamard", "apply": apply, "randomize": False, "requires_grad": False,
+                       "head_dim": head_dim, "precision": "torch.float32"}
+    return {"config_groups": groups}
+
+
 def check(model: nn.Module) -> None:
     """Raise FormatError (before anything is written) if ``model`` holds a layer this format cannot express."""
     quantized, _ = _linears(model)
@@ -146,6 +179,8 @@ def state_dict(model: nn.Module, dtype: torch.dtype = torch.bfloat16) -> dict[st
             out[f"{module_name}.weight_shape"] = torch.tensor([module.out_features, module.in_features])
     if getattr(model.config, "tie_word_embeddings", False):
         out.pop("lm_head.weight", None)
+    for key, (_, names) in _rotations(model).items():   # the shared +-1 Hadamard block, once
+        out[f"{names[0]}.{key}_input.weight"] = quantized[names[0]].hadamard.to(dtype)
     return {k: v.detach().cpu().contiguous() for k, v in out.items()}
 
 
@@ -180,6 +215,9 @@ def write(model: nn.Module, folder: Path, tokenizer=None, dtype: torch.dtype = t
     config["dtype"] = str(dtype).removeprefix("torch.")
     if qconfig is not None:
         config["quantization_config"] = qconfig
+        tconfig = transform_config(model)
+        if tconfig is not None:
+            qconfig["transform_config"] = tconfig
     (folder / "config.json").write_text(json.dumps(config, indent=2))
     if getattr(model, "generation_config", None) is not None:
         model.generation_config.save_pretrained(folder)
@@ -200,8 +238,28 @@ def is_compressed_tensors_folder(folder: Path) -> bool:
     return qconfig.get("quant_method") == "compressed-tensors"
 
 
-def _module_from(name: str, scheme: dict, tensors: dict[str, torch.Tensor], linear: nn.Linear) -> nn.Module:
-    """Our module for ``name`` from its stored tensors (pops what it uses from ``tensors``)."""
+def read_rotations(qconfig: dict) -> list[tuple[str, int | None, list[str]]]:
+    """``(scheme name, head_dim, targets)`` of each online input rotation in ``transform_config``; anything
+    quantarena cannot run (other transform types, randomized or output rotations) is refused."""
+    rotations = []
+    for key, scheme in ((qconfig.get("transform_config") or {}).get("config_groups") or {}).items():
+        apply = scheme.get("apply") or []
+        kinds = sorted((a.get("location"), bool(a.get("inverse"))) for a in apply)
+        targets = [a.get("targets") for a in apply]
+        if (scheme.get("type") != "hadamard" or scheme.get("randomize") or
+                kinds != [("input", False), ("weight_input", True)] or targets[0] != targets[1] or
+                any(a.get("ignore") for a in apply)):
+            raise FormatError(f"transform {key!r}: quantarena runs only online Hadamard rotations of a layer's "
+                              f"input with the weight already rotated (SpinQuant R4 form); serve this folder "
+                              f"with vLLM instead")
+        rotations.append((key, scheme.get("head_dim"), list(targets[0])))
+    return rotations
+
+
+def _module_from(name: str, scheme: dict, tensors: dict[str, torch.Tensor], linear: nn.Linear,
+                 rotation: int | None = None) -> nn.Module:
+    """Our module for ``name`` from its stored tensors (pops what it uses from ``tensors``); ``rotation``:
+    the Hadamard block of the layer's online input rotation."""
     weights, acts, fmt = scheme.get("weights") or {}, scheme.get("input_activations"), scheme.get("format")
     take = lambda leaf: tensors.pop(f"{name}.{leaf}", None)  # noqa: E731
     bias = take("bias")
@@ -217,10 +275,12 @@ def _module_from(name: str, scheme: dict, tensors: dict[str, torch.Tensor], line
             return W4A16Linear(codes, take("weight_scale"), zeros, group, bias, take("weight_g_idx"))
         if fmt == "int-quantized" and kind == "int" and bits == 8 and acts and acts.get("type") == "int" \
                 and weights.get("strategy") == "channel" and acts.get("strategy") in ("token", "tensor"):
-            module = W8A8Linear(take("weight"), take("weight_scale"), bias, take("input_scale"))
+            module = W8A8Linear(take("weight"), take("weight_scale"), bias, take("input_scale"), rotation=rotation)
             if module.static != (acts["strategy"] == "tensor"):
                 raise FormatError(f"layer {name}: input_scale does not match its {acts['strategy']} activations")
             return module
+        if rotation is not None:
+            raise FormatError(f"layer {name}: quantarena rotates the input of int8 W8A8 layers only")
         if fmt == "float-quantized" and kind == "float" and bits == 8 and weights.get("strategy") == "channel":
             return FP8Linear(take("weight"), take("weight_scale"), bias)
     except (AttributeError, TypeError, RuntimeError) as e:   # a tensor missing or of the wrong shape
@@ -268,14 +328,22 @@ def load(folder: str | Path, dtype: torch.dtype = torch.float32):
     groups = list((qconfig.get("config_groups") or {}).values())
     ignore = qconfig.get("ignore") or []
     tensors = _read_tensors(folder)
+    rotations = read_rotations(qconfig)
+    for key, _, targets in rotations:
+        for target in targets:
+            tensors.pop(f"{target}.{key}_input.weight", None)   # the +-1 matrix: rebuilt from the config
     model = _skeleton(config, dtype)
     for name, module in list(model.named_modules()):
         if not isinstance(module, nn.Linear) or any(matches(name, p) for p in ignore):
             continue
         scheme = next((g for g in groups if any(t == "Linear" or matches(name, t) for t in g.get("targets", []))),
                       None)
+        rotation = next((head_dim or module.in_features for _, head_dim, targets in rotations
+                         if any(matches(name, t) for t in targets)), None)
+        if scheme is None and rotation is not None:
+            raise FormatError(f"layer {name}: transform_config rotates it, but it is not quantized")
         if scheme is not None:
-            set_module(model, name, _module_from(name, scheme, tensors, module))
+            set_module(model, name, _module_from(name, scheme, tensors, module, rotation))
     rest = {k: (v.to(dtype) if v.is_floating_point() else v) for k, v in tensors.items()}
     model.load_state_dict(rest, strict=False, assign=True)
     if getattr(config, "tie_word_embeddings", False):

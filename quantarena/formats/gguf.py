@@ -131,6 +131,9 @@ def check_module(name: str, module: nn.Module) -> None:
     elif isinstance(module, W8A8Linear):
         if module.smooth_scale is not None:
             raise FormatError(f"layer {name}: an unfolded SmoothQuant scale has no GGUF form; supported: {SUPPORTED}")
+        if module.rotation is not None:
+            raise FormatError(f"layer {name}: llama.cpp has no online Hadamard rotation of a layer's input, so a "
+                              f"-rot scheme has no GGUF form; export it to compressed-tensors")
         if module.in_features % QK:
             raise FormatError(f"layer {name}: {module.in_features} input features are not a multiple of 32 (Q8_0)")
     elif isinstance(module, FP8Linear):

@@ -201,7 +201,10 @@ def _(x2, weight, weight_scale, input_scale, smooth, bias):
 
 def w8a8_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
                 input_scale: torch.Tensor | None = None, smooth: torch.Tensor | None = None,
-                bias: torch.Tensor | None = None) -> torch.Tensor:
+                bias: torch.Tensor | None = None, hadamard: torch.Tensor | None = None) -> torch.Tensor:
+    """``hadamard``: an online input rotation, a torch matmul before the activation quantization (no fused kernel)."""
+    if hadamard is not None:
+        x, smooth = reference.rotate_input(x, smooth, hadamard), None
     if not _triton_ok(x):
         return reference.w8a8_linear(x, weight, weight_scale, input_scale, smooth, bias)
     shape = x.shape

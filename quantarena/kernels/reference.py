@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 
 from .. import primitives as P
+from ..algorithms.rotation import rotate
 
 
 def w4a16_dequant(packed: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None,
@@ -65,10 +66,23 @@ def int8_matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return (a.double() @ b.double().t()).to(torch.int32)
 
 
+def rotate_input(x: torch.Tensor, smooth: torch.Tensor | None, hadamard: torch.Tensor) -> torch.Tensor:
+    """The online rotation of a W8A8 input: ``(x / smooth) R`` in float32, returned in ``x.dtype`` (what the
+    activation quantization then sees; a serving engine rotates in the activation dtype too)."""
+    xf = x.float()
+    if smooth is not None:
+        xf = xf / smooth.float()
+    return rotate(xf, hadamard).to(x.dtype)
+
+
 def w8a8_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
                 input_scale: torch.Tensor | None = None, smooth: torch.Tensor | None = None,
-                bias: torch.Tensor | None = None) -> torch.Tensor:
-    """INT8 W8A8: per-channel int8 weight [N, K] (scale [N, 1]) x int8 activations -> x.dtype."""
+                bias: torch.Tensor | None = None, hadamard: torch.Tensor | None = None) -> torch.Tensor:
+    """INT8 W8A8: per-channel int8 weight [N, K] (scale [N, 1]) x int8 activations -> x.dtype.
+
+    ``hadamard`` [b, b] (+-1): the weight holds ``W R`` and the input is rotated online (after ``smooth``)."""
+    if hadamard is not None:
+        x, smooth = rotate_input(x, smooth, hadamard), None
     shape = x.shape
     x2 = x.reshape(-1, shape[-1])
     xq, xs = act_quant_int8(x2, input_scale, smooth)
