@@ -57,19 +57,26 @@ def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tenso
 
 
 class Block(nn.Module):
-    def __init__(self, s: dict, scheme: str, device: str):
+    """One Llama decoder block. ``fuse``: q/k/v as one linear and gate/up as one (what serving engines load:
+    vLLM's QKV and merged gate-up layers); the same arithmetic, fewer and larger GEMMs/GEMVs."""
+
+    def __init__(self, s: dict, scheme: str, device: str, fuse: bool = False):
         super().__init__()
         h, d, inter = s["hidden"], s["head_dim"], s["inter"]
-        self.heads, self.kv_heads, self.head_dim = s["heads"], s["kv_heads"], d
+        self.heads, self.kv_heads, self.head_dim, self.fuse = s["heads"], s["kv_heads"], d, fuse
+        self.splits = [s["heads"] * d, s["kv_heads"] * d, s["kv_heads"] * d]
 
         def make(n_in: int, n_out: int) -> nn.Module:
             lin = nn.Linear(n_in, n_out, bias=False, device=device, dtype=torch.bfloat16)
             nn.init.normal_(lin.weight, std=1.0 / math.sqrt(n_in))
             return quant_linear(lin, scheme)
 
-        self.q, self.k, self.v = make(h, s["heads"] * d), make(h, s["kv_heads"] * d), make(h, s["kv_heads"] * d)
-        self.o = make(s["heads"] * d, h)
-        self.gate, self.up, self.down = make(h, inter), make(h, inter), make(inter, h)
+        if fuse:
+            self.qkv, self.gate_up = make(h, sum(self.splits)), make(h, 2 * inter)
+        else:
+            self.q, self.k, self.v = (make(h, n) for n in self.splits)
+            self.gate, self.up = make(h, inter), make(h, inter)
+        self.o, self.down = make(s["heads"] * d, h), make(inter, h)
         self.norm1 = nn.Parameter(torch.ones(h, device=device, dtype=torch.bfloat16), requires_grad=False)
         self.norm2 = nn.Parameter(torch.ones(h, device=device, dtype=torch.bfloat16), requires_grad=False)
 
@@ -77,9 +84,10 @@ class Block(nn.Module):
         """x: [B, T, H]. Writes this step's keys/values at positions pos[0] .. pos[0]+T-1 of the caches."""
         b, t, _ = x.shape
         y = rms_norm(x, self.norm1)
-        q = self.q(y).view(b, t, self.heads, self.head_dim).transpose(1, 2)
-        k = self.k(y).view(b, t, self.kv_heads, self.head_dim).transpose(1, 2)
-        v = self.v(y).view(b, t, self.kv_heads, self.head_dim).transpose(1, 2)
+        q, k, v = self.qkv(y).split(self.splits, -1) if self.fuse else (self.q(y), self.k(y), self.v(y))
+        q = q.reshape(b, t, self.heads, self.head_dim).transpose(1, 2)
+        k = k.reshape(b, t, self.kv_heads, self.head_dim).transpose(1, 2)
+        v = v.reshape(b, t, self.kv_heads, self.head_dim).transpose(1, 2)
         q, k = rotate(q, cos, sin), rotate(k, cos, sin)
         k_cache.index_copy_(2, pos, k)
         v_cache.index_copy_(2, pos, v)
@@ -89,17 +97,18 @@ class Block(nn.Module):
             attn = F.scaled_dot_product_attention(q, k_cache, v_cache, attn_mask=mask, enable_gqa=True)
         x = x + self.o(attn.transpose(1, 2).reshape(b, t, -1))
         y = rms_norm(x, self.norm2)
-        return x + self.down(F.silu(self.gate(y)) * self.up(y))
+        gate, up = self.gate_up(y).chunk(2, -1) if self.fuse else (self.gate(y), self.up(y))
+        return x + self.down(F.silu(gate) * up)
 
 
 class LeanLlama(nn.Module):
-    def __init__(self, shape: str, scheme: str, device: str = "cuda", max_len: int = 512):
+    def __init__(self, shape: str, scheme: str, device: str = "cuda", max_len: int = 512, fuse: bool = False):
         super().__init__()
         s = SHAPES[shape]
         self.s, self.max_len = s, max_len
         torch.manual_seed(0)
         self.embed = torch.randn(s["vocab"], s["hidden"], device=device, dtype=torch.bfloat16)
-        self.blocks = nn.ModuleList(Block(s, scheme, device) for _ in range(s["layers"]))
+        self.blocks = nn.ModuleList(Block(s, scheme, device, fuse) for _ in range(s["layers"]))
         self.norm = torch.ones(s["hidden"], device=device, dtype=torch.bfloat16)
         self.lm_head = torch.randn(s["vocab"], s["hidden"], device=device, dtype=torch.bfloat16) / math.sqrt(s["hidden"])
         inv = 1.0 / (s["rope_theta"] ** (torch.arange(0, s["head_dim"], 2, device=device).float() / s["head_dim"]))
@@ -218,11 +227,11 @@ def check_outputs(model: LeanLlama, steps: int = 8) -> dict:
 
 
 def bench_scheme(shape: str, scheme: str, batches: list[int], prompt_len: int, gen_len: int, log=print,
-                 compile: bool = True) -> tuple[list, dict]:
+                 compile: bool = True, fuse: bool = False) -> tuple[list, dict]:
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
     t0 = time.time()
-    model = LeanLlama(shape, scheme, max_len=prompt_len + gen_len + 8)
+    model = LeanLlama(shape, scheme, max_len=prompt_len + gen_len + 8, fuse=fuse)
     weights_gb = torch.cuda.memory_allocated() / 1e9
     log(f"{scheme}: model built in {time.time() - t0:.0f}s, {weights_gb:.1f} GB")
     check = check_outputs(model)
@@ -278,16 +287,17 @@ def crossover(rows: list[dict]) -> dict:
 
 
 def run(shape: str, schemes: list[str], batches: list[int], prompt_len: int = 128, gen_len: int = 64,
-        log=print, compile: bool = True) -> dict:
+        log=print, compile: bool = True, fuse: bool = False) -> dict:
     rows, checks = [], {}
     for scheme in schemes:
-        r, c = bench_scheme(shape, scheme, batches, prompt_len, gen_len, log, compile)
+        r, c = bench_scheme(shape, scheme, batches, prompt_len, gen_len, log, compile, fuse)
         rows += r
         checks[scheme] = c
     return {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
             "date": datetime.date.today().isoformat(), "model": f"preset:{shape} (random weights)",
-            "prompt_len": prompt_len, "gen_len": gen_len,
+            "prompt_len": prompt_len, "gen_len": gen_len, "fused_linears": fuse,
             "method": "lean Llama runner, static KV cache, one CUDA graph per decode step, greedy; "
                       + ("block non-linear work fused by torch.compile (linears are our custom ops); " if compile else "")
+                      + ("q/k/v and gate/up fused into one linear each; " if fuse else "")
                       + "prefill timed without a graph (one forward of batch x prompt_len tokens)",
             "crossover": crossover(rows), "checks": checks, "rows": rows}

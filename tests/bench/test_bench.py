@@ -10,6 +10,23 @@ import torch
 from quantarena.bench import cli_args, decode, kernels
 
 
+def test_fused_linears_compute_the_same_block():
+    torch.manual_seed(0)
+    sep = decode.Block(decode.SHAPES["tiny"], "bf16", "cpu")
+    fused = decode.Block(decode.SHAPES["tiny"], "bf16", "cpu", fuse=True)
+    with torch.no_grad():
+        fused.qkv.weight.copy_(torch.cat([sep.q.weight, sep.k.weight, sep.v.weight]))
+        fused.gate_up.weight.copy_(torch.cat([sep.gate.weight, sep.up.weight]))
+        fused.o.weight.copy_(sep.o.weight)
+        fused.down.weight.copy_(sep.down.weight)
+        x = torch.randn(2, 5, 256, dtype=torch.bfloat16)
+        cos, sin = torch.ones(5, 64, dtype=torch.bfloat16), torch.zeros(5, 64, dtype=torch.bfloat16)
+        caches = [torch.zeros(2, 2, 8, 64, dtype=torch.bfloat16) for _ in range(4)]
+        a = sep(x, cos, sin, caches[0], caches[1], torch.arange(5), None)
+        b = fused(x, cos, sin, caches[2], caches[3], torch.arange(5), None)
+    assert torch.equal(a, b)
+
+
 @pytest.mark.parametrize("scheme", decode.SCHEMES)
 def test_decode_step_matches_a_full_prefill(scheme):
     model = decode.LeanLlama("tiny", scheme, device="cpu", max_len=32)
