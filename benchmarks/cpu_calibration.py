@@ -71,12 +71,18 @@ def main() -> None:
     parser.add_argument("--calib-windows", type=int, default=16)
     parser.add_argument("--no-duo-scaling", action="store_true", help="AWQ: s = x^r instead of x^r / w^(1-r)")
     parser.add_argument("--alpha-search", action="store_true", help="SmoothQuant: per-layer alpha search")
+    parser.add_argument("--no-smooth-rotated", action="store_true",
+                        help="-rot schemes: rotate the down projection's input without smoothing it first")
+    parser.add_argument("--no-runtime-smoothing", action="store_true",
+                        help="SmoothQuant: leave Linears unsmoothed where no op can absorb 1/s (as export does)")
     parser.add_argument("--run", default=None, help="label stored in each new row's 'run' field")
     parser.add_argument("--out", default="benchmarks/results/cpu-calibration.json")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     settings = EvalSettings(tokens=args.tokens, calib_windows=args.calib_windows)
-    options = CalibrationOptions(awq_duo_scaling=not args.no_duo_scaling, alpha_search=args.alpha_search)
+    options = CalibrationOptions(awq_duo_scaling=not args.no_duo_scaling, alpha_search=args.alpha_search,
+                                 smooth_rotated=not args.no_smooth_rotated,
+                                 runtime_smoothing=not args.no_runtime_smoothing)
     lm = load_model("default")
     eval_windows, calib_windows = make_windows(lm, settings)
     t0 = time.perf_counter()
@@ -112,7 +118,9 @@ def main() -> None:
             quantize_s, quantize_cpu_s = time.perf_counter() - t1, time.process_time() - c1
         res, _ = evaluate(lm.model, lm.arch, eval_windows, reference=ref_states, progress=False)
         variant = (" (no duo scaling)" if not options.awq_duo_scaling and "awq" in scheme else "") + \
-            (" (alpha search)" if options.alpha_search and "sq" in scheme else "")
+            (" (alpha search)" if options.alpha_search and "sq" in scheme else "") + \
+            (" (rotated layers not smoothed)" if not options.smooth_rotated and "rot" in scheme else "") + \
+            (" (no run-time smoothing)" if not options.runtime_smoothing and "sq" in scheme else "")
         row = {"scheme": scheme + variant,
                "ppl": res.ppl, "delta_pct": 100 * (res.ppl / ref.ppl - 1), "kld": res.kld,
                "quantize_s": round(quantize_s, 1), "quantize_cpu_s": round(quantize_cpu_s, 1),

@@ -82,7 +82,7 @@ def quantize_and_save(source: str, scheme: str | Scheme, out: str | Path, format
     save it to ``out``. Returns a JSON-able summary."""
     from .compare import EvalSettings, make_windows
     from .models import load_model, set_module
-    from .quantize import quantize, validate
+    from .quantize import CalibrationOptions, quantize, validate
     scheme = check_scheme(scheme, format)
     if format == "gguf" and gguf_type not in gg.FLOAT_TYPES:
         raise FormatError(f"unknown GGUF type {gguf_type!r}; choose one of {', '.join(gg.FLOAT_TYPES)}")
@@ -95,7 +95,9 @@ def quantize_and_save(source: str, scheme: str | Scheme, out: str | Path, format
             if isinstance(module, nn.Linear) and any(matches(name, p) for p in ignore)}
     calibration = make_windows(lm, settings)[1] if scheme.needs_calibration else None
     if scheme.family != "bf16":
-        quantize(lm.model, scheme, calibration, device=settings.device, progress=progress)
+        # neither format holds a run-time SmoothQuant divisor: Linears no op can absorb 1/s stay unsmoothed
+        quantize(lm.model, scheme, calibration, device=settings.device, progress=progress,
+                 options=CalibrationOptions(runtime_smoothing=False))
     else:
         lm.model.quantarena_scheme = scheme.name
     for name, module in kept.items():

@@ -40,6 +40,8 @@ class CalibrationOptions:
     alpha_search: bool = False      # SmoothQuant: per-group alpha on the watched output's error instead of scheme.alpha
     sq_alphas: tuple[float, ...] = tuple(round(0.05 * i, 2) for i in range(2, 19))  # alpha grid of that search
     smooth_rotated: bool = True     # SmoothQuant also smooths the Linears a -rot scheme rotates (then rotates)
+    runtime_smoothing: bool = True  # SmoothQuant: where no op can absorb 1/s, divide at run time; False: leave
+                                    # those Linears unsmoothed (checkpoint formats cannot express the divisor)
 
 
 def make_linear(scheme: Scheme, linear: nn.Linear, input_scale: torch.Tensor | None = None,
@@ -186,8 +188,11 @@ def _smoothquant(ctx: BlockContext, arch: ArchSpec, groups: list[SmoothGroup], s
         linears = [ctx.block.get_submodule(n) for n in g.linears]
         blocks_ = [rotation_of(scheme, arch, n, lin.in_features) for n, lin in zip(g.linears, linears)]
         w_absmax = smoothquant.weight_absmax(linears)
-        if not opts.smooth_rotated and None not in blocks_:
-            alphas.append(None)  # rotation alone flattens these inputs
+        prev = _prev(ctx.block, g)
+        foldable = smoothquant.can_fold(prev, g.prev_kind, linears[0].in_features)
+        if (not opts.smooth_rotated and None not in blocks_) or (not foldable and not opts.runtime_smoothing):
+            alphas.append(None)  # rotation alone flattens these inputs, or the divisor could not be exported
+            absmax.update({n: stats[g].absmax for n in g.linears})
             continue
         if opts.alpha_search:
             score = _scorer(ctx, watches[g], g.linears)
@@ -201,8 +206,7 @@ def _smoothquant(ctx: BlockContext, arch: ArchSpec, groups: list[SmoothGroup], s
             alpha = scheme.alpha
             s = smoothquant.smooth_scales(stats[g].absmax, w_absmax, alpha)
         alphas.append(alpha)
-        prev = _prev(ctx.block, g)
-        if smoothquant.can_fold(prev, g.prev_kind, linears[0].in_features):
+        if foldable:
             smoothquant.fold_into_prev(prev, g.prev_kind, s)
             smoothquant.scale_inputs(linears, s)
         else:  # nothing can absorb 1/s: the W8A8 layer divides its input at run time

@@ -146,3 +146,11 @@ def test_alpha_search_picks_the_lowest_error():
     assert alpha in (0.3, 0.4, 0.5, 0.6, 0.7, 0.8) and err == loss(s)
     assert err <= min(loss(smoothquant.smooth_scales(x_absmax, w_absmax, a)) for a in (0.3, 0.5, 0.8))
     assert err < loss(torch.ones(64))  # no smoothing is a candidate, and loses on these outliers
+
+
+def test_no_runtime_smoothing_leaves_unfoldable_layers_plain():
+    """What export asks for: tiny-llama's GQA o_proj cannot absorb 1/s, so it is left unsmoothed."""
+    lm = load_model("preset:tiny-llama")
+    calib = random_windows(lm.config.vocab_size, 64, 2, seed=2)
+    quantize(lm.model, "w8a8-sq", calib, progress=False, options=CalibrationOptions(runtime_smoothing=False))
+    assert all(m.smooth_scale is None for m in lm.model.modules() if isinstance(m, W8A8Linear))
