@@ -1,8 +1,8 @@
 """GPU timing: every contender is timed the same way, as the replay of a CUDA graph with L2 flushed.
 
 Graph replay removes host launch overhead (which otherwise dominates small decode-size kernels);
-a 2x-L2 memset before each replay makes every run read its weights from device memory, as a decode
-step does when each layer's weights were evicted by the previous layers. The memset is enqueued before
+reading a 2x-L2 buffer before each replay makes every run read its weights from device memory, as a decode
+step does when each layer's weights were evicted by the previous layers (see ``L2Flush``). The flush is enqueued before
 the start event, so the GPU is busy while the host enqueues the replay: no host gap is timed.
 """
 from __future__ import annotations
@@ -14,12 +14,27 @@ import torch
 
 
 class L2Flush:
-    def __init__(self, device: torch.device | str = "cuda"):
+    """Evicts every cached line of the timed work before a replay by touching a buffer of 2x L2.
+
+    ``mode="read"`` (default) reads the buffer, so L2 ends up full of clean lines, as in a decode step,
+    where the previous layers read their weights and wrote little. ``mode="write"`` (a memset; what this
+    harness used before 2026-11-24) leaves L2 full of dirty lines, which the timed kernel then has to write
+    back as it reads: extra DRAM traffic of up to the L2 size that the kernel did not cause, and a larger
+    share of the time of a kernel that reads fewer bytes (it penalised W4A16 against bf16)."""
+
+    def __init__(self, device: torch.device | str = "cuda", mode: str = "read"):
+        if mode not in ("read", "write"):
+            raise ValueError(f"L2Flush mode must be 'read' or 'write', got {mode!r}")
         l2 = getattr(torch.cuda.get_device_properties(device), "L2_cache_size", 50 * 2**20)
-        self.buf = torch.empty(max(2 * l2, 128 * 2**20), dtype=torch.uint8, device=device)
+        self.buf = torch.zeros(max(2 * l2, 128 * 2**20) // 8, dtype=torch.int64, device=device)
+        self.out = torch.zeros((), dtype=torch.int64, device=device)
+        self.mode = mode
 
     def __call__(self) -> None:
-        self.buf.zero_()
+        if self.mode == "write":
+            self.buf.zero_()
+        else:
+            torch.sum(self.buf, dim=0, out=self.out)
 
 
 def capture(fn: Callable[[], object], warmup: int = 2) -> torch.cuda.CUDAGraph:
