@@ -110,3 +110,9 @@ def test_decode_plot_writes_a_png(tmp_path):
     with pytest.raises(ValueError, match="no rows"):
         plot_decode({"rows": []}, tmp_path / "e.png")
     assert not (tmp_path / "e.png").exists()
+
+
+def test_l2_flush_rejects_an_unknown_mode():
+    from quantarena.bench.timing import L2Flush
+    with pytest.raises(ValueError, match="read"):
+        L2Flush(mode="bogus")
