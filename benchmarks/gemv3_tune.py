@@ -53,7 +53,7 @@ def correctness() -> list[dict]:
         ref = R.w4a16_linear(x, packed, s, z, group, b).float()
         worst = 0.0
         for bn, sub, bkw, nw in TILES[:3]:
-            bkw = G3._block_kw(k // 8, sw.stripe, bkw)
+            bkw = G3.block_kw(k // 8, sw.stripe, bkw)
             for pf, st, tiled in MODES:
                 tw = G3.tile_words(sw.words, bn, bkw) if tiled else None
                 for split in (1, 3):
@@ -121,14 +121,9 @@ def main() -> None:
             cands = []
             kw = k // 8
             for bn, sub, bkw, nw in TILES:
-                bkw = G3._block_kw(kw, sw.stripe, bkw)
+                bkw = G3.block_kw(kw, sw.stripe, bkw)
                 tiles = -(-n // bn)
-                splits = set()
-                for t in (1, 2, 4):
-                    sp = 1
-                    while tiles * sp < t * sms and sp * 2 <= kw // bkw and sp < 16:
-                        sp *= 2
-                    splits.add(sp)
+                splits = {T4._split_for(tiles, kw // bkw, t * sms) for t in (1, 2, 4)}
                 for split in sorted(splits):
                     tw = None
                     for pf, st, tiled in MODES:

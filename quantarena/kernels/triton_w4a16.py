@@ -126,6 +126,21 @@ def _nibble_floats(words):
 
 
 @triton.jit
+def _nibble_dot(f, a0, a1, a2, a3, a4, a5, a6, a7):
+    """sum_j f_j a_j over a word's eight nibble floats ``f`` (a tuple in nibble order): one FMA chain."""
+    f0, f1, f2, f3, f4, f5, f6, f7 = f
+    t = f0 * a0
+    t += f1 * a1
+    t += f2 * a2
+    t += f3 * a3
+    t += f4 * a4
+    t += f5 * a5
+    t += f6 * a6
+    t += f7 * a7
+    return t
+
+
+@triton.jit
 def _gemv_row_step(acc, f, s, zc, x_row_ptr, xoff, J_STRIDE: tl.constexpr):
     """One activation row: acc [BN, BKW] += scale * sum_j q_j x_j over the eight nibbles of each word.
 
@@ -150,15 +165,7 @@ def _gemv_row_step(acc, f, s, zc, x_row_ptr, xoff, J_STRIDE: tl.constexpr):
     a6 = x6 * 128.0
     a7 = x7 * 2048.0
     offset = ((a0 + a2) + (a4 + a6)) + ((a1 + a3) + (a5 + a7)) + zc * xsum  # [1, BKW] or [BN, BKW]
-    f0, f1, f2, f3, f4, f5, f6, f7 = f
-    t = f0 * a0
-    t += f1 * a1
-    t += f2 * a2
-    t += f3 * a3
-    t += f4 * a4
-    t += f5 * a5
-    t += f6 * a6
-    t += f7 * a7
+    t = _nibble_dot(f, a0, a1, a2, a3, a4, a5, a6, a7)
     return acc + s * (t - offset)
 
 
@@ -249,15 +256,7 @@ def _gemv2_row(acc, f, x_row_ptr, xoff, s, zc, BN: tl.constexpr, NG: tl.constexp
     a5 = x5 * 2048.0
     a6 = x6 * 128.0
     a7 = x7 * 2048.0
-    f0, f1, f2, f3, f4, f5, f6, f7 = f
-    t = f0 * a0
-    t += f1 * a1
-    t += f2 * a2
-    t += f3 * a3
-    t += f4 * a4
-    t += f5 * a5
-    t += f6 * a6
-    t += f7 * a7                                                            # [BN, BKW]
+    t = _nibble_dot(f, a0, a1, a2, a3, a4, a5, a6, a7)                    # [BN, BKW]
     xa = ((a0 + a2) + (a4 + a6)) + ((a1 + a3) + (a5 + a7))                  # [1, BKW]
     xz = ((x0 + x2) + (x4 + x6)) + ((x1 + x3) + (x5 + x7))
     tg = tl.sum(tl.reshape(t, (BN, NG, WPGT)), axis=2)                      # [BN, NG]

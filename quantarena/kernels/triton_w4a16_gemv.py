@@ -31,7 +31,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .triton_w4a16 import INTERPRETING, MAX_TILES, StripedWeight, _sm_count, _split_k_finish, split_k_counters
+from .triton_w4a16 import (INTERPRETING, MAX_TILES, StripedWeight, _block_kw, _nibble_dot, _sm_count, _split_for,
+                           _split_k_finish, split_k_counters)
 
 
 # The eight nibbles of a word as floats f_j = 1 + u_j / 128 (inline PTX, GPU only): one lop3 isolates the
@@ -91,15 +92,7 @@ def _gemv3_tile(acc, words, s, z, xs, HAS_ZERO: tl.constexpr, ASM: tl.constexpr)
     With f_j = 1 + u_j / 128: t = sum_j f_j x_j = sum_j x_j + (sum_j u_j x_j) / 128, so
     (sum_j q_j x_j) / 128 = t - (1 + (8 + zero) / 128) sum_j x_j; the kernel multiplies by 128 at the end."""
     x0, x1, x2, x3, x4, x5, x6, x7, xz = xs
-    f0, f1, f2, f3, f4, f5, f6, f7 = _nibble_floats_128(words, ASM)
-    t = f0 * x0
-    t += f1 * x1
-    t += f2 * x2
-    t += f3 * x3
-    t += f4 * x4
-    t += f5 * x5
-    t += f6 * x6
-    t += f7 * x7
+    t = _nibble_dot(_nibble_floats_128(words, ASM), x0, x1, x2, x3, x4, x5, x6, x7)
     if HAS_ZERO:
         off = ((1.0 + 8.0 / 128.0) + z * (1.0 / 128.0))[:, :, None] * xz   # [BN, NG, WPGT]
     else:
@@ -186,36 +179,30 @@ def w4a16_gemv3_kernel(x_ptr, w_ptr, s_ptr, z_ptr, bias_ptr, out_ptr, ws_ptr, cn
     acc1 = tl.zeros((BNS, NG, WPGT), dtype=tl.float32)
     acc2 = tl.zeros((BNS, NG, WPGT), dtype=tl.float32)
     acc3 = tl.zeros((BNS, NG, WPGT), dtype=tl.float32)
-    first = k_start if PREFETCH else 0
-    q0, sc0, zp0 = _gemv3_load(w0, s0, z0, first, GROUP, HAS_ZERO, WSTEP)
-    q1, sc1, zp1 = q0, sc0, zp0
-    q2, sc2, zp2 = q0, sc0, zp0
-    q3, sc3, zp3 = q0, sc0, zp0
-    if SUB > 1:
-        q1, sc1, zp1 = _gemv3_load(w1, s1, z1, first, GROUP, HAS_ZERO, WSTEP)
-    if SUB > 2:
-        q2, sc2, zp2 = _gemv3_load(w2, s2, z2, first, GROUP, HAS_ZERO, WSTEP)
-        q3, sc3, zp3 = _gemv3_load(w3, s3, z3, first, GROUP, HAS_ZERO, WSTEP)
+    if PREFETCH:   # the first step's tiles, before the loop
+        q0, sc0, zp0 = _gemv3_load(w0, s0, z0, k_start, GROUP, HAS_ZERO, WSTEP)
+        if SUB > 1:
+            q1, sc1, zp1 = _gemv3_load(w1, s1, z1, k_start, GROUP, HAS_ZERO, WSTEP)
+        if SUB > 2:
+            q2, sc2, zp2 = _gemv3_load(w2, s2, z2, k_start, GROUP, HAS_ZERO, WSTEP)
+            q3, sc3, zp3 = _gemv3_load(w3, s3, z3, k_start, GROUP, HAS_ZERO, WSTEP)
     for kw0 in tl.range(k_start, k_end, BLOCK_KW, num_stages=STAGES):
-        # PREFETCH: the next step's tiles are requested before this step's arithmetic; the last step
-        # re-reads its own tile instead of running past the split.
-        nxt = tl.minimum(kw0 + BLOCK_KW, k_end - BLOCK_KW) if PREFETCH else kw0
-        if not PREFETCH:
+        if PREFETCH:   # the next step's tiles are requested before this step's arithmetic; the last step
+            # re-reads its own tile instead of running past the split
+            nxt = tl.minimum(kw0 + BLOCK_KW, k_end - BLOCK_KW)
+            n0, ns0, nz0 = _gemv3_load(w0, s0, z0, nxt, GROUP, HAS_ZERO, WSTEP)
+            if SUB > 1:
+                n1, ns1, nz1 = _gemv3_load(w1, s1, z1, nxt, GROUP, HAS_ZERO, WSTEP)
+            if SUB > 2:
+                n2, ns2, nz2 = _gemv3_load(w2, s2, z2, nxt, GROUP, HAS_ZERO, WSTEP)
+                n3, ns3, nz3 = _gemv3_load(w3, s3, z3, nxt, GROUP, HAS_ZERO, WSTEP)
+        else:
             q0, sc0, zp0 = _gemv3_load(w0, s0, z0, kw0, GROUP, HAS_ZERO, WSTEP)
             if SUB > 1:
                 q1, sc1, zp1 = _gemv3_load(w1, s1, z1, kw0, GROUP, HAS_ZERO, WSTEP)
             if SUB > 2:
                 q2, sc2, zp2 = _gemv3_load(w2, s2, z2, kw0, GROUP, HAS_ZERO, WSTEP)
                 q3, sc3, zp3 = _gemv3_load(w3, s3, z3, kw0, GROUP, HAS_ZERO, WSTEP)
-        n0, ns0, nz0 = _gemv3_load(w0, s0, z0, nxt, GROUP, HAS_ZERO, WSTEP) if PREFETCH else (q0, sc0, zp0)
-        n1, ns1, nz1 = n0, ns0, nz0
-        n2, ns2, nz2 = n0, ns0, nz0
-        n3, ns3, nz3 = n0, ns0, nz0
-        if PREFETCH and SUB > 1:
-            n1, ns1, nz1 = _gemv3_load(w1, s1, z1, nxt, GROUP, HAS_ZERO, WSTEP)
-        if PREFETCH and SUB > 2:
-            n2, ns2, nz2 = _gemv3_load(w2, s2, z2, nxt, GROUP, HAS_ZERO, WSTEP)
-            n3, ns3, nz3 = _gemv3_load(w3, s3, z3, nxt, GROUP, HAS_ZERO, WSTEP)
         xs = _gemv3_x(x_ptr + kw0 * 8, xoff, WPS)
         acc0 = _gemv3_tile(acc0, q0, sc0, zp0, xs, HAS_ZERO, ASM)
         if SUB > 1:
@@ -225,9 +212,11 @@ def w4a16_gemv3_kernel(x_ptr, w_ptr, s_ptr, z_ptr, bias_ptr, out_ptr, ws_ptr, cn
             acc3 = _gemv3_tile(acc3, q3, sc3, zp3, xs, HAS_ZERO, ASM)
         if PREFETCH:
             q0, sc0, zp0 = n0, ns0, nz0
-            q1, sc1, zp1 = n1, ns1, nz1
-            q2, sc2, zp2 = n2, ns2, nz2
-            q3, sc3, zp3 = n3, ns3, nz3
+            if SUB > 1:
+                q1, sc1, zp1 = n1, ns1, nz1
+            if SUB > 2:
+                q2, sc2, zp2 = n2, ns2, nz2
+                q3, sc3, zp3 = n3, ns3, nz3
 
     o0 = pid_n * BLOCK_N + tl.arange(0, BNS)
     _gemv3_finish(acc0, ws_ptr, cnt_ptr, bias_ptr, out_ptr, o0, N, pid_k, pid_n * SUB, SPLIT_K, HAS_BIAS)
@@ -258,11 +247,10 @@ def gemv3_supported(w: StripedWeight) -> bool:
     return wpg & (wpg - 1) == 0 and (w.in_features // 8) % max(16, w.stripe // 8) == 0
 
 
-def _block_kw(kw: int, stripe: int, want: int) -> int:
-    block = want
-    while block > 16 and (kw % block or block % (stripe // 8)):
-        block //= 2
-    return block
+def block_kw(kw: int, stripe: int, want: int) -> int:
+    """The K step in words: the largest power of two <= ``want`` (>= 16) dividing ``kw`` and a multiple of the
+    stripe's words (the v2 rule, with a floor of 16 words)."""
+    return _block_kw(kw, max(stripe, 128), want)
 
 
 # Tile configs per (N, K) measured best on H100 by benchmarks/gemv3_tune.py (2026-11-24, torch 2.11, triton 3.6;
@@ -287,12 +275,10 @@ def gemv3_config(n: int, k: int, stripe: int, sms: int) -> dict:
     if tuned is not None and kw % tuned["BLOCK_KW"] == 0 and tuned["BLOCK_KW"] % (stripe // 8) == 0:
         return dict(tuned, TILED=True)
     small = n * k < 64 * 1024 * 1024
-    block_n, sub, block_kw = (32, 1, _block_kw(kw, stripe, 32)) if small else (64, 2, _block_kw(kw, stripe, 32))
-    tiles, steps = triton.cdiv(n, block_n), kw // block_kw
-    split = 1
-    while tiles * split < 2 * sms and split * 2 <= steps and split < 16:
-        split *= 2
-    return dict(BLOCK_N=block_n, SUB=sub, BLOCK_KW=block_kw, SPLIT_K=split, num_warps=4, PREFETCH=True, STAGES=1,
+    block_n, sub = (32, 1) if small else (64, 2)
+    bkw = block_kw(kw, stripe, 32)
+    split = _split_for(triton.cdiv(n, block_n), kw // bkw, 2 * sms)
+    return dict(BLOCK_N=block_n, SUB=sub, BLOCK_KW=bkw, SPLIT_K=split, num_warps=4, PREFETCH=True, STAGES=1,
                 TILED=True)
 
 
