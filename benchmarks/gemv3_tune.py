@@ -89,7 +89,7 @@ def main() -> None:
         result["checks_failed"] = f"{type(exc).__name__}: {exc}"
     flush = L2Flush()
     rows, best = [], {}
-    for model in ("llama-3-8b", "llama-3-70b"):
+    for model in os.environ.get("TUNE_MODELS", "llama-3-8b,llama-3-70b").split(","):
         for label, k, n in BK.SHAPES[model]:
             layer = BK.make_layer(k, n)
             sw = ops._prepared(layer.packed, layer.scales, None, BK.GROUP, None).striped

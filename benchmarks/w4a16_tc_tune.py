@@ -114,7 +114,7 @@ log("top configs (BN, BK, UNPACK, warps, stages)", top_cfgs)
 
 # ---- phase 3: every shape and M, all W4A16 contenders
 rows, best_cfg = [], {}
-for model in ("llama-3-8b", "llama-3-70b"):
+for model in os.environ.get("TUNE_MODELS", "llama-3-8b,llama-3-70b").split(","):
     for label, k, n in BK.SHAPES[model]:
         layer = BK.make_layer(k, n)
         sw = ops._prepared(layer.packed, layer.scales, None, BK.GROUP, None).striped

@@ -89,7 +89,7 @@ def current(op, m, n, k, xq, xs, layer):
 
 correctness()
 rows = []
-for model in ("llama-3-8b", "llama-3-70b"):
+for model in os.environ.get("TUNE_MODELS", "llama-3-8b,llama-3-70b").split(","):
     for label, k, n in BK.SHAPES[model]:
         layer = BK.make_layer(k, n)
         for m in MS:

@@ -47,7 +47,9 @@ def correctness():
             cfg = dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=split, num_warps=4, num_stages=3)
             out = T8.a8w8_swap_gemm(xq, xs, wq, ws, b, torch.float32, cfg)
             ref = R.int8_matmul(xq, wq).float() * xs * ws.reshape(1, -1) + (0 if b is None else b)
-            assert torch.equal(out, ref), ("int8", m, n, k, cfg)
+            # exact int32 sums; with a bias the GPU contracts acc * scales + bias into one fma (one ulp)
+            ok = torch.equal(out, ref) if b is None else (out - ref).abs().max() <= 2e-7 * ref.abs().max()
+            assert ok, ("int8", m, n, k, cfg)
         fq, fs = P.quantize_fp8(w, "row")
         xq, xs = act_quant(x, fp8=True)
         for bm, bn, bk in ((16, 64, 128), (32, 128, 256)):
@@ -84,7 +86,7 @@ SWAP_TILES = [(bn, bk, nw, ns) for bn, bk, nw, ns in itertools.product((64, 128)
 STD_TILES = [(64, 128, 128, 4, 4), (128, 128, 128, 8, 3), (128, 256, 128, 8, 3), (64, 256, 128, 8, 3),
              (128, 128, 64, 4, 4), (64, 64, 256, 4, 4)]
 rows = []
-for model in ("llama-3-8b", "llama-3-70b"):
+for model in os.environ.get("TUNE_MODELS", "llama-3-8b,llama-3-70b").split(","):
     for label, k, n in BK.SHAPES[model]:
         layer = BK.make_layer(k, n)
         for m in MS:

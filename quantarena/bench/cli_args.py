@@ -27,6 +27,8 @@ def add_bench_parser(subparsers) -> argparse.ArgumentParser:
     d.add_argument("--gen-len", type=int, default=64)
     d.add_argument("--fuse-linears", action="store_true",
                    help="q/k/v as one linear and gate/up as one, as serving engines load them (default: separate)")
+    d.add_argument("--quantize-lm-head", action="store_true",
+                   help="the output projection in each scheme's format too (default: bf16 in every scheme)")
     d.add_argument("--no-compile", action="store_true",
                    help="run the blocks' non-linear work eagerly instead of fused by torch.compile")
     d.add_argument("--json", default=None, metavar="OUT", help="write the results object to OUT")
@@ -74,7 +76,8 @@ def run_bench(args) -> int:
             print(f"error: unknown model {args.model!r}; use preset:{', preset:'.join(decode.SHAPES)}", file=sys.stderr)
             return 2
         result = decode.run(shape, args.schemes.split(","), batches, args.prompt_len, args.gen_len, log=log,
-                            compile=not args.no_compile, fuse=args.fuse_linears)
+                            compile=not args.no_compile, fuse=args.fuse_linears,
+                            quantize_lm_head=args.quantize_lm_head)
         if args.plot:
             from .plots import plot_decode
             plot_decode(result, args.plot)

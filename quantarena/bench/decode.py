@@ -3,8 +3,8 @@ CUDA graph per decode step, so every scheme is timed on the same code path with 
 
 The model has the real shapes of the named preset and random weights (the 8B and 70B checkpoints cannot
 ship here); its Linear layers are replaced by quantarena's modules (RTN, group 128 symmetric for W4A16;
-per-channel int8 with dynamic per-token activations; fp8 e4m3 rows x tokens); embeddings, norms,
-attention and lm_head stay bf16 in every scheme. Speed does not depend on weight values.
+per-channel int8 with dynamic per-token activations; fp8 e4m3 rows x tokens); embeddings, norms and
+attention stay bf16 in every scheme, and so does lm_head unless ``quantize_lm_head``. Speed does not depend on weight values.
 """
 from __future__ import annotations
 
@@ -102,7 +102,8 @@ class Block(nn.Module):
 
 
 class LeanLlama(nn.Module):
-    def __init__(self, shape: str, scheme: str, device: str = "cuda", max_len: int = 512, fuse: bool = False):
+    def __init__(self, shape: str, scheme: str, device: str = "cuda", max_len: int = 512, fuse: bool = False,
+                 quantize_lm_head: bool = False):
         super().__init__()
         s = SHAPES[shape]
         self.s, self.max_len = s, max_len
@@ -111,6 +112,12 @@ class LeanLlama(nn.Module):
         self.blocks = nn.ModuleList(Block(s, scheme, device, fuse) for _ in range(s["layers"]))
         self.norm = torch.ones(s["hidden"], device=device, dtype=torch.bfloat16)
         self.lm_head = torch.randn(s["vocab"], s["hidden"], device=device, dtype=torch.bfloat16) / math.sqrt(s["hidden"])
+        self.lm_head_q = None  # the output projection in the scheme's format (gpt-fast's int4 quantizes it too)
+        if quantize_lm_head and scheme != "bf16":
+            lin = nn.Linear(s["hidden"], s["vocab"], bias=False, device=device, dtype=torch.bfloat16)
+            with torch.no_grad():
+                lin.weight.copy_(self.lm_head)
+            self.lm_head_q, self.lm_head = quant_linear(lin, scheme), None
         inv = 1.0 / (s["rope_theta"] ** (torch.arange(0, s["head_dim"], 2, device=device).float() / s["head_dim"]))
         freqs = torch.outer(torch.arange(max_len, device=device).float(), inv)
         emb = torch.cat((freqs, freqs), dim=-1)
@@ -136,7 +143,8 @@ class LeanLlama(nn.Module):
         mask = (torch.arange(self.max_len, device=tokens.device) <= pos[-1]).view(1, 1, 1, -1) if decode else None
         for block, (kc, vc) in zip(self.blocks, cache):
             x = self.block_fn(block, x, cos, sin, kc, vc, pos, mask)
-        return F.linear(rms_norm(x[:, -1], self.norm), self.lm_head)
+        y = rms_norm(x[:, -1], self.norm)
+        return F.linear(y, self.lm_head) if self.lm_head_q is None else self.lm_head_q(y)
 
 
 def _run_block(block: Block, x, cos, sin, k_cache, v_cache, pos, mask):
@@ -227,11 +235,11 @@ def check_outputs(model: LeanLlama, steps: int = 8) -> dict:
 
 
 def bench_scheme(shape: str, scheme: str, batches: list[int], prompt_len: int, gen_len: int, log=print,
-                 compile: bool = True, fuse: bool = False) -> tuple[list, dict]:
+                 compile: bool = True, fuse: bool = False, quantize_lm_head: bool = False) -> tuple[list, dict]:
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
     t0 = time.time()
-    model = LeanLlama(shape, scheme, max_len=prompt_len + gen_len + 8, fuse=fuse)
+    model = LeanLlama(shape, scheme, max_len=prompt_len + gen_len + 8, fuse=fuse, quantize_lm_head=quantize_lm_head)
     weights_gb = torch.cuda.memory_allocated() / 1e9
     log(f"{scheme}: model built in {time.time() - t0:.0f}s, {weights_gb:.1f} GB")
     check = check_outputs(model)
@@ -287,15 +295,16 @@ def crossover(rows: list[dict]) -> dict:
 
 
 def run(shape: str, schemes: list[str], batches: list[int], prompt_len: int = 128, gen_len: int = 64,
-        log=print, compile: bool = True, fuse: bool = False) -> dict:
+        log=print, compile: bool = True, fuse: bool = False, quantize_lm_head: bool = False) -> dict:
     rows, checks = [], {}
     for scheme in schemes:
-        r, c = bench_scheme(shape, scheme, batches, prompt_len, gen_len, log, compile, fuse)
+        r, c = bench_scheme(shape, scheme, batches, prompt_len, gen_len, log, compile, fuse, quantize_lm_head)
         rows += r
         checks[scheme] = c
     return {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
             "date": datetime.date.today().isoformat(), "model": f"preset:{shape} (random weights)",
             "prompt_len": prompt_len, "gen_len": gen_len, "fused_linears": fuse,
+            "lm_head": "the scheme's format (bf16 in the bf16 run)" if quantize_lm_head else "bf16 in every scheme",
             "method": "lean Llama runner, static KV cache, one CUDA graph per decode step, greedy; "
                       + ("block non-linear work fused by torch.compile (linears are our custom ops); " if compile else "")
                       + ("q/k/v and gate/up fused into one linear each; " if fuse else "")

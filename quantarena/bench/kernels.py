@@ -24,6 +24,9 @@ from .timing import L2Flush, time_fn
 SHAPES: dict[str, list[tuple[str, int, int]]] = {
     "llama-3-8b": [("q_proj", 4096, 4096), ("kv_proj", 4096, 1024), ("gate_up", 4096, 14336), ("down", 14336, 4096)],
     "llama-3-70b": [("q_proj", 8192, 8192), ("kv_proj", 8192, 1024), ("gate_up", 8192, 28672), ("down", 28672, 8192)],
+    # the shapes a decode step with fused linears adds (`bench decode --fuse-linears`, a quantized lm_head)
+    "llama-3-8b-decode": [("qkv", 4096, 6144), ("gate_up_fused", 4096, 28672), ("lm_head", 4096, 128256)],
+    "llama-3-70b-decode": [("qkv", 8192, 10240), ("gate_up_fused", 8192, 57344), ("lm_head", 8192, 128256)],
 }
 DEFAULT_BATCHES = [1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096]
 ERROR_AT_M = (1, 4, 16, 128, 4096)

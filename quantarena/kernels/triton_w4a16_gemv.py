@@ -264,6 +264,10 @@ TUNED_GEMV3: dict[tuple[int, int], dict] = {
     (1024, 8192): dict(BLOCK_N=32, SUB=1, BLOCK_KW=32, SPLIT_K=16, num_warps=4, PREFETCH=True, STAGES=1),   # 9.95 us
     (28672, 8192): dict(BLOCK_N=128, SUB=4, BLOCK_KW=32, SPLIT_K=1, num_warps=4, PREFETCH=False, STAGES=3),  # 61.95 us
     (8192, 28672): dict(BLOCK_N=128, SUB=2, BLOCK_KW=32, SPLIT_K=4, num_warps=8, PREFETCH=True, STAGES=1),  # 61.68 us
+    # the decode runner's fused q/k/v and gate/up and a quantized lm_head (h100-w4a16-gemv3-decode-shapes.json)
+    (6144, 4096): dict(BLOCK_N=64, SUB=2, BLOCK_KW=32, SPLIT_K=4, num_warps=4, PREFETCH=True, STAGES=1),    # 13.04 us
+    (28672, 4096): dict(BLOCK_N=128, SUB=2, BLOCK_KW=32, SPLIT_K=1, num_warps=8, PREFETCH=True, STAGES=1),  # 30.43 us
+    (128256, 4096): dict(BLOCK_N=128, SUB=4, BLOCK_KW=32, SPLIT_K=1, num_warps=4, PREFETCH=False, STAGES=3),  # 105.89 us
 }
 
 

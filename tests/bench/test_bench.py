@@ -42,6 +42,19 @@ def test_decode_step_matches_a_full_prefill(scheme):
     assert err < (6e-2 if scheme == "fp8" else 2e-2)
 
 
+@pytest.mark.parametrize("scheme", ["bf16", "w4a16", "w8a8-int8"])
+def test_quantized_lm_head_is_the_schemes_linear_of_the_same_weight(scheme):
+    plain = decode.LeanLlama("tiny", scheme, device="cpu", max_len=16)
+    quant = decode.LeanLlama("tiny", scheme, device="cpu", max_len=16, quantize_lm_head=True)
+    assert (quant.lm_head_q is None) == (scheme == "bf16")  # bf16 keeps F.linear on the same tensor
+    tokens = torch.randint(0, 1000, (2, 6))
+    with torch.no_grad():  # same seed: same blocks, same lm_head tensor
+        a = plain(tokens, torch.arange(6), plain.new_cache(2), decode=False).float()
+        b = quant(tokens, torch.arange(6), quant.new_cache(2), decode=False).float()
+    err = ((a - b).norm() / a.norm()).item()
+    assert err == 0.0 if scheme == "bf16" else 0.0 < err < 0.15  # int4 g128 / int8 rounding of one projection
+
+
 def test_crossover_is_the_first_batch_where_8bit_beats_w4a16():
     rows = [{"scheme": s, "batch": b, "decode_tok_s": v} for s, b, v in [
         ("w4a16", 1, 100), ("w4a16", 16, 900), ("w4a16", 64, 2000),
