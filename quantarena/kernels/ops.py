@@ -257,3 +257,32 @@ def fp8_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor
     x2 = x.reshape(-1, shape[-1])
     out = _fp8_op(x2, weight, weight_scale.float(), None if bias is None else bias.to(x.dtype))
     return out.reshape(*shape[:-1], weight.shape[0])
+
+
+# ----------------------------------------------------------------------------- decode attention
+
+@torch.library.custom_op("quantarena::decode_attention", mutates_args=())
+def _decode_attention_op(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, length: torch.Tensor,
+                         scale: float) -> torch.Tensor:
+    from .triton_decode_attention import decode_attention as triton_decode_attention
+
+    return triton_decode_attention(q, k_cache, v_cache, length, scale)
+
+
+@_decode_attention_op.register_fake
+def _(q, k_cache, v_cache, length, scale):
+    return q.new_empty(q.shape)
+
+
+def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, length: torch.Tensor,
+                     scale: float | None = None) -> torch.Tensor:
+    """One decode step's attention: q [B, Hq, D] over positions ``< length`` (1-element device int tensor) of
+    the static caches k/v [B, Hkv, L, D]; the split-KV Triton kernels on CUDA, the reference elsewhere."""
+    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    if not _triton_ok(q):
+        return reference.decode_attention(q, k_cache, v_cache, length, scale)
+    from .triton_decode_attention import unsupported_reason
+
+    if unsupported_reason(q, k_cache, v_cache) is not None:
+        return reference.decode_attention(q, k_cache, v_cache, length, scale)
+    return _decode_attention_op(q, k_cache, v_cache, length, scale)

@@ -108,3 +108,20 @@ def fp8_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor
     if bias is not None:
         out = out + bias.float()
     return out.to(x.dtype).reshape(*shape[:-1], weight.shape[0])
+
+
+def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, length: torch.Tensor,
+                     scale: float | None = None) -> torch.Tensor:
+    """One decode step's attention: q [B, Hq, D] over cache positions ``< length`` of k/v [B, Hkv, L, D].
+
+    Each KV head serves ``Hq / Hkv`` consecutive query heads (GQA). Float32 math, returned in q's dtype.
+    Positions at or beyond ``length`` are masked (values there, NaN included, do not matter); no host sync."""
+    b, hq, d = q.shape
+    group = hq // k_cache.shape[1]
+    scale = d ** -0.5 if scale is None else scale
+    valid = torch.arange(k_cache.shape[2], device=q.device) < length.reshape(())  # [L]
+    k = k_cache.float().repeat_interleave(group, dim=1)                           # [B, Hq, L, D]
+    v = v_cache.float().repeat_interleave(group, dim=1).masked_fill(~valid[:, None], 0.0)
+    scores = torch.einsum("bhd,bhld->bhl", q.float(), k) * scale                  # [B, Hq, L]
+    probs = scores.masked_fill(~valid, float("-inf")).softmax(dim=-1)
+    return torch.einsum("bhl,bhld->bhd", probs, v).to(q.dtype)
