@@ -15,6 +15,10 @@ benchmarks.
 W8A8 int8 and FP8: one fused activation-quant kernel, then the GEMM measured fastest for the shape in
 :mod:`.tuned_w8a8`: the swap-AB Triton kernel for skinny M, the tiled int8 kernel (tuned tile) or
 ``torch._scaled_mm`` for larger M; untuned shapes get the tiled int8 kernel / ``torch._scaled_mm``.
+Under ``torch.compile`` the activation quantization is written in torch ops (the reference's) and only the
+GEMM is a custom op (``quantarena::a8w8_gemm``), so inductor fuses the quantization into the kernel that
+produces the activations (RMSNorm, SiLU-mul) instead of launching it separately. Its float32 division is
+inductor's, not correctly rounded: a code can differ by one where x / scale falls within an ulp of a .5.
 
 The kernel-layout copy of each W4A16 weight is built once, on first use, and kept while the canonical tensor lives (keyed on the tensor
 object, dropped with it). Build it before CUDA-graph capture: run the layer once first, as every
@@ -179,19 +183,44 @@ def _a8w8_choice(op: str, m: int, n: int, k: int, tuned_table: bool = True) -> t
     return ("std" if op == "w8a8" else "scaled_mm"), None
 
 
+def _a8w8_gemm(xq: torch.Tensor, xs: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
+               bias: torch.Tensor | None, out_dtype: torch.dtype) -> torch.Tensor:
+    """Quantized activations (int8 or fp8 codes, float32 scales [M, 1]) x the weight codes: the GEMM kernel
+    the dispatch table names for the shape."""
+    from .triton_w8a8 import a8w8_swap_gemm, a8w8_tma_gemm, int8_gemm, tma_supported
+
+    fp8 = xq.dtype == torch.float8_e4m3fn
+    kernel, cfg = _a8w8_choice("fp8" if fp8 else "w8a8", xq.shape[0], weight.shape[0], weight.shape[1],
+                               _tuned_for(xq))
+    if kernel == "swap":
+        return a8w8_swap_gemm(xq, xs, weight, weight_scale, bias, out_dtype, cfg)
+    if kernel == "tma" and tma_supported(xq, weight):
+        return a8w8_tma_gemm(xq, xs, weight, weight_scale, bias, out_dtype, cfg)
+    if not fp8:
+        return int8_gemm(xq, xs, weight, weight_scale, bias, out_dtype, None if kernel == "tma" else cfg)
+    # weight [N, K] row-major: .t() is the column-major [K, N] operand cuBLASLt wants; rowwise scales
+    return torch._scaled_mm(xq, weight.t(), scale_a=xs, scale_b=weight_scale.reshape(1, -1),
+                            bias=bias, out_dtype=out_dtype)
+
+
+@torch.library.custom_op("quantarena::a8w8_gemm", mutates_args=())
+def _a8w8_gemm_op(xq: torch.Tensor, xs: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
+                  bias: torch.Tensor | None, out_dtype: torch.dtype) -> torch.Tensor:
+    return _a8w8_gemm(xq.contiguous(), xs, weight, weight_scale, bias, out_dtype)
+
+
+@_a8w8_gemm_op.register_fake
+def _(xq, xs, weight, weight_scale, bias, out_dtype):
+    return xq.new_empty((xq.shape[0], weight.shape[0]), dtype=out_dtype)
+
+
 @torch.library.custom_op("quantarena::w8a8_linear", mutates_args=())
 def _w8a8_op(x2: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor, input_scale: torch.Tensor | None,
              smooth: torch.Tensor | None, bias: torch.Tensor | None) -> torch.Tensor:
     from .triton_act_quant import act_quant
-    from .triton_w8a8 import a8w8_swap_gemm, a8w8_tma_gemm, int8_gemm, tma_supported
 
     xq, xs = act_quant(x2.contiguous(), fp8=False, input_scale=input_scale, smooth=smooth)
-    kernel, cfg = _a8w8_choice("w8a8", x2.shape[0], weight.shape[0], weight.shape[1], _tuned_for(x2))
-    if kernel == "swap":
-        return a8w8_swap_gemm(xq, xs, weight, weight_scale, bias, x2.dtype, cfg)
-    if kernel == "tma" and tma_supported(xq, weight):
-        return a8w8_tma_gemm(xq, xs, weight, weight_scale, bias, x2.dtype, cfg)
-    return int8_gemm(xq, xs, weight, weight_scale, bias, x2.dtype, None if kernel == "tma" else cfg)
+    return _a8w8_gemm(xq, xs, weight, weight_scale, bias, x2.dtype)
 
 
 @_w8a8_op.register_fake
@@ -209,8 +238,13 @@ def w8a8_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tenso
         return reference.w8a8_linear(x, weight, weight_scale, input_scale, smooth, bias)
     shape = x.shape
     x2 = x.reshape(-1, shape[-1])
-    out = _w8a8_op(x2, weight, weight_scale.float(), input_scale, None if smooth is None else smooth.float(),
-                   None if bias is None else bias.to(x.dtype))
+    smooth = None if smooth is None else smooth.float()
+    bias = None if bias is None else bias.to(x.dtype)
+    if torch.compiler.is_compiling():  # quantize in torch ops: inductor fuses them into the producer's kernel
+        xq, xs = reference.act_quant_int8(x2, input_scale, smooth)
+        out = _a8w8_gemm_op(xq, xs.contiguous(), weight, weight_scale.float(), bias, x.dtype)
+    else:
+        out = _w8a8_op(x2, weight, weight_scale.float(), input_scale, smooth, bias)
     return out.reshape(*shape[:-1], weight.shape[0])
 
 
@@ -222,19 +256,7 @@ def _fp8_op(x2: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
     from .triton_act_quant import act_quant
 
     xq, xs = act_quant(x2.contiguous(), fp8=True)
-    kernel, cfg = _a8w8_choice("fp8", x2.shape[0], weight.shape[0], weight.shape[1], _tuned_for(x2))
-    if kernel == "swap":
-        from .triton_w8a8 import a8w8_swap_gemm
-
-        return a8w8_swap_gemm(xq, xs, weight, weight_scale, bias, x2.dtype, cfg)
-    if kernel == "tma":
-        from .triton_w8a8 import a8w8_tma_gemm, tma_supported
-
-        if tma_supported(xq, weight):
-            return a8w8_tma_gemm(xq, xs, weight, weight_scale, bias, x2.dtype, cfg)
-    # weight [N, K] row-major: .t() is the column-major [K, N] operand cuBLASLt wants; rowwise scales
-    return torch._scaled_mm(xq, weight.t(), scale_a=xs, scale_b=weight_scale.reshape(1, -1),
-                            bias=bias, out_dtype=x2.dtype)
+    return _a8w8_gemm(xq, xs, weight, weight_scale, bias, x2.dtype)
 
 
 @_fp8_op.register_fake
@@ -255,7 +277,12 @@ def fp8_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor
         return reference.fp8_linear(x, weight, weight_scale, bias)
     shape = x.shape
     x2 = x.reshape(-1, shape[-1])
-    out = _fp8_op(x2, weight, weight_scale.float(), None if bias is None else bias.to(x.dtype))
+    bias = None if bias is None else bias.to(x.dtype)
+    if torch.compiler.is_compiling():  # as in w8a8_linear: inductor fuses the quantization into the producer
+        xq, xs = reference.act_quant_fp8(x2)
+        out = _a8w8_gemm_op(xq, xs.contiguous(), weight, weight_scale.float(), bias, x.dtype)
+    else:
+        out = _fp8_op(x2, weight, weight_scale.float(), bias)
     return out.reshape(*shape[:-1], weight.shape[0])
 
 

@@ -423,6 +423,26 @@ def test_w8a8_custom_op_fake_impl():
                           test_utils=("test_schema", "test_faketensor"))
 
 
+@pytest.mark.parametrize("static,smooth", [(False, False), (True, True)])
+def test_compile_path_quantization_gives_the_same_codes_and_output(static, smooth):
+    """Under torch.compile, w8a8_linear quantizes in torch ops and calls the GEMM-only op: eagerly that
+    composition is the fused kernels' arithmetic bit for bit (inductor's own division may differ by an ulp)."""
+    m, n, k = 5, 40, 256
+    gen = torch.Generator().manual_seed(11)
+    wq, ws = P.quantize_int8(torch.randn(n, k, generator=gen), "channel")
+    wq, ws = wq.to(DEVICE), ws.to(DEVICE)
+    x = make_x(m, k)
+    input_scale = torch.tensor([0.03], device=DEVICE) if static else None
+    s = (torch.rand(k, generator=gen) + 0.5).to(DEVICE) if smooth else None
+    xq, xs = R.act_quant_int8(x, input_scale, s)
+    fq, fs = AQ.act_quant(x, input_scale=input_scale, smooth=s)
+    assert torch.equal(xq, fq) and torch.equal(xs.expand_as(fs), fs)
+    out = ops._a8w8_gemm_op(xq, xs.contiguous(), wq, ws, None, torch.bfloat16)
+    assert torch.equal(out, ops._w8a8_op(x, wq, ws, input_scale, s, None))
+    torch.library.opcheck(ops._a8w8_gemm_op, (xq, xs.contiguous(), wq, ws, None, torch.bfloat16),
+                          test_utils=("test_schema", "test_faketensor"))
+
+
 def test_cpu_dispatch_is_the_reference():
     packed, scales, zeros = make_w4(16, 128, 64, True)
     x = make_x(2, 128).cpu()
