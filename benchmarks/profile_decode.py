@@ -19,8 +19,8 @@ import torch  # noqa: E402
 from quantarena.bench import decode  # noqa: E402
 
 CATEGORIES = (  # first match wins; patterns on the kernel name
-    ("attention", r"fmha|flash|attention|attn|sdpa|softmax|bmm"),
-    ("linear", r"gemv|gemm|w4a16|w8a8|fp8|int8|nvjet|xmma|cutlass|sm90|wgmma|ampere|act_quant|scaled_mm|"
+    ("attention", r"fmha|flash|attention|attn|sdpa|softmax|bmm|decode_partial|decode_combine"),
+    ("linear", r"gemv|gemm|a8w8|w4a16|w8a8|fp8|int8|nvjet|xmma|cutlass|sm90|wgmma|ampere|act_quant|scaled_mm|"
                r"_int_mm|splitk|int4pack|tinygemm"),
     ("cache_write", r"index_copy|index_put|scatter"),
 )
@@ -84,16 +84,20 @@ def main() -> None:
     ap.add_argument("--prompt-len", type=int, default=128)
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--fuse", action="store_true")
+    ap.add_argument("--quantize-lm-head", action="store_true")
+    ap.add_argument("--attention", default="quantarena")
     ap.add_argument("--top", type=int, default=12)
     ap.add_argument("--json")
     args = ap.parse_args()
     batches = [int(b) for b in args.batch.split(",")]
     result = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "model": args.model,
-              "fused_linears": args.fuse, "runs": []}
+              "fused_linears": args.fuse, "quantize_lm_head": args.quantize_lm_head, "attention": args.attention,
+              "runs": []}
     for scheme in args.schemes.split(","):
         torch._dynamo.reset()
         torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
-        model = decode.LeanLlama(args.model, scheme, max_len=args.prompt_len + args.steps + 72, fuse=args.fuse)
+        model = decode.LeanLlama(args.model, scheme, max_len=args.prompt_len + args.steps + 72, fuse=args.fuse,
+                                 quantize_lm_head=args.quantize_lm_head, attention=args.attention)
         model.compile()
         with torch.no_grad():
             for b in batches:

@@ -29,6 +29,9 @@ def add_bench_parser(subparsers) -> argparse.ArgumentParser:
                    help="q/k/v as one linear and gate/up as one, as serving engines load them (default: separate)")
     d.add_argument("--quantize-lm-head", action="store_true",
                    help="the output projection in each scheme's format too (default: bf16 in every scheme)")
+    d.add_argument("--attention", default="quantarena", choices=["quantarena", "sdpa"],
+                   help="decode attention: quantarena's split-KV kernel over the valid positions (default) or "
+                        "masked SDPA over the whole static cache")
     d.add_argument("--no-compile", action="store_true",
                    help="run the blocks' non-linear work eagerly instead of fused by torch.compile")
     d.add_argument("--json", default=None, metavar="OUT", help="write the results object to OUT")
@@ -77,7 +80,7 @@ def run_bench(args) -> int:
             return 2
         result = decode.run(shape, args.schemes.split(","), batches, args.prompt_len, args.gen_len, log=log,
                             compile=not args.no_compile, fuse=args.fuse_linears,
-                            quantize_lm_head=args.quantize_lm_head)
+                            quantize_lm_head=args.quantize_lm_head, attention=args.attention)
         if args.plot:
             from .plots import plot_decode
             plot_decode(result, args.plot)

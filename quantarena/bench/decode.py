@@ -30,6 +30,7 @@ SHAPES: dict[str, dict] = {
     "tiny": dict(hidden=256, layers=2, heads=4, kv_heads=2, head_dim=64, inter=512, vocab=1000, rope_theta=10000.0),
 }
 SCHEMES = ("bf16", "w4a16", "w8a8-int8", "fp8")
+ATTENTION = ("quantarena", "sdpa")  # decode attention: our split-KV kernel, or masked SDPA over the whole cache
 
 
 def quant_linear(linear: nn.Linear, scheme: str) -> nn.Module:
@@ -80,8 +81,10 @@ class Block(nn.Module):
         self.norm1 = nn.Parameter(torch.ones(h, device=device, dtype=torch.bfloat16), requires_grad=False)
         self.norm2 = nn.Parameter(torch.ones(h, device=device, dtype=torch.bfloat16), requires_grad=False)
 
-    def forward(self, x, cos, sin, k_cache, v_cache, pos, mask):
-        """x: [B, T, H]. Writes this step's keys/values at positions pos[0] .. pos[0]+T-1 of the caches."""
+    def forward(self, x, cos, sin, k_cache, v_cache, pos, mask, length=None):
+        """x: [B, T, H]. Writes this step's keys/values at positions pos[0] .. pos[0]+T-1 of the caches.
+        Attention: ``length`` (decode, a 1-element device tensor) -> quantarena's split-KV kernel over the
+        cache positions < length; else ``mask`` (decode) -> SDPA over the whole cache; neither -> causal prefill."""
         b, t, _ = x.shape
         y = rms_norm(x, self.norm1)
         q, k, v = self.qkv(y).split(self.splits, -1) if self.fuse else (self.q(y), self.k(y), self.v(y))
@@ -91,7 +94,9 @@ class Block(nn.Module):
         q, k = rotate(q, cos, sin), rotate(k, cos, sin)
         k_cache.index_copy_(2, pos, k)
         v_cache.index_copy_(2, pos, v)
-        if mask is None:  # prefill from an empty cache: plain causal attention over the new tokens
+        if length is not None:
+            attn = ops.decode_attention(q[:, :, 0], k_cache, v_cache, length).unsqueeze(2)
+        elif mask is None:  # prefill from an empty cache: plain causal attention over the new tokens
             attn = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
         else:
             attn = F.scaled_dot_product_attention(q, k_cache, v_cache, attn_mask=mask, enable_gqa=True)
@@ -103,10 +108,12 @@ class Block(nn.Module):
 
 class LeanLlama(nn.Module):
     def __init__(self, shape: str, scheme: str, device: str = "cuda", max_len: int = 512, fuse: bool = False,
-                 quantize_lm_head: bool = False):
+                 quantize_lm_head: bool = False, attention: str = "quantarena"):
         super().__init__()
+        if attention not in ATTENTION:
+            raise ValueError(f"unknown attention {attention!r}; use one of {', '.join(ATTENTION)}")
         s = SHAPES[shape]
-        self.s, self.max_len = s, max_len
+        self.s, self.max_len, self.attention = s, max_len, attention
         torch.manual_seed(0)
         self.embed = torch.randn(s["vocab"], s["hidden"], device=device, dtype=torch.bfloat16)
         self.blocks = nn.ModuleList(Block(s, scheme, device, fuse) for _ in range(s["layers"]))
@@ -140,15 +147,19 @@ class LeanLlama(nn.Module):
         """tokens [B, T]; pos [T] int64 positions. Returns the last position's logits [B, vocab]."""
         x = self.embed[tokens]
         cos, sin = self.cos[pos], self.sin[pos]
-        mask = (torch.arange(self.max_len, device=tokens.device) <= pos[-1]).view(1, 1, 1, -1) if decode else None
+        mask = length = None
+        if decode and self.attention == "quantarena":
+            length = pos[-1:] + 1
+        elif decode:
+            mask = (torch.arange(self.max_len, device=tokens.device) <= pos[-1]).view(1, 1, 1, -1)
         for block, (kc, vc) in zip(self.blocks, cache):
-            x = self.block_fn(block, x, cos, sin, kc, vc, pos, mask)
+            x = self.block_fn(block, x, cos, sin, kc, vc, pos, mask, length)
         y = rms_norm(x[:, -1], self.norm)
         return F.linear(y, self.lm_head) if self.lm_head_q is None else self.lm_head_q(y)
 
 
-def _run_block(block: Block, x, cos, sin, k_cache, v_cache, pos, mask):
-    return block(x, cos, sin, k_cache, v_cache, pos, mask)
+def _run_block(block: Block, x, cos, sin, k_cache, v_cache, pos, mask, length):
+    return block(x, cos, sin, k_cache, v_cache, pos, mask, length)
 
 
 @contextlib.contextmanager
@@ -235,11 +246,13 @@ def check_outputs(model: LeanLlama, steps: int = 8) -> dict:
 
 
 def bench_scheme(shape: str, scheme: str, batches: list[int], prompt_len: int, gen_len: int, log=print,
-                 compile: bool = True, fuse: bool = False, quantize_lm_head: bool = False) -> tuple[list, dict]:
+                 compile: bool = True, fuse: bool = False, quantize_lm_head: bool = False,
+                 attention: str = "quantarena") -> tuple[list, dict]:
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
     t0 = time.time()
-    model = LeanLlama(shape, scheme, max_len=prompt_len + gen_len + 8, fuse=fuse, quantize_lm_head=quantize_lm_head)
+    model = LeanLlama(shape, scheme, max_len=prompt_len + gen_len + 8, fuse=fuse, quantize_lm_head=quantize_lm_head,
+                      attention=attention)
     weights_gb = torch.cuda.memory_allocated() / 1e9
     log(f"{scheme}: model built in {time.time() - t0:.0f}s, {weights_gb:.1f} GB")
     check = check_outputs(model)
@@ -295,16 +308,20 @@ def crossover(rows: list[dict]) -> dict:
 
 
 def run(shape: str, schemes: list[str], batches: list[int], prompt_len: int = 128, gen_len: int = 64,
-        log=print, compile: bool = True, fuse: bool = False, quantize_lm_head: bool = False) -> dict:
+        log=print, compile: bool = True, fuse: bool = False, quantize_lm_head: bool = False,
+        attention: str = "quantarena") -> dict:
     rows, checks = [], {}
     for scheme in schemes:
-        r, c = bench_scheme(shape, scheme, batches, prompt_len, gen_len, log, compile, fuse, quantize_lm_head)
+        r, c = bench_scheme(shape, scheme, batches, prompt_len, gen_len, log, compile, fuse, quantize_lm_head,
+                            attention)
         rows += r
         checks[scheme] = c
     return {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
             "date": datetime.date.today().isoformat(), "model": f"preset:{shape} (random weights)",
             "prompt_len": prompt_len, "gen_len": gen_len, "fused_linears": fuse,
             "lm_head": "the scheme's format (bf16 in the bf16 run)" if quantize_lm_head else "bf16 in every scheme",
+            "attention": ("quantarena split-KV decode kernel over the valid cache positions" if attention == "quantarena"
+                          else "masked SDPA over the whole static cache"),
             "method": "lean Llama runner, static KV cache, one CUDA graph per decode step, greedy; "
                       + ("block non-linear work fused by torch.compile (linears are our custom ops); " if compile else "")
                       + ("q/k/v and gate/up fused into one linear each; " if fuse else "")

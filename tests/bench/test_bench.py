@@ -27,9 +27,9 @@ def test_fused_linears_compute_the_same_block():
     assert torch.equal(a, b)
 
 
-@pytest.mark.parametrize("scheme", decode.SCHEMES)
-def test_decode_step_matches_a_full_prefill(scheme):
-    model = decode.LeanLlama("tiny", scheme, device="cpu", max_len=32)
+@pytest.mark.parametrize("scheme,attention", [(s, "quantarena") for s in decode.SCHEMES] + [("bf16", "sdpa")])
+def test_decode_step_matches_a_full_prefill(scheme, attention):
+    model = decode.LeanLlama("tiny", scheme, device="cpu", max_len=32, attention=attention)
     run = decode.DecodeRun(model, 2, 8)
     with torch.no_grad():
         run.prefill()
@@ -40,6 +40,11 @@ def test_decode_step_matches_a_full_prefill(scheme):
     err = ((step_logits.float() - full.float()).norm() / full.float().norm()).item()
     # bf16 activations and two orders of summation; fp8's coarse rounding turns those ulps into larger steps
     assert err < (6e-2 if scheme == "fp8" else 2e-2)
+
+
+def test_unknown_attention_is_a_clear_error():
+    with pytest.raises(ValueError, match="unknown attention 'flash'"):
+        decode.LeanLlama("tiny", "bf16", device="cpu", max_len=16, attention="flash")
 
 
 @pytest.mark.parametrize("scheme", ["bf16", "w4a16", "w8a8-int8"])
