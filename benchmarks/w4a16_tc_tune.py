@@ -87,10 +87,10 @@ except Exception as exc:
     traceback.print_exc()
     log("CORRECTNESS FAILED", exc)
 
-# ---- phase 2: tile search
+# ---- phase 2: tile search (TC_TOP="64x64x2x4x4,..." gives the phase-3 candidates and skips it)
 space = list(itertools.product((64, 128), (64, 128), (1, 2), (4, 8), (3, 4)))   # BN, BK, UNPACK, warps, stages
 score = {c: 0.0 for c in space}
-explore = [(4096, 14336), (14336, 4096)]
+explore = [] if os.environ.get("TC_TOP") else [(4096, 14336), (14336, 4096)]
 for (k, n), m in itertools.product(explore, (16, 64)):
     layer = BK.make_layer(k, n)
     sw = ops._prepared(layer.packed, layer.scales, None, BK.GROUP, None).striped
@@ -110,6 +110,8 @@ for (k, n), m in itertools.product(explore, (16, 64)):
     del layer, sw
     ops._W4A16_CACHE.clear()
 top_cfgs = sorted(space, key=lambda c: score[c])[:4]
+if os.environ.get("TC_TOP"):
+    top_cfgs = [tuple(int(v) for v in c.split("x")) for c in os.environ["TC_TOP"].split(",")]
 log("top configs (BN, BK, UNPACK, warps, stages)", top_cfgs)
 
 # ---- phase 3: every shape and M, all W4A16 contenders

@@ -2,7 +2,8 @@
 
 For every (M, N, K) of the run it keeps the fastest of our W4A16 paths (``gemv2`` at M = 1, the best
 ``tc`` tile, ``dequant``) with the tile that won. Usage:
-python benchmarks/w4a16_tuned_table.py tc.json [out.py]   (out defaults to the package module)
+python benchmarks/w4a16_tuned_table.py tc.json [more.json ...] [out.py]   (out defaults to the package module;
+several runs merge, a later run's rows replacing earlier rows of every (M, N, K) it measured)
 """
 from __future__ import annotations
 
@@ -63,11 +64,19 @@ def build(result: dict, source: str) -> str:
 
 
 if __name__ == "__main__":
-    src = sys.argv[1]
-    out = sys.argv[2] if len(sys.argv) > 2 else os.path.join(os.path.dirname(__file__), "..", "quantarena",
-                                                                "kernels", "tuned_w4a16.py")
-    with open(src) as f:
-        text = build(json.load(f), os.path.basename(src))
+    args = sys.argv[1:]
+    out = os.path.join(os.path.dirname(__file__), "..", "quantarena", "kernels", "tuned_w4a16.py")
+    if args and args[-1].endswith(".py"):
+        out = args.pop()
+    results = []
+    for src in args:
+        with open(src) as f:
+            results.append(json.load(f))
+    rows: list[dict] = []
+    for result in results:  # a later run's rows replace earlier rows of every (M, N, K) it measured
+        shapes = {(r["M"], r["N"], r["K"]) for r in result["rows"]}
+        rows = [r for r in rows if (r["M"], r["N"], r["K"]) not in shapes] + result["rows"]
+    text = build(dict(results[-1], rows=rows), " + ".join(os.path.basename(p) for p in args))
     with open(out, "w") as f:
         f.write(text)
     print(f"wrote {out}")
