@@ -123,14 +123,21 @@ def w4a16_gemv3_kernel(x_ptr, w_ptr, s_ptr, z_ptr, bias_ptr, out_ptr, ws_ptr, cn
                        GROUP: tl.constexpr, STRIPE: tl.constexpr, HAS_ZERO: tl.constexpr,
                        HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, SUB: tl.constexpr, BLOCK_KW: tl.constexpr,
                        EVEN_N: tl.constexpr, PREFETCH: tl.constexpr, STAGES: tl.constexpr = 1,
-                       TILED: tl.constexpr = False, ASM: tl.constexpr = True):
+                       TILED: tl.constexpr = False, ASM: tl.constexpr = True, PDL: tl.constexpr = False):
     """out[0, n] = sum_k x[0, k] * (q[n, k] - 8 - zero) * scale. One program per (N tile, K split).
 
     The program's BLOCK_N rows are SUB (1, 2 or 4) sub-tiles of BLOCK_N / SUB rows that share the step's
     activations. Sub-tiles, not one bigger tile: Triton loads a scale tile of at least one element per
     thread in its own layout and converts it (shared memory, two barriers per step); smaller scale tiles
     are loaded straight in the layout the words use. Needs KW % BLOCK_KW == 0, BLOCK_KW % (STRIPE/8) == 0,
-    and GROUP/8 and BLOCK_KW powers of two."""
+    and GROUP/8 and BLOCK_KW powers of two.
+
+    ``PDL`` (opt-in, ``cfg["PDL"]``; a programmatic dependent launch, Hopper): the program starts while the
+    previous kernel finishes, requests its first weight tiles, and only then waits for that kernel
+    (``gdc_wait``) before touching anything an earlier kernel writes (activations, bias, split-K workspace
+    and counters). The weights, scales and zero points are never written by the kernels of a forward pass.
+    Measured on the H100 (h100-gemv3-pdl.json): -0.5 to +1.0 us per GEMV after a plain kernel, and a decode
+    step 4% slower, so it is off by default."""
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     WPS: tl.constexpr = STRIPE // 8                        # words per stripe block
@@ -186,6 +193,8 @@ def w4a16_gemv3_kernel(x_ptr, w_ptr, s_ptr, z_ptr, bias_ptr, out_ptr, ws_ptr, cn
         if SUB > 2:
             q2, sc2, zp2 = _gemv3_load(w2, s2, z2, k_start, GROUP, HAS_ZERO, WSTEP)
             q3, sc3, zp3 = _gemv3_load(w3, s3, z3, k_start, GROUP, HAS_ZERO, WSTEP)
+    if PDL:
+        tl.extra.cuda.gdc_wait()
     for kw0 in tl.range(k_start, k_end, BLOCK_KW, num_stages=STAGES):
         if PREFETCH:   # the next step's tiles are requested before this step's arithmetic; the last step
             # re-reads its own tile instead of running past the split
@@ -309,9 +318,17 @@ def w4a16_gemv3(x2: torch.Tensor, w: StripedWeight, bias: torch.Tensor | None = 
     out = torch.empty((1, n), dtype=x2.dtype, device=x2.device)
     ws = torch.empty((split, 1, n) if split > 1 else (1,), dtype=torch.float32, device=x2.device)
     dummy = w.scales
+    # opt-in: measured no faster in a decode step (benchmarks/pdl_gemv.py; the kernels before it do not trigger early)
+    pdl = cfg.pop("PDL", False) and pdl_ok(x2.device)
+    launch = {"launch_pdl": True} if pdl else {}
     w4a16_gemv3_kernel[(grid_n, split)](
         x2, w.words if tiled is None else tiled, w.scales, dummy if w.zeros is None else w.zeros,
         dummy if bias is None else bias, out, ws, split_k_counters(x2.device), n, kw, k // w.group_size, split,
         GROUP=w.group_size, STRIPE=w.stripe, HAS_ZERO=w.zeros is not None, HAS_BIAS=bias is not None,
-        EVEN_N=n % cfg["BLOCK_N"] == 0, TILED=tiled is not None, ASM=not INTERPRETING, **cfg)
+        EVEN_N=n % cfg["BLOCK_N"] == 0, TILED=tiled is not None, ASM=not INTERPRETING, PDL=pdl, **cfg, **launch)
     return out
+
+
+def pdl_ok(device: torch.device) -> bool:
+    """Programmatic dependent launch: compiled kernels on Hopper or newer (not the interpreter)."""
+    return device.type == "cuda" and not INTERPRETING and torch.cuda.get_device_capability(device)[0] >= 9

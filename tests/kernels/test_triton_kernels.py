@@ -113,6 +113,31 @@ def test_w4a16_gemv3_matches_reference(n, k, group, symmetric, bias, cfg):
     assert int(T4.split_k_counters(x.device).abs().sum()) == 0
 
 
+@pytest.mark.skipif(DEVICE != "cuda", reason="programmatic dependent launch and CUDA graphs need a GPU")
+@pytest.mark.parametrize("pdl", [True, False])
+def test_w4a16_gemv3_pdl_waits_for_the_kernel_writing_its_input(pdl):
+    """Launched as a dependent launch right after the kernels that write x (and re-zero the output of the
+    previous replay), inside a CUDA graph: every replay must see this replay's x."""
+    n, k = 4096, 4096
+    packed, scales, _ = make_w4(n, k, 128, True)
+    w = T4.StripedWeight(packed, scales, None, 128)
+    cfg = dict(G3.gemv3_config(n, k, w.stripe, torch.cuda.get_device_properties(0).multi_processor_count),
+               PDL=pdl)
+    src = torch.randn(8, 1, k, device=DEVICE).to(torch.bfloat16)
+    i = torch.zeros((), dtype=torch.long, device=DEVICE)
+    x = torch.empty(1, k, device=DEVICE, dtype=torch.bfloat16)
+    G3.w4a16_gemv3(x.copy_(src[0]), w, None, dict(cfg))        # compile and build the tiled layout
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        x.copy_(torch.index_select(src, 0, i.view(1))[0] * 2.0)   # kernels that write x right before the GEMV
+        out = G3.w4a16_gemv3(x, w, None, dict(cfg))
+    for step in range(8):
+        i.fill_(step)
+        graph.replay()
+        ref = R.w4a16_linear(src[step] * 2.0, packed, scales, None, 128)
+        assert rel_err(out, ref) < REL_TOL, step
+
+
 def test_w4a16_gemv3_tiled_layout_is_a_permutation():
     words = torch.arange(40 * 24, dtype=torch.int32).reshape(40, 24)
     t = G3.tile_words(words, 16, 8)                       # N padded 40 -> 48 with zero words
