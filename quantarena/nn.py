@@ -145,6 +145,14 @@ class W8A8Linear(QuantLinearBase):
         return ops.w8a8_linear(x, self.weight, self.weight_scale, self.input_scale, self.smooth_scale, self.bias,
                                self.hadamard)
 
+    def forward_silu_mul(self, gate_up: torch.Tensor) -> torch.Tensor:
+        """``self(silu(gate) * up)`` for ``gate_up = [gate | up]``, the SiLU-mul fused into the activation
+        quantization (float32, not rounded to the activation dtype first)."""
+        if self.hadamard is not None:  # the online rotation has no fused kernel
+            return self(reference.silu_mul(gate_up).to(gate_up.dtype))
+        return ops.w8a8_silu_mul_linear(gate_up, self.weight, self.weight_scale, self.input_scale,
+                                        self.smooth_scale, self.bias)
+
     def extra_repr(self) -> str:
         return super().extra_repr() + f", static={self.static}" + (f", rotation={self.rotation}" if self.rotation else "")
 
@@ -170,6 +178,10 @@ class FP8Linear(QuantLinearBase):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return ops.fp8_linear(x, self.weight, self.weight_scale, self.bias)
+
+    def forward_silu_mul(self, gate_up: torch.Tensor) -> torch.Tensor:
+        """``self(silu(gate) * up)`` for ``gate_up = [gate | up]``, fused as in :class:`W8A8Linear`."""
+        return ops.fp8_silu_mul_linear(gate_up, self.weight, self.weight_scale, self.bias)
 
 
 QUANT_LINEARS = (BF16Linear, W4A16Linear, W8A8Linear, FP8Linear)

@@ -102,6 +102,8 @@ class Block(nn.Module):
             attn = F.scaled_dot_product_attention(q, k_cache, v_cache, attn_mask=mask, enable_gqa=True)
         x = x + self.o(attn.transpose(1, 2).reshape(b, t, -1))
         y = rms_norm(x, self.norm2)
+        if self.fuse and hasattr(self.down, "forward_silu_mul"):  # 8-bit: SiLU-mul inside the activation quant
+            return x + self.down.forward_silu_mul(self.gate_up(y))
         gate, up = self.gate_up(y).chunk(2, -1) if self.fuse else (self.gate(y), self.up(y))
         return x + self.down(F.silu(gate) * up)
 
@@ -165,13 +167,16 @@ def _run_block(block: Block, x, cos, sin, k_cache, v_cache, pos, mask, length):
 @contextlib.contextmanager
 def reference_kernels():
     """Route the quantized modules through the torch reference kernels (for the output check)."""
-    saved = ops.w4a16_linear, ops.w8a8_linear, ops.fp8_linear
+    names = ("w4a16_linear", "w8a8_linear", "fp8_linear", "w8a8_silu_mul_linear", "fp8_silu_mul_linear")
+    saved = {name: getattr(ops, name) for name in names}
+    for name in names[1:]:
+        setattr(ops, name, getattr(reference, name))
     ops.w4a16_linear = lambda x, *a, path=None, **k: reference.w4a16_linear(x, *a, **k)
-    ops.w8a8_linear, ops.fp8_linear = reference.w8a8_linear, reference.fp8_linear
     try:
         yield
     finally:
-        ops.w4a16_linear, ops.w8a8_linear, ops.fp8_linear = saved
+        for name, fn in saved.items():
+            setattr(ops, name, fn)
 
 
 @dataclass

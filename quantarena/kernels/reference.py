@@ -110,6 +110,24 @@ def fp8_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor
     return out.to(x.dtype).reshape(*shape[:-1], weight.shape[0])
 
 
+def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
+    """silu(gate) * up in float32 for gate_up = [gate | up] along the last dim (what the gated
+    activation-quant kernel quantizes: no rounding to the activation dtype in between)."""
+    gate, up = gate_up.float().chunk(2, -1)
+    return torch.nn.functional.silu(gate) * up
+
+
+def w8a8_silu_mul_linear(gate_up: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
+                         input_scale: torch.Tensor | None = None, smooth: torch.Tensor | None = None,
+                         bias: torch.Tensor | None = None) -> torch.Tensor:
+    return w8a8_linear(silu_mul(gate_up), weight, weight_scale, input_scale, smooth, bias).to(gate_up.dtype)
+
+
+def fp8_silu_mul_linear(gate_up: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
+                        bias: torch.Tensor | None = None) -> torch.Tensor:
+    return fp8_linear(silu_mul(gate_up), weight, weight_scale, bias).to(gate_up.dtype)
+
+
 def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, length: torch.Tensor,
                      scale: float | None = None) -> torch.Tensor:
     """One decode step's attention: q [B, Hq, D] over cache positions ``< length`` of k/v [B, Hkv, L, D].

@@ -23,8 +23,12 @@ def _rint(y):
 
 
 @triton.jit
-def _load_row(x_row, smooth_ptr, k, K, HAS_SMOOTH: tl.constexpr):
+def _load_row(x_row, smooth_ptr, k, K, HAS_SMOOTH: tl.constexpr, GATED: tl.constexpr = False):
+    """The row's activations in float32; GATED: the row holds [gate | up] (2K wide), x = silu(gate) * up."""
     x = tl.load(x_row + k, mask=k < K, other=0.0).to(tl.float32)
+    if GATED:
+        up = tl.load(x_row + K + k, mask=k < K, other=0.0).to(tl.float32)
+        x = x * tl.sigmoid(x) * up
     if HAS_SMOOTH:
         x = tl.math.div_rn(x, tl.load(smooth_ptr + k, mask=k < K, other=1.0))
     return x
@@ -42,14 +46,14 @@ def _store_codes(y, q_ptr, row, stride_qm, k, K, FP8: tl.constexpr, QMAX: tl.con
 @triton.jit
 def act_quant_kernel(x_ptr, smooth_ptr, q_ptr, scale_ptr, static_scale_ptr, K, stride_xm, stride_qm,
                      HAS_SMOOTH: tl.constexpr, STATIC: tl.constexpr, FP8: tl.constexpr,
-                     QMAX: tl.constexpr, BLOCK_K: tl.constexpr):
+                     QMAX: tl.constexpr, BLOCK_K: tl.constexpr, GATED: tl.constexpr = False):
     """q[row] = round(x[row] / smooth / scale[row]); scale = absmax / QMAX (dynamic) or the static scale.
     When BLOCK_K >= K the row is read once and kept in registers; otherwise twice (absmax, then codes)."""
     row = tl.program_id(0)
     x_row = x_ptr + row * stride_xm
     if BLOCK_K >= K:
         k = tl.arange(0, BLOCK_K)
-        x = _load_row(x_row, smooth_ptr, k, K, HAS_SMOOTH)
+        x = _load_row(x_row, smooth_ptr, k, K, HAS_SMOOTH, GATED)
         if STATIC:
             scale = tl.load(static_scale_ptr).to(tl.float32)
         else:
@@ -62,22 +66,29 @@ def act_quant_kernel(x_ptr, smooth_ptr, q_ptr, scale_ptr, static_scale_ptr, K, s
         else:
             absmax = tl.zeros((BLOCK_K,), dtype=tl.float32)
             for k0 in range(0, K, BLOCK_K):
-                x = _load_row(x_row, smooth_ptr, k0 + tl.arange(0, BLOCK_K), K, HAS_SMOOTH)
+                x = _load_row(x_row, smooth_ptr, k0 + tl.arange(0, BLOCK_K), K, HAS_SMOOTH, GATED)
                 absmax = tl.maximum(absmax, tl.abs(x))
             scale = tl.math.div_rn(tl.maximum(tl.max(absmax, axis=0), 1e-12), QMAX)
             tl.store(scale_ptr + row, scale)
         for k0 in range(0, K, BLOCK_K):
             k = k0 + tl.arange(0, BLOCK_K)
-            y = tl.math.div_rn(_load_row(x_row, smooth_ptr, k, K, HAS_SMOOTH), scale + tl.zeros_like(k).to(tl.float32))
+            x = _load_row(x_row, smooth_ptr, k, K, HAS_SMOOTH, GATED)
+            y = tl.math.div_rn(x, scale + tl.zeros_like(k).to(tl.float32))
             _store_codes(y, q_ptr, row, stride_qm, k, K, FP8, QMAX)
 
 
 def act_quant(x2: torch.Tensor, fp8: bool = False, input_scale: torch.Tensor | None = None,
-              smooth: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+              smooth: torch.Tensor | None = None, gated: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """x2 [M, K] -> (codes int8 or float8_e4m3fn [M, K], float32 scale [M, 1]).
 
-    ``input_scale`` (per-tensor, static) skips the absmax pass; ``smooth`` [K] divides x first."""
+    ``input_scale`` (per-tensor, static) skips the absmax pass; ``smooth`` [K] divides x first.
+    ``gated``: x2 is [M, 2K] = [gate | up] and the codes are those of silu(gate) * up, computed in float32
+    in the kernel (an MLP's SiLU-mul fused into the down projection's activation quantization)."""
     m, k = x2.shape
+    if gated:
+        if k % 2:
+            raise ValueError(f"a gated activation needs an even width [gate | up], got {k}")
+        k //= 2
     q = torch.empty((m, k), dtype=torch.float8_e4m3fn if fp8 else torch.int8, device=x2.device)
     if input_scale is not None:
         static = input_scale.float().reshape(1).contiguous()
@@ -92,5 +103,5 @@ def act_quant(x2: torch.Tensor, fp8: bool = False, input_scale: torch.Tensor | N
     act_quant_kernel[(m,)](x2, smooth if smooth is not None else x2, q, scale,
                            static if static is not None else scale, k, x2.stride(0), q.stride(0),
                            HAS_SMOOTH=smooth is not None, STATIC=static is not None, FP8=fp8,
-                           QMAX=448.0 if fp8 else 127.0, BLOCK_K=block_k, num_warps=warps)
+                           QMAX=448.0 if fp8 else 127.0, BLOCK_K=block_k, GATED=gated, num_warps=warps)
     return q, scale

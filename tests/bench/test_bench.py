@@ -27,9 +27,11 @@ def test_fused_linears_compute_the_same_block():
     assert torch.equal(a, b)
 
 
-@pytest.mark.parametrize("scheme,attention", [(s, "quantarena") for s in decode.SCHEMES] + [("bf16", "sdpa")])
-def test_decode_step_matches_a_full_prefill(scheme, attention):
-    model = decode.LeanLlama("tiny", scheme, device="cpu", max_len=32, attention=attention)
+@pytest.mark.parametrize("scheme,attention,fuse", [(s, "quantarena", False) for s in decode.SCHEMES]
+                         + [("bf16", "sdpa", False), ("w8a8-int8", "quantarena", True), ("fp8", "quantarena", True)])
+def test_decode_step_matches_a_full_prefill(scheme, attention, fuse):
+    """fuse with 8-bit schemes: the down projection takes [gate | up] (SiLU-mul inside its activation quant)."""
+    model = decode.LeanLlama("tiny", scheme, device="cpu", max_len=32, attention=attention, fuse=fuse)
     run = decode.DecodeRun(model, 2, 8)
     with torch.no_grad():
         run.prefill()
