@@ -19,6 +19,11 @@ Under ``torch.compile`` the activation quantization is written in torch ops (the
 GEMM is a custom op (``quantarena::a8w8_gemm``), so inductor fuses the quantization into the kernel that
 produces the activations (RMSNorm, SiLU-mul) instead of launching it separately. Its float32 division is
 inductor's, not correctly rounded: a code can differ by one where x / scale falls within an ulp of a .5.
+``w8a8_silu_mul_linear`` / ``fp8_silu_mul_linear`` take an MLP's ``[gate | up]`` and quantize silu(gate) * up
+in the act-quant kernel itself (``quantarena::a8w8_silu_mul_linear``), one launch where inductor makes three.
+
+``decode_attention``: one decode step's attention over the valid positions of a static KV cache, the split-KV
+kernels of :mod:`.triton_decode_attention` (``quantarena::decode_attention``).
 
 The kernel-layout copy of each W4A16 weight is built once, on first use, and kept while the canonical tensor lives (keyed on the tensor
 object, dropped with it). Build it before CUDA-graph capture: run the layer once first, as every

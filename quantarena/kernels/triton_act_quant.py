@@ -8,9 +8,12 @@ correctly rounded division, so int8 codes and scales match it bit for bit.
 """
 from __future__ import annotations
 
+import os
+
 import torch
 import triton
 import triton.language as tl
+from triton.language.extra import libdevice
 
 TINY = 1e-12  # the absmax floor of quantarena.primitives
 MAX_ONE_PASS = 32768  # rows up to this many (padded) elements are read once and kept in registers
@@ -23,12 +26,17 @@ def _rint(y):
 
 
 @triton.jit
-def _load_row(x_row, smooth_ptr, k, K, HAS_SMOOTH: tl.constexpr, GATED: tl.constexpr = False):
+def _load_row(x_row, smooth_ptr, k, K, HAS_SMOOTH: tl.constexpr, GATED: tl.constexpr = False,
+              LIBDEVICE: tl.constexpr = True):
     """The row's activations in float32; GATED: the row holds [gate | up] (2K wide), x = silu(gate) * up."""
     x = tl.load(x_row + k, mask=k < K, other=0.0).to(tl.float32)
-    if GATED:
+    if GATED:  # torch's float32 silu, x / (1 + exp(-x)): the same expf (libdevice) and a correctly rounded divide
         up = tl.load(x_row + K + k, mask=k < K, other=0.0).to(tl.float32)
-        x = x * tl.sigmoid(x) * up
+        if LIBDEVICE:
+            e = libdevice.exp(-x)
+        else:  # the interpreter has no libdevice
+            e = tl.exp(-x)
+        x = tl.math.div_rn(x, 1.0 + e) * up
     if HAS_SMOOTH:
         x = tl.math.div_rn(x, tl.load(smooth_ptr + k, mask=k < K, other=1.0))
     return x
@@ -46,14 +54,15 @@ def _store_codes(y, q_ptr, row, stride_qm, k, K, FP8: tl.constexpr, QMAX: tl.con
 @triton.jit
 def act_quant_kernel(x_ptr, smooth_ptr, q_ptr, scale_ptr, static_scale_ptr, K, stride_xm, stride_qm,
                      HAS_SMOOTH: tl.constexpr, STATIC: tl.constexpr, FP8: tl.constexpr,
-                     QMAX: tl.constexpr, BLOCK_K: tl.constexpr, GATED: tl.constexpr = False):
+                     QMAX: tl.constexpr, BLOCK_K: tl.constexpr, GATED: tl.constexpr = False,
+                     LIBDEVICE: tl.constexpr = True):
     """q[row] = round(x[row] / smooth / scale[row]); scale = absmax / QMAX (dynamic) or the static scale.
     When BLOCK_K >= K the row is read once and kept in registers; otherwise twice (absmax, then codes)."""
     row = tl.program_id(0)
     x_row = x_ptr + row * stride_xm
     if BLOCK_K >= K:
         k = tl.arange(0, BLOCK_K)
-        x = _load_row(x_row, smooth_ptr, k, K, HAS_SMOOTH, GATED)
+        x = _load_row(x_row, smooth_ptr, k, K, HAS_SMOOTH, GATED, LIBDEVICE)
         if STATIC:
             scale = tl.load(static_scale_ptr).to(tl.float32)
         else:
@@ -66,13 +75,13 @@ def act_quant_kernel(x_ptr, smooth_ptr, q_ptr, scale_ptr, static_scale_ptr, K, s
         else:
             absmax = tl.zeros((BLOCK_K,), dtype=tl.float32)
             for k0 in range(0, K, BLOCK_K):
-                x = _load_row(x_row, smooth_ptr, k0 + tl.arange(0, BLOCK_K), K, HAS_SMOOTH, GATED)
+                x = _load_row(x_row, smooth_ptr, k0 + tl.arange(0, BLOCK_K), K, HAS_SMOOTH, GATED, LIBDEVICE)
                 absmax = tl.maximum(absmax, tl.abs(x))
             scale = tl.math.div_rn(tl.maximum(tl.max(absmax, axis=0), 1e-12), QMAX)
             tl.store(scale_ptr + row, scale)
         for k0 in range(0, K, BLOCK_K):
             k = k0 + tl.arange(0, BLOCK_K)
-            x = _load_row(x_row, smooth_ptr, k, K, HAS_SMOOTH, GATED)
+            x = _load_row(x_row, smooth_ptr, k, K, HAS_SMOOTH, GATED, LIBDEVICE)
             y = tl.math.div_rn(x, scale + tl.zeros_like(k).to(tl.float32))
             _store_codes(y, q_ptr, row, stride_qm, k, K, FP8, QMAX)
 
@@ -83,7 +92,8 @@ def act_quant(x2: torch.Tensor, fp8: bool = False, input_scale: torch.Tensor | N
 
     ``input_scale`` (per-tensor, static) skips the absmax pass; ``smooth`` [K] divides x first.
     ``gated``: x2 is [M, 2K] = [gate | up] and the codes are those of silu(gate) * up, computed in float32
-    in the kernel (an MLP's SiLU-mul fused into the down projection's activation quantization)."""
+    in the kernel (an MLP's SiLU-mul fused into the down projection's activation quantization), with the
+    arithmetic of torch's CUDA silu so that the int8 codes equal the reference's."""
     m, k = x2.shape
     if gated:
         if k % 2:
@@ -103,5 +113,6 @@ def act_quant(x2: torch.Tensor, fp8: bool = False, input_scale: torch.Tensor | N
     act_quant_kernel[(m,)](x2, smooth if smooth is not None else x2, q, scale,
                            static if static is not None else scale, k, x2.stride(0), q.stride(0),
                            HAS_SMOOTH=smooth is not None, STATIC=static is not None, FP8=fp8,
-                           QMAX=448.0 if fp8 else 127.0, BLOCK_K=block_k, GATED=gated, num_warps=warps)
+                           QMAX=448.0 if fp8 else 127.0, BLOCK_K=block_k, GATED=gated,
+                           LIBDEVICE=os.environ.get("TRITON_INTERPRET", "0") != "1", num_warps=warps)
     return q, scale
