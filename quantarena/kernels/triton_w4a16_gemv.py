@@ -111,6 +111,23 @@ def _gemv3_load(w_tile, s_tile, z_tile, kw, GROUP: tl.constexpr, HAS_ZERO: tl.co
 
 
 @triton.jit
+def _gemv3_load_sub(w0, w1, w2, w3, s0, s1, s2, s3, z0, z1, z2, z3, kw, GROUP: tl.constexpr,
+                    HAS_ZERO: tl.constexpr, WSTEP: tl.constexpr, SUB: tl.constexpr):
+    """The step's tiles of the SUB sub-tiles (words, scales, zero points each); sub-tiles past SUB repeat
+    sub-tile 0's values, loaded once, and are never used."""
+    q0, sc0, zp0 = _gemv3_load(w0, s0, z0, kw, GROUP, HAS_ZERO, WSTEP)
+    q1, sc1, zp1 = q0, sc0, zp0
+    q2, sc2, zp2 = q0, sc0, zp0
+    q3, sc3, zp3 = q0, sc0, zp0
+    if SUB > 1:
+        q1, sc1, zp1 = _gemv3_load(w1, s1, z1, kw, GROUP, HAS_ZERO, WSTEP)
+    if SUB > 2:
+        q2, sc2, zp2 = _gemv3_load(w2, s2, z2, kw, GROUP, HAS_ZERO, WSTEP)
+        q3, sc3, zp3 = _gemv3_load(w3, s3, z3, kw, GROUP, HAS_ZERO, WSTEP)
+    return q0, sc0, zp0, q1, sc1, zp1, q2, sc2, zp2, q3, sc3, zp3
+
+
+@triton.jit
 def _gemv3_finish(acc, ws_ptr, cnt_ptr, bias_ptr, out_ptr, rn, N, pid_k, tile, SPLIT_K, HAS_BIAS: tl.constexpr):
     part = tl.sum(tl.sum(acc, axis=2), axis=1)[None, :] * 128.0           # [1, BN]
     _split_k_finish(part, ws_ptr, cnt_ptr, bias_ptr, out_ptr, tl.arange(0, 1), rn, 1, N, N, pid_k, tile,
@@ -187,31 +204,19 @@ def w4a16_gemv3_kernel(x_ptr, w_ptr, s_ptr, z_ptr, bias_ptr, out_ptr, ws_ptr, cn
     acc2 = tl.zeros((BNS, NG, WPGT), dtype=tl.float32)
     acc3 = tl.zeros((BNS, NG, WPGT), dtype=tl.float32)
     if PREFETCH:   # the first step's tiles, before the loop
-        q0, sc0, zp0 = _gemv3_load(w0, s0, z0, k_start, GROUP, HAS_ZERO, WSTEP)
-        if SUB > 1:
-            q1, sc1, zp1 = _gemv3_load(w1, s1, z1, k_start, GROUP, HAS_ZERO, WSTEP)
-        if SUB > 2:
-            q2, sc2, zp2 = _gemv3_load(w2, s2, z2, k_start, GROUP, HAS_ZERO, WSTEP)
-            q3, sc3, zp3 = _gemv3_load(w3, s3, z3, k_start, GROUP, HAS_ZERO, WSTEP)
+        q0, sc0, zp0, q1, sc1, zp1, q2, sc2, zp2, q3, sc3, zp3 = _gemv3_load_sub(
+            w0, w1, w2, w3, s0, s1, s2, s3, z0, z1, z2, z3, k_start, GROUP, HAS_ZERO, WSTEP, SUB)
     if PDL:
         tl.extra.cuda.gdc_wait()
     for kw0 in tl.range(k_start, k_end, BLOCK_KW, num_stages=STAGES):
         if PREFETCH:   # the next step's tiles are requested before this step's arithmetic; the last step
             # re-reads its own tile instead of running past the split
             nxt = tl.minimum(kw0 + BLOCK_KW, k_end - BLOCK_KW)
-            n0, ns0, nz0 = _gemv3_load(w0, s0, z0, nxt, GROUP, HAS_ZERO, WSTEP)
-            if SUB > 1:
-                n1, ns1, nz1 = _gemv3_load(w1, s1, z1, nxt, GROUP, HAS_ZERO, WSTEP)
-            if SUB > 2:
-                n2, ns2, nz2 = _gemv3_load(w2, s2, z2, nxt, GROUP, HAS_ZERO, WSTEP)
-                n3, ns3, nz3 = _gemv3_load(w3, s3, z3, nxt, GROUP, HAS_ZERO, WSTEP)
+            n0, ns0, nz0, n1, ns1, nz1, n2, ns2, nz2, n3, ns3, nz3 = _gemv3_load_sub(
+                w0, w1, w2, w3, s0, s1, s2, s3, z0, z1, z2, z3, nxt, GROUP, HAS_ZERO, WSTEP, SUB)
         else:
-            q0, sc0, zp0 = _gemv3_load(w0, s0, z0, kw0, GROUP, HAS_ZERO, WSTEP)
-            if SUB > 1:
-                q1, sc1, zp1 = _gemv3_load(w1, s1, z1, kw0, GROUP, HAS_ZERO, WSTEP)
-            if SUB > 2:
-                q2, sc2, zp2 = _gemv3_load(w2, s2, z2, kw0, GROUP, HAS_ZERO, WSTEP)
-                q3, sc3, zp3 = _gemv3_load(w3, s3, z3, kw0, GROUP, HAS_ZERO, WSTEP)
+            q0, sc0, zp0, q1, sc1, zp1, q2, sc2, zp2, q3, sc3, zp3 = _gemv3_load_sub(
+                w0, w1, w2, w3, s0, s1, s2, s3, z0, z1, z2, z3, kw0, GROUP, HAS_ZERO, WSTEP, SUB)
         xs = _gemv3_x(x_ptr + kw0 * 8, xoff, WPS)
         acc0 = _gemv3_tile(acc0, q0, sc0, zp0, xs, HAS_ZERO, ASM)
         if SUB > 1:
