@@ -8,12 +8,12 @@ correctly rounded division, so int8 codes and scales match it bit for bit.
 """
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
 from triton.language.extra import libdevice
+
+from .triton_w4a16 import INTERPRETING
 
 TINY = 1e-12  # the absmax floor of quantarena.primitives
 MAX_ONE_PASS = 32768  # rows up to this many (padded) elements are read once and kept in registers
@@ -114,5 +114,5 @@ def act_quant(x2: torch.Tensor, fp8: bool = False, input_scale: torch.Tensor | N
                            static if static is not None else scale, k, x2.stride(0), q.stride(0),
                            HAS_SMOOTH=smooth is not None, STATIC=static is not None, FP8=fp8,
                            QMAX=448.0 if fp8 else 127.0, BLOCK_K=block_k, GATED=gated,
-                           LIBDEVICE=os.environ.get("TRITON_INTERPRET", "0") != "1", num_warps=warps)
+                           LIBDEVICE=not INTERPRETING, num_warps=warps)
     return q, scale
