@@ -61,11 +61,8 @@ def summarize(table: dict, step_ms: float) -> dict:
 def profile(model, batch: int, prompt_len: int, steps: int) -> tuple[dict, dict]:
     run = decode.DecodeRun(model, batch, prompt_len)
     run.prefill()
-    graph = run.capture()
-    run.prefill()
-    graph.replay()
-    run.prefill()
-    step_ms = decode._events_ms(graph.replay, steps) / steps
+    graph, total_ms = run.timed_graph(steps)
+    step_ms = total_ms / steps
     run.prefill()
     torch.cuda.synchronize()
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:

@@ -221,6 +221,15 @@ class DecodeRun:
         self.pos.fill_(self.prompt_len)
         return graph
 
+    def timed_graph(self, steps: int) -> tuple[torch.cuda.CUDAGraph, float]:
+        """Capture the decode step, upload it, and time ``steps`` replays after a fresh prefill: (graph,
+        total ms). The cache and position are left after those steps; prefill again to start over."""
+        graph = self.capture()
+        self.prefill()
+        graph.replay()  # upload
+        self.prefill()
+        return graph, _events_ms(graph.replay, steps)
+
 
 def _events_ms(fn, reps: int = 1) -> float:
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -274,11 +283,7 @@ def bench_scheme(shape: str, scheme: str, batches: list[int], prompt_len: int, g
             run = DecodeRun(model, batch, prompt_len)
             run.prefill()  # warm-up (kernels, weight layouts)
             prefill_ms = _events_ms(run.prefill)
-            graph = run.capture()
-            run.prefill()
-            graph.replay()  # upload
-            run.prefill()
-            decode_ms = _events_ms(graph.replay, gen_len)
+            graph, decode_ms = run.timed_graph(gen_len)
         ms_tok = decode_ms / gen_len
         rows.append({"scheme": scheme, "batch": batch, "decode_tok_s": round(batch * 1000.0 / ms_tok, 1),
                      "prefill_tok_s": round(batch * prompt_len * 1000.0 / prefill_ms, 1),
