@@ -16,7 +16,6 @@ import time
 import torch
 import torch.nn.functional as F
 
-from quantarena import primitives as P
 from quantarena.bench import kernels as BK
 from quantarena.bench.timing import L2Flush, time_fn
 from quantarena.kernels import ops, reference as R, triton_w4a16 as T4, triton_w4a16_gemv as G3
@@ -42,13 +41,8 @@ def correctness() -> list[dict]:
                                      (200, 1024, 32, False, True), (1000, 4096, 128, True, True),
                                      (96, 2048, 256, False, False), (4096, 14336, 128, True, False),
                                      (1024, 8192, 128, False, True)]:
-        gen = torch.Generator().manual_seed(n + k)
-        w = torch.randn(n, k, generator=gen)
-        q, s, z = P.quantize_int4(w, group, sym)
-        packed, s = P.pack_int4(q).cuda(), s.to(torch.bfloat16).cuda()
-        z = None if sym else z.cuda()
+        packed, s, z, sw = BK.random_w4(n, k, group, sym, seed=n + k)
         b = torch.randn(n, device="cuda").to(torch.bfloat16) if bias else None
-        sw = T4.StripedWeight(packed, s, z, group)
         x = torch.randn(1, k, device="cuda").to(torch.bfloat16)
         ref = R.w4a16_linear(x, packed, s, z, group, b).float()
         worst = 0.0

@@ -20,7 +20,6 @@ import time
 import torch
 import torch.nn.functional as F
 
-from quantarena import primitives as P
 from quantarena.bench import kernels as BK
 from quantarena.bench.timing import L2Flush, time_fn
 from quantarena.kernels import ops, reference as R, triton_w4a16 as T4, triton_w4a16_tc as TC
@@ -48,12 +47,8 @@ def correctness():
     for (m, n, k, group, sym, bias) in [(1, 40, 384, 128, True, False), (3, 33, 256, 64, False, True),
                                         (7, 200, 1024, 32, False, True), (16, 1000, 4096, 128, True, True),
                                         (45, 96, 2048, 128, False, False), (130, 4096, 14336, 128, True, False)]:
-        gen = torch.Generator().manual_seed(m * 7 + n)
-        q, s, z = P.quantize_int4(torch.randn(n, k, generator=gen), group, sym)
-        packed, s = P.pack_int4(q).cuda(), s.to(torch.bfloat16).cuda()
-        z = None if sym else z.cuda()
+        packed, s, z, sw = BK.random_w4(n, k, group, sym, seed=m * 7 + n)
         b = torch.randn(n, device="cuda").to(torch.bfloat16) if bias else None
-        sw = T4.StripedWeight(packed, s, z, group)
         x = torch.randn(m, k, device="cuda").to(torch.bfloat16)
         ref = R.w4a16_linear(x, packed, s, z, group, b)
         for unpack, split, bk in itertools.product((1, 2), (1, 3), sorted({32, min(64, group)})):

@@ -68,15 +68,13 @@ if __name__ == "__main__":
     out = os.path.join(os.path.dirname(__file__), "..", "quantarena", "kernels", "tuned_w4a16.py")
     if args and args[-1].endswith(".py"):
         out = args.pop()
+    from w8a8_tuned_table import merge  # a later run's rows replace earlier rows of every (M, N, K) it measured
+
     results = []
     for src in args:
         with open(src) as f:
             results.append(json.load(f))
-    rows: list[dict] = []
-    for result in results:  # a later run's rows replace earlier rows of every (M, N, K) it measured
-        shapes = {(r["M"], r["N"], r["K"]) for r in result["rows"]}
-        rows = [r for r in rows if (r["M"], r["N"], r["K"]) not in shapes] + result["rows"]
-    text = build(dict(results[-1], rows=rows), " + ".join(os.path.basename(p) for p in args))
+    text = build(merge(results), " + ".join(os.path.basename(p) for p in args))
     with open(out, "w") as f:
         f.write(text)
     print(f"wrote {out}")

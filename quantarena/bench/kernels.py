@@ -48,6 +48,17 @@ class Layer:
     extra: dict = field(default_factory=dict)
 
 
+def random_w4(n: int, k: int, group: int, symmetric: bool, seed: int, device: str = "cuda"):
+    """A random N x K weight (CPU generator ``seed``) as W4A16 ``(packed codes, bf16 scales, zero points or
+    None)`` on ``device``, and the StripedWeight the kernels read: the tune scripts' correctness inputs."""
+    from ..kernels import triton_w4a16 as T4
+
+    q, s, z = P.quantize_int4(torch.randn(n, k, generator=torch.Generator().manual_seed(seed)), group, symmetric)
+    packed, s = P.pack_int4(q).to(device), s.to(torch.bfloat16).to(device)
+    z = None if symmetric else z.to(device)
+    return packed, s, z, T4.StripedWeight(packed, s, z, group)
+
+
 def make_layer(k: int, n: int, device: str = "cuda") -> Layer:
     w = torch.randn(n, k, device=device, dtype=torch.bfloat16) * 0.02
     q, s, _ = P.quantize_int4(w, GROUP, True)
