@@ -51,11 +51,13 @@ def correctness():
         b = torch.randn(n, device="cuda").to(torch.bfloat16) if bias else None
         x = torch.randn(m, k, device="cuda").to(torch.bfloat16)
         ref = R.w4a16_linear(x, packed, s, z, group, b)
-        for unpack, split, bk in itertools.product((1, 2), (1, 3), sorted({32, min(64, group)})):
-            poison = torch.full((m * n * 2,), float("nan"), device="cuda", dtype=torch.bfloat16)
+        for (unpack, scale_w, tma), split, bk in itertools.product(
+                ((1, False, False), (2, False, False), (2, True, False), (1, True, False), (2, True, True),
+                 (2, False, True)), (1, 3), sorted({32, min(64, group)})):
+            poison = torch.full((m, n), float("nan"), device="cuda", dtype=torch.bfloat16)
             del poison
-            cfg = dict(BLOCK_M=block_m(m), BLOCK_N=64, BLOCK_K=bk, SPLIT_K=split, UNPACK=unpack, num_warps=4,
-                       num_stages=3)
+            cfg = dict(BLOCK_M=block_m(m), BLOCK_N=64, BLOCK_K=bk, SPLIT_K=split, UNPACK=unpack, SCALE_W=scale_w,
+                       TMA=tma, num_warps=4, num_stages=3)
             err = rel(TC.w4a16_tc(x, sw, b, cfg), ref)
             assert err < 8e-3, (m, n, k, group, sym, cfg, err)
         assert int(T4.split_k_counters(x.device).abs().sum()) == 0
@@ -82,21 +84,29 @@ except Exception as exc:
     traceback.print_exc()
     log("CORRECTNESS FAILED", exc)
 
-# ---- phase 2: tile search (TC_TOP="64x64x2x4x4,..." gives the phase-3 candidates and skips it)
-space = list(itertools.product((64, 128), (64, 128), (1, 2), (4, 8), (3, 4)))   # BN, BK, UNPACK, warps, stages
+def tile_cfg(bm, c, split):
+    """A tile tuple (BN, BK, UNPACK, warps, stages[, SCALE_W[, TMA]]) as the kernel's config."""
+    bn, bk, unpack, nw, ns = c[:5]
+    return dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=split, UNPACK=unpack,
+                SCALE_W=bool(c[5]) if len(c) > 5 else False, TMA=bool(c[6]) if len(c) > 6 else False,
+                num_warps=nw, num_stages=ns)
+
+
+# ---- phase 2: tile search (TC_TOP="64x64x2x4x4x1x1,..." gives the phase-3 candidates and skips it)
+# BN, BK, UNPACK, warps, stages, SCALE_W (the group scale folded into the bf16 weight before the dot), TMA
+space = list(itertools.product((64, 128), (64, 128), (2,), (4, 8), (3, 4), (0, 1), (0, 1)))
 score = {c: 0.0 for c in space}
 explore = [] if os.environ.get("TC_TOP") else [(4096, 14336), (14336, 4096)]
-for (k, n), m in itertools.product(explore, (16, 64)):
+explore_ms = [int(v) for v in os.environ.get("TC_EXPLORE_MS", "16,64").split(",")]
+for (k, n), m in itertools.product(explore, explore_ms):
     layer = BK.make_layer(k, n)
     sw = ops._prepared(layer.packed, layer.scales, None, BK.GROUP, None).striped
     x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
     bf16 = time_fn(lambda: F.linear(x, layer.w_bf16), flush, 15)
     res = {}
     for c in space:
-        bn, bk, unpack, nw, ns = c
-        split = T4._split_for(-(-m // block_m(m)) * (n // bn), k // bk, 2 * sms)
-        res[c] = time_cfg(x, sw, dict(BLOCK_M=block_m(m), BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=split, UNPACK=unpack,
-                                      num_warps=nw, num_stages=ns))
+        split = T4._split_for(-(-m // block_m(m)) * (n // c[0]), k // c[1], 2 * sms)
+        res[c] = time_cfg(x, sw, tile_cfg(block_m(m), c, split))
     best = min(res.values())
     for c, us in res.items():
         score[c] += min(us / best, 10.0)
@@ -107,7 +117,7 @@ for (k, n), m in itertools.product(explore, (16, 64)):
 top_cfgs = sorted(space, key=lambda c: score[c])[:4]
 if os.environ.get("TC_TOP"):
     top_cfgs = [tuple(int(v) for v in c.split("x")) for c in os.environ["TC_TOP"].split(",")]
-log("top configs (BN, BK, UNPACK, warps, stages)", top_cfgs)
+log("top configs (BN, BK, UNPACK, warps, stages, SCALE_W)", top_cfgs)
 
 # ---- phase 3: every shape and M, all W4A16 contenders
 rows, best_cfg = [], {}
@@ -135,18 +145,16 @@ for model in os.environ.get("TUNE_MODELS", "llama-3-8b,llama-3-70b").split(","):
                 rows.append(row)
             cands = []
             tiles = [(block_m(m),) + c for c in top_cfgs]
-            if m >= 128:
-                u = top_cfgs[0][2]
-                tiles = tiles[:2] + [(bm, bn, 64, u, nw, 3) for bm, bn, nw in
-                                     ((128, 64, 4), (128, 128, 8), (64, 128, 4), (128, 256, 8), (256, 64, 8))]
-            for bm, bn, bk, unpack, nw, ns in tiles:
-                for split in split_choices(m, n, k, bm, bn, bk):
-                    cfg = dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=split, UNPACK=unpack,
-                               num_warps=nw, num_stages=ns)
+            if m >= 128:   # compute-bound sizes: 128-row tiles, deeper K steps, the TMA / SCALE_W options
+                tiles = tiles + [(128, bn, bk, 2, nw, 3, sc, tma) for bn, bk, nw in
+                                 ((64, 128, 4), (128, 64, 8), (64, 64, 4)) for sc, tma in ((1, 1), (1, 0))]
+            for bm, *c in tiles:
+                for split in split_choices(m, n, k, bm, c[0], c[1]):
+                    cfg = tile_cfg(bm, c, split)
                     cands.append((time_cfg(x, sw, cfg), cfg))
             us, cfg = min(cands, key=lambda c: c[0])
             ref = R.w4a16_linear(x, layer.packed, layer.scales, None, BK.GROUP)
-            poison = torch.full((m * n * 2,), float("nan"), device="cuda", dtype=torch.bfloat16)
+            poison = torch.full((m, n), float("nan"), device="cuda", dtype=torch.bfloat16)
             del poison
             err = rel(TC.w4a16_tc(x, sw, None, cfg), ref)
             best_cfg[f"{m},{n},{k}"] = dict(cfg, us=round(us, 2))

@@ -37,7 +37,7 @@ def lookup(m: int, n: int | None, k: int | None) -> tuple[str, dict | None] | No
     return TABLE.get((bucket, n, k))
 '''
 
-KEEP = ("BLOCK_M", "BLOCK_N", "BLOCK_K", "SPLIT_K", "UNPACK", "num_warps", "num_stages")
+KEEP = ("BLOCK_M", "BLOCK_N", "BLOCK_K", "SPLIT_K", "UNPACK", "SCALE_W", "num_warps", "num_stages")
 
 
 def build(result: dict, source: str) -> str:
@@ -53,7 +53,7 @@ def build(result: dict, source: str) -> str:
         elif not (r["impl"] == "quantarena" and path == "gemv2"):
             continue
         key = (r["M"], r["N"], r["K"])
-        cfg = {k: r["config"][k] for k in KEEP} if path == "tc" else None
+        cfg = {k: r["config"][k] for k in KEEP if k in r["config"]} if path == "tc" else None
         if key not in best or r["us"] < best[key][0]:
             best[key] = (r["us"], path, cfg)
     buckets = sorted({k[0] for k in best})

@@ -8,6 +8,7 @@ the start event, so the GPU is busy while the host enqueues the replay: no host 
 from __future__ import annotations
 
 import statistics
+import time
 from typing import Callable
 
 import torch
@@ -53,9 +54,18 @@ def capture(fn: Callable[[], object], warmup: int = 2) -> torch.cuda.CUDAGraph:
     return graph
 
 
-def time_graph(graph: torch.cuda.CUDAGraph, flush: L2Flush | None, reps: int = 20) -> float:
-    """Median microseconds of one replay of ``graph`` (L2 flushed before each when ``flush`` is given)."""
+def time_graph(graph: torch.cuda.CUDAGraph, flush: L2Flush | None, reps: int = 20, warm_s: float = 0.005) -> float:
+    """Median microseconds of one replay of ``graph`` (L2 flushed before each when ``flush`` is given).
+
+    Replays (with flushes) for ``warm_s`` seconds first: after a pause (a kernel compile, host work) the GPU
+    has lowered its clocks, and 20 replays of a 10 us graph end before they are back up."""
     graph.replay()  # first replay uploads the graph
+    until = time.perf_counter() + warm_s
+    while time.perf_counter() < until:
+        if flush is not None:
+            flush()
+        graph.replay()
+    torch.cuda.synchronize()
     times = []
     for _ in range(reps):
         if flush is not None:

@@ -221,19 +221,25 @@ def test_w4a16_kernel_layout_cache_frees_with_the_weight():
     assert len(ops._W4A16_CACHE) == before
 
 
-@pytest.mark.parametrize("m,n,split,block_k,group,symmetric,unpack", [
-    (1, 72, 1, 128, 128, True, 1),     # ragged N, one row
-    (5, 72, 2, 64, 128, False, 1),     # asymmetric, split-K, nibble planes joined
-    (17, 40, 4, 32, 64, True, 2),      # ragged M across two row tiles, small groups (PTX unpack on a GPU)
-    (33, 64, 1, 64, 64, False, 1),
+@pytest.mark.parametrize("m,n,split,block_k,group,symmetric,unpack,scale_w,tma", [
+    (1, 72, 1, 128, 128, True, 1, False, False),     # ragged N, one row
+    (5, 72, 2, 64, 128, False, 1, False, False),     # asymmetric, split-K, nibble planes joined
+    (17, 40, 4, 32, 64, True, 2, False, False),      # ragged M across two row tiles, small groups (PTX on a GPU)
+    (33, 64, 1, 64, 64, False, 1, False, False),
+    (5, 72, 2, 64, 128, False, 2, True, False),      # scale folded into the bf16 weight, the dot accumulates
+    (17, 40, 1, 32, 64, True, 2, True, False),
+    (3, 40, 2, 64, 64, False, 1, True, False),
+    (17, 72, 2, 64, 128, False, 2, False, True),     # tiles through tensor descriptors, zero-filled past M, N
+    (5, 40, 1, 32, 64, True, 2, True, True),
 ])
-def test_w4a16_tc_matches_reference(m, n, split, block_k, group, symmetric, unpack):
+def test_w4a16_tc_matches_reference(m, n, split, block_k, group, symmetric, unpack, scale_w, tma):
     k = 512
     packed, scales, zeros = make_w4(n, k, group, symmetric)
     x = make_x(m, k)
     b = torch.randn(n).to(torch.bfloat16).to(DEVICE)
     w = T4.StripedWeight(packed, scales, zeros, group)
-    cfg = dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=block_k, SPLIT_K=split, UNPACK=unpack, num_warps=4, num_stages=1)
+    cfg = dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=block_k, SPLIT_K=split, UNPACK=unpack, SCALE_W=scale_w, TMA=tma,
+               num_warps=4, num_stages=1)
     out = TC.w4a16_tc(x, w, b, cfg)
     assert rel_err(out, R.w4a16_linear(x, packed, scales, zeros, group, b)) < REL_TOL
     assert int(T4.split_k_counters(x.device).abs().sum()) == 0

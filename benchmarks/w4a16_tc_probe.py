@@ -1,0 +1,103 @@
+"""W4A16 tensor-core kernel: a quick A/B of kernel options on the shapes and M that matter, in one run.
+
+For each (shape, M) it times cuBLAS bf16, the current dispatch (the tuned table), the table's tile as it is,
+with ``TMA`` and with ``TMA`` + ``SCALE_W``, and a few other tiles with those options (CUDA graphs, L2
+flushed, median of 20), checking every variant's output against the reference with the output poisoned.
+Writes $OUT/tc_probe.json and prints a line per (shape, M).
+Usage: python benchmarks/w4a16_tc_probe.py [out_dir]   (PROBE_MS and TUNE_MODELS restrict it)
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+from quantarena.bench import kernels as BK
+from quantarena.bench.timing import L2Flush, time_fn
+from quantarena.kernels import ops, reference as R, triton_w4a16 as T4, triton_w4a16_tc as TC
+from quantarena.kernels.tuned_w4a16 import lookup
+
+OUT = sys.argv[1] if len(sys.argv) > 1 else os.environ.get("OUT", ".")
+MS = [int(v) for v in os.environ.get("PROBE_MS", "4,16,64,128,256").split(",")]
+MODELS = os.environ.get("TUNE_MODELS", "llama-3-8b,llama-3-70b,llama-3-8b-decode").split(",")
+started = time.time()
+sms = torch.cuda.get_device_properties(0).multi_processor_count
+flush = L2Flush()
+
+
+def log(*a):
+    print(f"[{time.time() - started:6.1f}s]", *a, flush=True)
+
+
+def rel(out, ref):
+    return ((out.float() - ref.float()).norm() / ref.float().norm()).item()
+
+
+def variants(m, n, k):
+    """(name, config) pairs: the table's tile as it is, with TMA, with TMA and SCALE_W, and other tiles with
+    those options (names: BNxBK w warps s stages k split, +t TMA, +s SCALE_W)."""
+    tuned = lookup(m, n, k)
+    base = dict(tuned[1]) if tuned and tuned[0] == "tc" else TC.tc_config(m, n, k, BK.GROUP, sms)
+    out = [("table", dict(base, SCALE_W=False, TMA=False)), ("table+t", dict(base, SCALE_W=False, TMA=True)),
+           ("table+ts", dict(base, SCALE_W=True, TMA=True))]
+    bm = base["BLOCK_M"]
+    tiles = [(64, 64, 4, 4), (64, 128, 4, 3), (64, 128, 4, 4), (128, 128, 8, 3), (64, 64, 4, 6)]
+    opts = [(True, False), (True, True)]
+    if m >= 128:
+        tiles = [(64, 128, 4, 3), (128, 64, 8, 3), (128, 128, 8, 3), (64, 64, 4, 4)]
+        opts = [(False, True), (True, True), (True, False)]
+    for bn, bk, nw, ns in tiles:
+        n_tiles = -(-m // bm) * -(-n // bn)
+        for mult in (1, 2):
+            split = T4._split_for(n_tiles, k // bk, mult * sms) if n_tiles <= T4.MAX_TILES else 1
+            for tma, sw in opts:
+                cfg = dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=split, UNPACK=2, SCALE_W=sw, TMA=tma,
+                           num_warps=nw, num_stages=ns)
+                if cfg not in [c for _, c in out]:
+                    out.append((f"{bn}x{bk}w{nw}s{ns}k{split}{'+t' if tma else ''}{'+s' if sw else ''}", cfg))
+    return out
+
+
+rows = []
+for model in MODELS:
+    for label, k, n in BK.SHAPES[model]:
+        if label == "lm_head":
+            continue
+        layer = BK.make_layer(k, n)
+        sw = ops._prepared(layer.packed, layer.scales, None, BK.GROUP, None).striped
+        for m in MS:
+            x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+            ref = R.w4a16_linear(x, layer.packed, layer.scales, None, BK.GROUP)
+            res = {"bf16": time_fn(lambda: F.linear(x, layer.w_bf16), flush, 20),
+                   "dispatch": time_fn(lambda: ops.w4a16_linear(x, layer.packed, layer.scales, None, BK.GROUP),
+                                       flush, 20)}
+            errs, cfgs = {}, {}
+            for name, cfg in variants(m, n, k):
+                try:
+                    poison = torch.full((m, n), float("nan"), device="cuda", dtype=torch.bfloat16)
+                    del poison   # the output is allocated from the freed poisoned block
+                    errs[name] = rel(TC.w4a16_tc(x, sw, None, cfg), ref)
+                    res[name] = time_fn(lambda: TC.w4a16_tc(x, sw, None, cfg), flush, 20)
+                    cfgs[name] = cfg
+                except Exception as exc:   # a tile that does not compile or fit: recorded, not fatal
+                    log("fail", name, type(exc).__name__, str(exc)[:160])
+            best = min((v, kk) for kk, v in res.items() if kk not in ("bf16", "dispatch"))
+            row = {"model": model, "layer": label, "K": k, "N": n, "M": m, "us": {a: round(b, 2) for a, b in res.items()},
+                   "rel_err": {a: round(b, 5) for a, b in errs.items()}, "configs": cfgs, "best": best[1]}
+            rows.append(row)
+            log(f"{label:14s} M={m:4d} bf16 {res['bf16']:7.1f} dispatch {res['dispatch']:7.1f} "
+                f"table {res.get('table', float('nan')):7.1f} +t {res.get('table+t', float('nan')):7.1f} "
+                f"+ts {res.get('table+ts', float('nan')):7.1f} "
+                f"best {best[0]:7.1f} ({best[1]}) x{res['bf16'] / best[0]:.2f} bf16, max err "
+                f"{max(errs.values()):.2e}")
+        del layer, sw
+        ops._W4A16_CACHE.clear()
+        torch.cuda.empty_cache()
+        with open(os.path.join(OUT, "tc_probe.json"), "w") as f:
+            json.dump({"device": torch.cuda.get_device_name(), "torch": torch.__version__,
+                       "triton": __import__("triton").__version__, "rows": rows}, f, indent=1)
+log("done")
