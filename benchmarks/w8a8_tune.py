@@ -1,10 +1,14 @@
-"""W8A8 int8 and FP8 GEMMs: GPU correctness of the swap-AB kernel, tile search per (M, N, K) for both GEMM
-kernels, against cuBLAS bf16 and ``torch._scaled_mm``, in one run (CUDA graphs, L2 flushed).
+"""W8A8 int8 and FP8 GEMMs: GPU correctness of the swap-AB kernel and the M <= 4 GEMV, tile search per
+(M, N, K) for the GEMM kernels (and the GEMV at M <= 4), against cuBLAS bf16 and ``torch._scaled_mm``, in one
+run (CUDA graphs, L2 flushed).
 
 The activation-quant kernel is the same for every candidate, so the GEMMs are timed on already-quantized
 inputs. Writes $OUT/w8a8.json (rows as in benchmarks/results/*-kernels.json, ``impl`` naming the kernel and
 ``config`` its tile) and $OUT/tuned_w8a8.py (the dispatch table module).
 Usage: python benchmarks/w8a8_tune.py [out_dir]
+W8_MS (comma-separated M values) restricts the batch sizes: ``W8_MS=1,2,4`` re-tunes the decode sizes only
+(GEMV included); merge its JSON with an earlier full run's with benchmarks/w8a8_tuned_table.py (a later
+run's rows replace the earlier run's for every (M, N, K) it measured).
 """
 from __future__ import annotations
 
@@ -20,7 +24,7 @@ import torch.nn.functional as F
 from quantarena import primitives as P
 from quantarena.bench import kernels as BK
 from quantarena.bench.timing import L2Flush, time_fn
-from quantarena.kernels import reference as R, triton_w4a16 as T4, triton_w8a8 as T8
+from quantarena.kernels import reference as R, triton_a8w8_gemv as G8, triton_w4a16 as T4, triton_w8a8 as T8
 from quantarena.kernels.triton_act_quant import act_quant
 
 OUT = sys.argv[1] if len(sys.argv) > 1 else os.environ.get("OUT", ".")
@@ -62,6 +66,49 @@ def correctness():
         log("correct", m, n, k, split, bias)
 
 
+def poisoned(fn, m, n):
+    """fn() (a float32 [m, n] output) with its output's memory poisoned first: the caching allocator hands the
+    NaN-filled block to the next allocation of that size, so an element the kernel leaves unwritten reads NaN."""
+    poison = torch.full((m, n), float("nan"), device="cuda", dtype=torch.float32)
+    del poison
+    return fn()
+
+
+def gemv_correctness():
+    """The M <= 4 GEMV: every M, ragged N and K (K % 4 == 0), bias, a static stride-0 scale, split-K 1 and 3,
+    a few tiles, both prefetch modes, outputs poisoned. int8 must equal the tiled int8 GEMM bit for bit
+    (exact int32 sums, the same epilogue) and the reference up to the bias fma; fp8 (float32 accumulation)
+    the float64 product to 1e-5."""
+    for (n, k, bias, static) in [(40, 384, False, False), (33, 4096, True, False), (1000, 14336, False, True),
+                                 (200, 1000, True, True), (4096, 4096, False, False)]:
+        gen = torch.Generator().manual_seed(n + k)
+        w = torch.randn(n, k, generator=gen).cuda()
+        b = torch.randn(n, device="cuda") if bias else None
+        wq, ws = P.quantize_int8(w, "channel")
+        fq, fs = P.quantize_fp8(w, "row")
+        for m in (1, 2, 3, 4):
+            x = torch.randn(m, k, generator=gen).cuda().to(torch.bfloat16)
+            xq, xs = act_quant(x, input_scale=torch.tensor([0.02], device="cuda") if static else None)
+            assert not static or m == 1 or xs.stride(0) == 0   # the expanded static scale
+            gq, gs = act_quant(x, fp8=True)
+            ref8 = R.int8_matmul(xq, wq).float() * xs * ws.reshape(1, -1) + (0 if b is None else b)
+            reff = ((gq.double() @ fq.double().t()) * gs.double() * fs.double().reshape(1, -1)
+                    + (0 if b is None else b.double()))
+            for bn, bk, nw, pf, st in ((16, 512, 4, True, 1), (32, 256, 8, False, 3), (64, 512, 8, True, 1)):
+                for split in (1, 3):
+                    cfg = dict(BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=split, num_warps=nw, num_stages=1, PREFETCH=pf,
+                               STAGES=st)
+                    out = poisoned(lambda: G8.a8w8_gemv(xq, xs, wq, ws, b, torch.float32, cfg), m, n)
+                    assert torch.equal(out, T8.int8_gemm(xq, xs, wq, ws, b, torch.float32)), ("gemv int8", m, n, k, cfg)
+                    ok = torch.equal(out, ref8) if b is None else (out - ref8).abs().max() <= 2e-7 * ref8.abs().max()
+                    assert ok, ("gemv int8 vs reference", m, n, k, cfg)
+                    out = poisoned(lambda: G8.a8w8_gemv(gq, gs, fq, fs, b, torch.float32, cfg), m, n)
+                    err = ((out.double() - reff).norm() / reff.norm()).item()
+                    assert err < 1e-5, ("gemv fp8", m, n, k, cfg, err)
+        assert int(T4.split_k_counters(w.device).abs().sum()) == 0
+        log("gemv correct", n, k, bias, static)
+
+
 def t(fn):
     try:
         return time_fn(fn, flush, 15)
@@ -75,14 +122,18 @@ def splits(m, n, k, bm, bn, bk):
     return sorted({T4._split_for(tiles, -(-k // bk), f * sms) for f in (1, 2, 4)})
 
 
-try:
-    correctness()
-except Exception as exc:
-    import traceback
-    traceback.print_exc()
-    log("CORRECTNESS FAILED", exc)
+for check in (correctness, gemv_correctness):
+    try:
+        check()
+    except Exception as exc:
+        import traceback
+        traceback.print_exc()
+        log("CORRECTNESS FAILED", check.__name__, exc)
 
 SWAP_TILES = [(bn, bk, nw, ns) for bn, bk, nw, ns in itertools.product((64, 128), (128, 256), (4,), (4,))]
+# GEMV (M <= 4): BLOCK_N x BLOCK_K codes per step, at most 32 words per thread (64 spill at M = 4 on sm_90)
+GEMV_TILES = [(bn, bk, nw) for bn, bk, nw in itertools.product((16, 32, 64), (256, 512, 1024), (4, 8))
+              if bn * bk // 4 <= 32 * 32 * nw]
 STD_TILES = [(64, 128, 128, 4, 4), (128, 128, 128, 8, 3), (128, 256, 128, 8, 3), (64, 256, 128, 8, 3),
              (128, 128, 64, 4, 4), (64, 64, 256, 4, 4)]
 rows = []
@@ -116,6 +167,14 @@ for model in os.environ.get("TUNE_MODELS", "llama-3-8b,llama-3-70b").split(","):
                             lambda: T8.a8w8_swap_gemm(xq, xs, layer.w8, layer.w8_scale, None, torch.bfloat16, cfg))))
                         rows.append(dict(base, op="fp8", impl="swap", config=cfg, us=t(
                             lambda: T8.a8w8_swap_gemm(fq, fs, layer.wf8, layer.wf8_scale, None, torch.bfloat16, cfg))))
+            if m <= G8.MAX_M and k % 4 == 0:
+                for bn, bk, nw in GEMV_TILES:
+                    for sp in splits(1, n, k, 1, bn, bk)[-2:]:
+                        cfg = dict(BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=sp, num_warps=nw, num_stages=1, PREFETCH=True)
+                        rows.append(dict(base, op="w8a8", impl="gemv", config=cfg, us=t(
+                            lambda: G8.a8w8_gemv(xq, xs, layer.w8, layer.w8_scale, None, torch.bfloat16, cfg))))
+                        rows.append(dict(base, op="fp8", impl="gemv", config=cfg, us=t(
+                            lambda: G8.a8w8_gemv(fq, fs, layer.wf8, layer.wf8_scale, None, torch.bfloat16, cfg))))
             mine = [r for r in rows if r["M"] == m and r["K"] == k and r["N"] == n]
             best = {}
             for r in mine:

@@ -191,18 +191,22 @@ def _a8w8_choice(op: str, m: int, n: int, k: int, tuned_table: bool = True) -> t
 def _a8w8_gemm(xq: torch.Tensor, xs: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
                bias: torch.Tensor | None, out_dtype: torch.dtype) -> torch.Tensor:
     """Quantized activations (int8 or fp8 codes, float32 scales [M, 1]) x the weight codes: the GEMM kernel
-    the dispatch table names for the shape."""
+    the dispatch table names for the shape (``gemv``: the CUDA-core GEMV for M <= 4, where it takes the
+    shape; otherwise, and for a kernel that cannot take the shape, the defaults)."""
+    from .triton_a8w8_gemv import a8w8_gemv, gemv_supported
     from .triton_w8a8 import a8w8_swap_gemm, a8w8_tma_gemm, int8_gemm, tma_supported
 
     fp8 = xq.dtype == torch.float8_e4m3fn
     kernel, cfg = _a8w8_choice("fp8" if fp8 else "w8a8", xq.shape[0], weight.shape[0], weight.shape[1],
                                _tuned_for(xq))
+    if kernel == "gemv" and gemv_supported(xq, weight):
+        return a8w8_gemv(xq, xs, weight, weight_scale, bias, out_dtype, cfg)
     if kernel == "swap":
         return a8w8_swap_gemm(xq, xs, weight, weight_scale, bias, out_dtype, cfg)
     if kernel == "tma" and tma_supported(xq, weight):
         return a8w8_tma_gemm(xq, xs, weight, weight_scale, bias, out_dtype, cfg)
     if not fp8:
-        return int8_gemm(xq, xs, weight, weight_scale, bias, out_dtype, None if kernel == "tma" else cfg)
+        return int8_gemm(xq, xs, weight, weight_scale, bias, out_dtype, cfg if kernel == "std" else None)
     # weight [N, K] row-major: .t() is the column-major [K, N] operand cuBLASLt wants; rowwise scales
     return torch._scaled_mm(xq, weight.t(), scale_a=xs, scale_b=weight_scale.reshape(1, -1),
                             bias=bias, out_dtype=out_dtype)
