@@ -72,6 +72,13 @@ def time_cfg(x, sw, cfg):
         return float("inf")
 
 
+def checked_err(x, sw, cfg, ref, m, n):
+    """The tile's relative error against the reference, its output memory poisoned (NaN) first."""
+    poison = torch.full((m, n), float("nan"), device="cuda", dtype=torch.bfloat16)
+    del poison   # the output is allocated from the freed poisoned block
+    return rel(TC.w4a16_tc(x, sw, None, cfg), ref)
+
+
 def split_choices(m, n, k, bm, bn, bk):
     tiles = -(-m // bm) * -(-n // bn)
     return sorted({T4._split_for(tiles, k // bk, t * sms) for t in (1, 2, 4)})
@@ -148,15 +155,27 @@ for model in os.environ.get("TUNE_MODELS", "llama-3-8b,llama-3-70b").split(","):
             if m >= 128:   # compute-bound sizes: 128-row tiles, deeper K steps, the TMA / SCALE_W options
                 tiles = tiles + [(128, bn, bk, 2, nw, 3, sc, tma) for bn, bk, nw in
                                  ((64, 128, 4), (128, 64, 8), (64, 64, 4)) for sc, tma in ((1, 1), (1, 0))]
+            ref = R.w4a16_linear(x, layer.packed, layer.scales, None, BK.GROUP)
+            bad = 0
             for bm, *c in tiles:
                 for split in split_choices(m, n, k, bm, c[0], c[1]):
                     cfg = tile_cfg(bm, c, split)
-                    cands.append((time_cfg(x, sw, cfg), cfg))
+                    if TC.tma_race_prone(cfg):   # the launcher would run it without TMA: not this tile
+                        continue
+                    us = time_cfg(x, sw, cfg)
+                    # every candidate is checked (a NaN error fails too): a wrong tile never enters the table
+                    if us < float("inf") and not checked_err(x, sw, cfg, ref, m, n) <= 8e-3:
+                        bad += 1
+                        rows.append({"model": model, "layer": label, "op": "w4a16", "impl": "quantarena:tc-wrong",
+                                     "K": k, "N": n, "M": m, "config": cfg,
+                                     "rel_err": checked_err(x, sw, cfg, ref, m, n)})
+                        us = float("inf")
+                    cands.append((us, cfg))
+            if bad:
+                log("WRONG", bad, "candidate tiles", [r["config"] for r in rows if r["impl"] == "quantarena:tc-wrong"
+                                                       and r["M"] == m and r["N"] == n and r["K"] == k])
             us, cfg = min(cands, key=lambda c: c[0])
-            ref = R.w4a16_linear(x, layer.packed, layer.scales, None, BK.GROUP)
-            poison = torch.full((m, n), float("nan"), device="cuda", dtype=torch.bfloat16)
-            del poison
-            err = rel(TC.w4a16_tc(x, sw, None, cfg), ref)
+            err = checked_err(x, sw, cfg, ref, m, n)
             best_cfg[f"{m},{n},{k}"] = dict(cfg, us=round(us, 2))
             rows.append({"model": model, "layer": label, "op": "w4a16", "impl": "quantarena:tc", "K": k, "N": n,
                          "M": m, "path": "tc", "us": round(us, 2), "rel_err": err, "config": cfg})

@@ -37,13 +37,13 @@ def lookup(m: int, n: int | None, k: int | None) -> tuple[str, dict | None] | No
     return TABLE.get((bucket, n, k))
 '''
 
-KEEP = ("BLOCK_M", "BLOCK_N", "BLOCK_K", "SPLIT_K", "UNPACK", "SCALE_W", "num_warps", "num_stages")
+KEEP = ("BLOCK_M", "BLOCK_N", "BLOCK_K", "SPLIT_K", "UNPACK", "SCALE_W", "TMA", "num_warps", "num_stages")
 
 
 def build(result: dict, source: str) -> str:
     best: dict[tuple[int, int, int], tuple[float, str, dict | None]] = {}
     for r in result["rows"]:
-        if r.get("op") != "w4a16" or "us" not in r or r.get("rel_err", 0.0) > 8e-3:
+        if r.get("op") != "w4a16" or "us" not in r or not r.get("rel_err", 0.0) <= 8e-3:
             continue
         path = r.get("path")
         if r["impl"] == "quantarena:tc":

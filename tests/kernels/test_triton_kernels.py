@@ -245,6 +245,18 @@ def test_w4a16_tc_matches_reference(m, n, split, block_k, group, symmetric, unpa
     assert int(T4.split_k_counters(x.device).abs().sum()) == 0
 
 
+def test_w4a16_tc_race_prone_tiles_run_without_tma():
+    cfg = dict(BLOCK_M=128, BLOCK_N=64, BLOCK_K=64, SPLIT_K=2, UNPACK=2, SCALE_W=True, TMA=True, num_warps=4,
+               num_stages=3)
+    assert TC.tma_race_prone(cfg)
+    assert not TC.tma_race_prone(dict(cfg, SPLIT_K=1)) and not TC.tma_race_prone(dict(cfg, BLOCK_M=64))
+    assert not TC.tma_race_prone(dict(cfg, SCALE_W=False)) and not TC.tma_race_prone(dict(cfg, TMA=False))
+    packed, scales, zeros = make_w4(40, 256, 64, True)
+    x = make_x(130, 256)
+    out = TC.w4a16_tc(x, T4.StripedWeight(packed, scales, zeros, 64), None, cfg)
+    assert rel_err(out, R.w4a16_linear(x, packed, scales, zeros, 64)) < REL_TOL
+
+
 def test_w4a16_tc_rejects_a_k_step_that_spans_groups():
     packed, scales, zeros = make_w4(32, 256, 32, True)
     w = T4.StripedWeight(packed, scales, zeros, 32)
@@ -466,9 +478,11 @@ def test_w8a8_tuned_table_is_consistent():
     assert TW.TABLE, "the dispatch table is empty"
     for (op, m, n, k), (kernel, cfg) in TW.TABLE.items():
         assert op in ("w8a8", "fp8") and m in TW.BUCKETS
-        assert kernel in (("std", "swap", "tma") if op == "w8a8" else ("scaled_mm", "swap", "tma"))
+        assert kernel in (("std", "swap", "tma", "gemv") if op == "w8a8" else ("scaled_mm", "swap", "tma", "gemv"))
         if kernel == "tma":
             assert {"BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M"} <= set(cfg)
+        elif kernel == "gemv":
+            assert m <= 4 and {"BLOCK_N", "BLOCK_K", "SPLIT_K"} <= set(cfg)
         elif kernel != "scaled_mm":
             assert {"BLOCK_M", "BLOCK_N", "BLOCK_K", "SPLIT_K"} <= set(cfg)
     assert ops._a8w8_choice("w8a8", 3, 96, 256) == ("std", None)          # untuned shape: defaults
