@@ -59,37 +59,37 @@ def _unpack_tile(words, BLOCK_K: tl.constexpr):
 # shifted right by 4 for odd j: bf16 has only 7 mantissa bits, so a nibble must sit in bits 0-3) in the
 # low byte of one half; lop3 keeps the nibble and ors in the exponent of 128, giving 128 + u; one bf16x2
 # fma maps that to u - 8 exactly. About 1.6 instructions per weight, no int->float converts.
-def _asm_nibbles_bf16() -> str:
-    lines = ["{ .reg .b32 a4, b4, t, one, off;",
-             "shr.u32 a4, $8, 4; shr.u32 b4, $9, 4; mov.b32 one, 0x3F803F80; mov.b32 off, 0xC308C308;"]
-    for j in range(8):
-        i = j // 2
-        a, b = ("$8", "$9") if j % 2 == 0 else ("a4", "b4")
-        lines.append(f"prmt.b32 t, {a}, {b}, {hex(i | i << 4 | (4 + i) << 8 | (4 + i) << 12)}; "
-                     f"lop3.b32 t, t, 0x000F000F, 0x43004300, 0xEA; fma.rn.bf16x2 ${j}, t, one, off;")
-    return "\n".join(lines + ["}"])
-
-
-_ASM_NIBBLES_BF16 = tl.constexpr(_asm_nibbles_bf16())
-
-
-# As above, with the group scale folded in: the fma subtracts 128 + 8 + zero (``$12``/``$13``: the bf16 bits
-# of -(136 + zero) of each word's row; exact for integer zero points) and one bf16x2 mul by the scale pair
+# ``scaled``: the group scale folded in. The fma subtracts 128 + 8 + zero (``$12``/``$13``: the bf16 bits of
+# -(136 + zero) of each word's row; exact for integer zero points) and one bf16x2 mul by the scale pair
 # (``$10``/``$11``: each word's row scale) rounds (q - zero) * scale once, as a dequantized bf16 weight is.
-def _asm_nibbles_bf16_scaled() -> str:
-    lines = ["{ .reg .b32 a4, b4, t, one, off, sc;",
-             "shr.u32 a4, $8, 4; shr.u32 b4, $9, 4; mov.b32 one, 0x3F803F80;",
-             "prmt.b32 sc, $10, $11, 0x5410; prmt.b32 off, $12, $13, 0x5410;"]
+def _asm_nibbles_bf16(scaled: bool) -> str:
+    if scaled:
+        lines = ["{ .reg .b32 a4, b4, t, one, off, sc;",
+                 "shr.u32 a4, $8, 4; shr.u32 b4, $9, 4; mov.b32 one, 0x3F803F80;",
+                 "prmt.b32 sc, $10, $11, 0x5410; prmt.b32 off, $12, $13, 0x5410;"]
+    else:
+        lines = ["{ .reg .b32 a4, b4, t, one, off;",
+                 "shr.u32 a4, $8, 4; shr.u32 b4, $9, 4; mov.b32 one, 0x3F803F80; mov.b32 off, 0xC308C308;"]
     for j in range(8):
         i = j // 2
         a, b = ("$8", "$9") if j % 2 == 0 else ("a4", "b4")
+        convert = f"fma.rn.bf16x2 t, t, one, off; mul.rn.bf16x2 ${j}, t, sc;" if scaled else \
+            f"fma.rn.bf16x2 ${j}, t, one, off;"
         lines.append(f"prmt.b32 t, {a}, {b}, {hex(i | i << 4 | (4 + i) << 8 | (4 + i) << 12)}; "
-                     f"lop3.b32 t, t, 0x000F000F, 0x43004300, 0xEA; fma.rn.bf16x2 t, t, one, off; "
-                     f"mul.rn.bf16x2 ${j}, t, sc;")
+                     f"lop3.b32 t, t, 0x000F000F, 0x43004300, 0xEA; {convert}")
     return "\n".join(lines + ["}"])
 
 
-_ASM_NIBBLES_BF16_SCALED = tl.constexpr(_asm_nibbles_bf16_scaled())
+_ASM_NIBBLES_BF16 = tl.constexpr(_asm_nibbles_bf16(scaled=False))
+_ASM_NIBBLES_BF16_SCALED = tl.constexpr(_asm_nibbles_bf16(scaled=True))
+
+
+@triton.jit
+def _nibble_tile(n0, n1, n2, n3, n4, n5, n6, n7, BLOCK_K: tl.constexpr):
+    """The PTX outputs (nibble j of every word of a [BN, BK/8] tile in ``nj``) interleaved into [BN, BK]."""
+    a = tl.join(tl.join(tl.join(n0, n1), tl.join(n2, n3)), tl.join(tl.join(n4, n5), tl.join(n6, n7)))
+    a = tl.permute(a, (0, 1, 4, 3, 2))                   # [..., i, j, l] is nibble 4l + 2j + i
+    return tl.reshape(a, (n0.shape[0], BLOCK_K))
 
 
 @triton.jit
@@ -98,9 +98,7 @@ def _unpack_tile_bf16(words, BLOCK_K: tl.constexpr):
     n0, n1, n2, n3, n4, n5, n6, n7 = tl.inline_asm_elementwise(
         _ASM_NIBBLES_BF16, "=r,=r,=r,=r,=r,=r,=r,=r,r,r", [words],
         dtype=(tl.bfloat16,) * 8, is_pure=True, pack=2)
-    a = tl.join(tl.join(tl.join(n0, n1), tl.join(n2, n3)), tl.join(tl.join(n4, n5), tl.join(n6, n7)))
-    a = tl.permute(a, (0, 1, 4, 3, 2))                   # [..., i, j, l] is nibble 4l + 2j + i
-    return tl.reshape(a, (words.shape[0], BLOCK_K))
+    return _nibble_tile(n0, n1, n2, n3, n4, n5, n6, n7, BLOCK_K)
 
 
 @triton.jit
@@ -116,9 +114,7 @@ def _unpack_tile_bf16_scaled(words, s, z, HAS_ZERO: tl.constexpr, BLOCK_K: tl.co
     n0, n1, n2, n3, n4, n5, n6, n7 = tl.inline_asm_elementwise(
         _ASM_NIBBLES_BF16_SCALED, "=r,=r,=r,=r,=r,=r,=r,=r,r,r,r,r,r,r", [words, sb, ob],
         dtype=(tl.bfloat16,) * 8, is_pure=True, pack=2)
-    a = tl.join(tl.join(tl.join(n0, n1), tl.join(n2, n3)), tl.join(tl.join(n4, n5), tl.join(n6, n7)))
-    a = tl.permute(a, (0, 1, 4, 3, 2))                   # [..., i, j, l] is nibble 4l + 2j + i
-    return tl.reshape(a, (words.shape[0], BLOCK_K))
+    return _nibble_tile(n0, n1, n2, n3, n4, n5, n6, n7, BLOCK_K)
 
 
 @triton.jit
