@@ -33,10 +33,6 @@ def log(*a):
     print(f"[{time.time() - started:6.1f}s]", *a, flush=True)
 
 
-def rel(out, ref):
-    return ((out.float() - ref.float()).norm() / ref.float().norm()).item()
-
-
 def variants(m, n, k):
     """(name, config) pairs: the table's tile as it is, with TMA, with TMA and SCALE_W, and other tiles with
     those options (names: BNxBK w warps s stages k split, +t TMA, +s SCALE_W)."""
@@ -78,9 +74,8 @@ for model in MODELS:
             errs, cfgs = {}, {}
             for name, cfg in variants(m, n, k):
                 try:
-                    poison = torch.full((m, n), float("nan"), device="cuda", dtype=torch.bfloat16)
-                    del poison   # the output is allocated from the freed poisoned block
-                    errs[name] = rel(TC.w4a16_tc(x, sw, None, cfg), ref)
+                    BK.poison((m, n))
+                    errs[name] = BK.rel_err(TC.w4a16_tc(x, sw, None, cfg), ref)
                     res[name] = time_fn(lambda: TC.w4a16_tc(x, sw, None, cfg), flush, 20)
                     cfgs[name] = cfg
                 except Exception as exc:   # a tile that does not compile or fit: recorded, not fatal

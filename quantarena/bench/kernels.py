@@ -157,6 +157,19 @@ def _reference(op: str, layer: Layer, x: torch.Tensor) -> torch.Tensor:
     return reference.fp8_linear(x, layer.wf8, layer.wf8_scale)
 
 
+def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    """||out - ref|| / ||ref|| in float32; NaN when ``out`` holds a NaN (an unwritten, poisoned element)."""
+    ref = ref.float()
+    return ((out.float() - ref).norm() / ref.norm()).item()
+
+
+def poison(shape: tuple[int, ...]) -> None:
+    """Fill a freed block with NaN: the caching allocator hands it to the next bf16 allocation of ``shape``
+    (a kernel's output), so an element the kernel leaves unwritten shows as NaN."""
+    block = torch.full(shape, float("nan"), device="cuda", dtype=torch.bfloat16)
+    del block
+
+
 def check_error(op: str, fn, layer: Layer, m: int) -> float:
     """Relative error vs the reference on fresh inputs, output memory poisoned with NaN first (NaN if
     any output element was left unwritten)."""
@@ -164,8 +177,7 @@ def check_error(op: str, fn, layer: Layer, m: int) -> float:
     poison = torch.full((m * layer.n * 2,), float("nan"), device="cuda", dtype=torch.bfloat16)
     del poison  # the caching allocator hands this NaN-filled block to the next allocation of its size
     out = fn(x)
-    ref = _reference(op, layer, x).float()
-    return ((out.float() - ref).norm() / ref.norm()).item()
+    return rel_err(out, _reference(op, layer, x))
 
 
 def bytes_moved(op: str, k: int, n: int, m: int) -> int:

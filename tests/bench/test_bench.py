@@ -136,3 +136,10 @@ def test_l2_flush_rejects_an_unknown_mode():
     from quantarena.bench.timing import L2Flush
     with pytest.raises(ValueError, match="read"):
         L2Flush(mode="bogus")
+
+
+def test_rel_err_is_relative_and_nan_for_an_unwritten_output():
+    ref = torch.tensor([3.0, 4.0])
+    assert kernels.rel_err(torch.tensor([3.0, 4.0], dtype=torch.bfloat16), ref) == 0.0
+    assert kernels.rel_err(torch.tensor([3.0, 3.0]), ref) == pytest.approx(0.2)
+    assert torch.isnan(torch.tensor(kernels.rel_err(torch.tensor([3.0, float("nan")]), ref)))
