@@ -34,7 +34,7 @@ import triton
 import triton.language as tl
 
 from .triton_w4a16 import INTERPRETING, MAX_TILES, _sm_count, _split_for, split_k_counters
-from .triton_w8a8 import _finish
+from .triton_w8a8 import _finish, codes_are_fp8
 
 MAX_M = 4
 
@@ -214,8 +214,7 @@ def gemv_config(m: int, n: int, k: int, sms: int) -> dict:
 
 def _check(a: torch.Tensor, weight: torch.Tensor, cfg: dict) -> None:
     m, k = a.shape
-    if (a.dtype == torch.float8_e4m3fn) != (weight.dtype == torch.float8_e4m3fn):
-        raise ValueError(f"activation codes {a.dtype} and weight codes {weight.dtype} must be both int8 or both fp8")
+    codes_are_fp8(a, weight)
     if weight.shape[1] != k:
         raise ValueError(f"activation K {k} != weight K {weight.shape[1]}")
     if not 1 <= m <= MAX_M:

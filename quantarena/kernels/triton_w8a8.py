@@ -123,6 +123,14 @@ def a8w8_swap_kernel(a_ptr, b_ptr, a_scale_ptr, w_scale_ptr, bias_ptr, out_ptr, 
             stride_om, pid_k, pid_m * num_n + pid_n, SPLIT_K, HAS_BIAS)
 
 
+def codes_are_fp8(a: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether the activation and weight codes are fp8 e4m3 (else int8); a ValueError when they differ."""
+    fp8 = a.dtype == torch.float8_e4m3fn
+    if fp8 != (weight.dtype == torch.float8_e4m3fn):
+        raise ValueError(f"activation codes {a.dtype} and weight codes {weight.dtype} must be both int8 or both fp8")
+    return fp8
+
+
 def swap_config(m: int, n: int, k: int, sms: int) -> dict:
     """Default skinny-M tile (the tuned table, :mod:`.tuned_w8a8`, wins where it has the shape)."""
     block_m = max(16, min(128, triton.next_power_of_2(m)))
@@ -139,9 +147,7 @@ def a8w8_swap_gemm(a: torch.Tensor, a_scale: torch.Tensor, weight: torch.Tensor,
     """As :func:`int8_gemm` for int8 or fp8 e4m3 codes (``a`` and ``weight`` of the same kind), swap-AB tiles."""
     m, k = a.shape
     n = weight.shape[0]
-    fp8 = a.dtype == torch.float8_e4m3fn
-    if fp8 != (weight.dtype == torch.float8_e4m3fn):
-        raise ValueError(f"activation codes {a.dtype} and weight codes {weight.dtype} must be both int8 or both fp8")
+    fp8 = codes_are_fp8(a, weight)
     w_scale = weight_scale.reshape(-1)
     cfg = dict(cfg or swap_config(m, n, k, _sm_count(a.device)))
     split = cfg["SPLIT_K"]
@@ -267,9 +273,7 @@ def a8w8_tma_gemm(a: torch.Tensor, a_scale: torch.Tensor, weight: torch.Tensor, 
 
     m, k = a.shape
     n = weight.shape[0]
-    fp8 = a.dtype == torch.float8_e4m3fn
-    if fp8 != (weight.dtype == torch.float8_e4m3fn):
-        raise ValueError(f"activation codes {a.dtype} and weight codes {weight.dtype} must be both int8 or both fp8")
+    fp8 = codes_are_fp8(a, weight)
     if not tma_supported(a, weight):
         raise ValueError(f"the TMA GEMM needs contiguous operands and K % 16 == 0 (K={k})")
     cfg = dict(cfg or tma_config(m, n, k))
