@@ -4,7 +4,8 @@ For each (shape, M) it times cuBLAS bf16, the current dispatch (the tuned table)
 with ``TMA`` and with ``TMA`` + ``SCALE_W``, and a few other tiles with those options (CUDA graphs, L2
 flushed, median of 20), checking every variant's output against the reference with the output poisoned.
 Writes $OUT/tc_probe.json and prints a line per (shape, M).
-Usage: python benchmarks/w4a16_tc_probe.py [out_dir]   (PROBE_MS and TUNE_MODELS restrict it)
+Usage: python benchmarks/w4a16_tc_probe.py [out_dir]   (PROBE_MS and TUNE_MODELS restrict it; PROBE_MODE=dot
+times the UNPACK=3 tiles against the table instead)
 """
 from __future__ import annotations
 
@@ -57,6 +58,29 @@ def variants(m, n, k):
                     out.append((f"{bn}x{bk}w{nw}s{ns}k{split}{'+t' if tma else ''}{'+s' if sw else ''}", cfg))
     return out
 
+
+def dot_variants(m, n, k):
+    """``PROBE_MODE=dot``: the table's tile as it is (UNPACK 2), then UNPACK=3 tiles (the words in the dot
+    operand's layout, scale folded in; BLOCK_K 128), x through a descriptor (+t) or pointer loads."""
+    tuned = lookup(m, n, k)
+    base = dict(tuned[1]) if tuned and tuned[0] == "tc" else TC.tc_config(m, n, k, BK.GROUP, sms)
+    out = [("table", base)]
+    bm = base["BLOCK_M"]
+    tiles = [(64, 4, 3), (64, 4, 4), (128, 8, 3), (128, 4, 3)] if m < 128 else [(64, 4, 3), (128, 8, 3), (64, 4, 4)]
+    for bn, nw, ns in tiles:
+        n_tiles = -(-m // bm) * -(-n // bn)
+        for mult in (1, 2):
+            split = T4._split_for(n_tiles, k // 128, mult * sms) if n_tiles <= T4.MAX_TILES else 1
+            for tma in (True, False):
+                cfg = dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=128, SPLIT_K=split, UNPACK=3, SCALE_W=True, TMA=tma,
+                           num_warps=nw, num_stages=ns)
+                if cfg not in [c for _, c in out]:
+                    out.append((f"d{bn}w{nw}s{ns}k{split}{'+t' if tma else ''}", cfg))
+    return out
+
+
+if os.environ.get("PROBE_MODE") == "dot":
+    variants = dot_variants  # noqa: F811
 
 rows = []
 for model in MODELS:

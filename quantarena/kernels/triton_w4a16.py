@@ -424,6 +424,7 @@ class StripedWeight:
         self.stripe = stripe_size(group_size)
         self._words: torch.Tensor | None = None                                   # striped, built on first use
         self._tiled: dict[tuple[int, int], torch.Tensor] = {}                     # gemv3 tile layouts, likewise
+        self._dot: torch.Tensor | None = None                                      # tc UNPACK=3 layout, likewise
         canonical = packed.contiguous()                                            # [N, K/8] int32, tc/dequant
         # A cache keyed on ``packed`` must not keep it alive: then hold it weakly (the caller passes it on
         # every call, so it is alive whenever a kernel runs).
@@ -443,6 +444,15 @@ class StripedWeight:
         if self._words is None:
             self._words = repack_striped(self.canonical, self.in_features, self.stripe)
         return self._words
+
+    @property
+    def dot_words(self) -> torch.Tensor:
+        """The tensor-core kernel's UNPACK=3 layout (``triton_w4a16_tc.dot_layout_words``), built on first use."""
+        if self._dot is None:
+            from .triton_w4a16_tc import dot_layout_words
+
+            self._dot = dot_layout_words(self.canonical)
+        return self._dot
 
     def tiled(self, block_n: int, block_kw: int) -> torch.Tensor:
         """The gemv3 layout for one tile shape (see ``triton_w4a16_gemv.tile_words``), built on first use."""

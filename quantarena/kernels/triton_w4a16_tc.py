@@ -1,25 +1,26 @@
 """W4A16 tensor-core GEMM for small and medium M (Triton), "swap-AB".
 
 The tile computed is ``out^T[BN, BM] = W[BN, BK] @ x^T[BK, BM]``: the dequantized weight tile is the
-left operand of the dot, so the wide weight dimension fills the tensor cores' M slot and a few tokens the
-N slot. The weight words are read along K (the contiguous dimension of the canonical ``[N, K/8]``
-layout), so the loads are coalesced. (Hopper's ``wgmma`` could take the left operand from registers, but
-Triton 3.6 still stages the dequantized tile through shared memory before the dot: see
-``benchmarks/results/h100-notes.md``.)
+left operand of the dot (Hopper's ``wgmma`` takes it from registers), so the wide weight dimension fills the
+tensor cores' M slot and a few tokens the N slot. The weight words are read along K, coalesced.
 
-The tile is loaded once as ``[BN, BK/8]`` words and its nibbles are made floats in one of two ways
-(``UNPACK``):
+The nibbles become the dot's bf16 operand in one of three ways (``UNPACK``):
 
 * ``1``: eight nibble planes by shift-and-mask, or-ed into the mantissa of ``2^23`` (``u | 0x4B000000``
   is the float ``2^23 + u``, no int->float convert), interleaved back into ``[BN, BK]``; the
-  ``2^23 + 8 (+ zero)`` offset is subtracted exactly.
-* ``2`` (GPU only, the tuned choice): bf16 pairs straight from inline PTX (prmt, lop3 and one bf16x2 fma
-  per two weights, plus two shifts per two words). The interpreter cannot run PTX, so under
-  ``TRITON_INTERPRET`` (and for fp16 activations) the launcher runs ``1``; the GPU benchmark and the
-  kernel tests on a GPU check ``2`` against the reference.
+  ``2^23 + 8 (+ zero)`` offset is subtracted exactly. Also the fp16-activation and interpreter path of ``2``.
+* ``2``: bf16 pairs straight from inline PTX (prmt, lop3 and one bf16x2 fma per two weights). The unpacked
+  tile is not in the operand's register layout, so Triton converts it through shared memory: on the H100
+  ~370 instructions and 10 barriers per warp and 64 x 128 K step, which bound the kernel at ~1.5 TB/s at
+  M <= 16 (``benchmarks/w4a16_tc_limits.py``: the same launch without its weight stream took as long).
+* ``3`` (BLOCK_K 128): the words are stored in a layout (``dot_layout_words``, built once per weight) in
+  which each thread's words hold exactly its operand codes, so every layout of the unpack is the operand's
+  and no conversion is left: ~260 instructions and 2-3 barriers per step.
 
-The group scale multiplies the fp32 dot result of a K step (``BLOCK_K`` divides the group size), which is
-cheaper than scaling every weight. Split-K reuses the single-launch counter finish of :mod:`.triton_w4a16`.
+``SCALE_W`` (always on with UNPACK 3) folds the group scale into the bf16 weight, so the dot accumulates in
+place; otherwise the fp32 partial of each K step is scaled (``BLOCK_K`` divides the group size). An in-place
+accumulation needs ``_after_mma``: the next step's unpack must wait for the ``wgmma``s still reading their
+register operands. Split-K reuses the single-launch counter finish of :mod:`.triton_w4a16`.
 """
 from __future__ import annotations
 
@@ -117,6 +118,117 @@ def _unpack_tile_bf16_scaled(words, s, z, HAS_ZERO: tl.constexpr, BLOCK_K: tl.co
     return _nibble_tile(n0, n1, n2, n3, n4, n5, n6, n7, BLOCK_K)
 
 
+# UNPACK=3: the words are laid out (``dot_layout_words``) so that each thread's words hold exactly the codes it
+# feeds the ``wgmma`` as its register left operand. Triton then derives every layout in the unpack from the
+# dot operand's, back to the word load: no shared-memory round trip of the dequantized tile (UNPACK 1 and 2
+# convert it, 8 barriers per K step at 64 x 128; see benchmarks/results/h100-notes.md). Within a 128-wide K
+# step, word ``c = 4t + jp`` of a row holds in nibble ``4e + 2jj + h`` (bits 4(4e + 2jj + h)) the code of
+# ``k = 32jp + 16jj + 8h + 2t + e``: ``t`` is the thread's lane in its quad, and the pair e = 0, 1 is one
+# 32-bit register of the operand. The PTX makes that pair from bits 4p and 16 + 4p (p = 2jj + h) with one
+# lop3, one bf16x2 fma (- 136 - zero) and one bf16x2 mul by the row's scale: (q - zero) * scale rounded once.
+def _asm_dot_pairs() -> str:
+    lines = ["{ .reg .b32 t, one, w4, w8, w12;", "mov.b32 one, 0x3F803F80;",
+             "shr.u32 w4, $4, 4; shr.u32 w8, $4, 8; shr.u32 w12, $4, 12;"]
+    for p, src in enumerate(("$4", "w4", "w8", "w12")):
+        lines.append(f"lop3.b32 t, {src}, 0x000F000F, 0x43004300, 0xEA; fma.rn.bf16x2 t, t, one, $6; "
+                     f"mul.rn.bf16x2 ${p}, t, $5;")
+    return "\n".join(lines + ["}"])
+
+
+_ASM_DOT_PAIRS = tl.constexpr(_asm_dot_pairs())
+_NEG136_X2 = tl.constexpr(0xC308C308 - (1 << 32))   # the bf16 pair (-136, -136) as an int32
+
+
+def dot_layout_words(canonical: torch.Tensor, rows_per_chunk: int = 4096) -> torch.Tensor:
+    """The canonical ``[N, K/8]`` words (nibble j of word w: k = 8w + j) in the UNPACK=3 order (K % 128 == 0):
+    a permutation of the nibbles within each row's 128-wide K steps, so the bytes a K step reads stay the same
+    64 contiguous bytes per row. Built once per weight, in row chunks (the unpacked nibbles take 8x the words)."""
+    n, kw = canonical.shape
+    if kw % 16:
+        raise ValueError(f"the UNPACK=3 layout needs K % 128 == 0, got K = {kw * 8}")
+    shifts = torch.arange(0, 32, 4, dtype=torch.int32, device=canonical.device)
+    out = torch.empty_like(canonical)
+    for r0 in range(0, n, rows_per_chunk):
+        rows = canonical[r0:r0 + rows_per_chunk]
+        u = (rows.unsqueeze(-1) >> shifts) & 0xF                                   # [n, K/8, 8]: k = 8w + j
+        u = u.reshape(rows.shape[0], kw // 16, 4, 2, 2, 4, 2)                      # [n, K/128, jp, jj, h, t, e]
+        u = u.permute(0, 1, 5, 2, 6, 3, 4).reshape(rows.shape[0], kw, 8)           # [.., t, jp | e, jj, h]
+        out[r0:r0 + rows_per_chunk] = torch.sum(u << shifts, dim=-1, dtype=torch.int32)
+    return out
+
+
+@triton.jit
+def _bf16_halves(v):
+    """The low and high bf16 halves of int32 pairs."""
+    return ((v & 0xFFFF).to(tl.int16).to(tl.bfloat16, bitcast=True),
+            (v >> 16).to(tl.int16).to(tl.bfloat16, bitcast=True))
+
+
+@triton.jit
+def _dot_code(words, s, zoff, SHIFT: tl.constexpr):
+    """Interpreter path of the PTX: the code at bit SHIFT as (u + zoff) * s, zoff = -(8 + zero) (exact), then
+    one rounding to bf16, as the PTX's bf16x2 mul rounds."""
+    return ((((words >> SHIFT) & 0xF).to(tl.float32) + zoff) * s).to(tl.bfloat16)
+
+
+@triton.jit
+def _unpack_dot_tile(words, s, z, HAS_ZERO: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                     ASM: tl.constexpr, MMA_WAIT: tl.constexpr):
+    """(q - zero) * scale of a UNPACK=3 word tile ``[2, BN/16, 8, 16]`` (tile row 16 d1 + 8 d0 + d2) as the
+    ``[BN, BK]`` bf16 left operand; s, z: the rows' scale and zero point ``[2, BN/16, 8, 1]``. ``MMA_WAIT``:
+    the unpack waits for the ``wgmma``s in flight (see ``_after_mma``) through the scales, a small tensor:
+    a side-effecting op on the words would pin their layout and bring back the shared-memory round trip."""
+    if ASM:
+        sb = _after_mma(s.to(tl.bfloat16).to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF, MMA_WAIT)
+        if HAS_ZERO:
+            ob = (-(136.0 + z.to(tl.float32))).to(tl.bfloat16).to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF
+            off = tl.broadcast_to(ob | (ob << 16), words.shape)
+        else:   # bf16x2 (-136, -136), made at the words' shape (a [BN]-shaped constant broadcast here kept
+            off = tl.full(words.shape, _NEG136_X2, tl.int32)   # Triton from giving the loads the dot's layout)
+        v0, v1, v2, v3 = tl.inline_asm_elementwise(
+            _ASM_DOT_PAIRS, "=r,=r,=r,=r,r,r,r", [words, tl.broadcast_to(sb | (sb << 16), words.shape), off],
+            dtype=(tl.int32,) * 4, is_pure=True, pack=1)
+        n0, n1 = _bf16_halves(v0)
+        n2, n3 = _bf16_halves(v1)
+        n4, n5 = _bf16_halves(v2)
+        n6, n7 = _bf16_halves(v3)
+    else:
+        sf = s.to(tl.bfloat16).to(tl.float32)
+        zoff = -8.0 + tl.zeros_like(sf)
+        if HAS_ZERO:
+            zoff = zoff - z.to(tl.float32)
+        n0 = _dot_code(words, sf, zoff, 0)
+        n1 = _dot_code(words, sf, zoff, 16)
+        n2 = _dot_code(words, sf, zoff, 4)
+        n3 = _dot_code(words, sf, zoff, 20)
+        n4 = _dot_code(words, sf, zoff, 8)
+        n5 = _dot_code(words, sf, zoff, 24)
+        n6 = _dot_code(words, sf, zoff, 12)
+        n7 = _dot_code(words, sf, zoff, 28)
+    # n(2p + e) holds the pair slot (p = 2jj + h, e); nested joins append axes (e, h, jj) in that order
+    a = tl.join(tl.join(tl.join(n0, n1), tl.join(n2, n3)), tl.join(tl.join(n4, n5), tl.join(n6, n7)))
+    a = tl.reshape(a, (2, BLOCK_N // 16, 8, 4, 4, 2, 2, 2))   # [d0, d1, d2, t, jp, e, h, jj]
+    a = tl.permute(a, (1, 0, 2, 4, 7, 6, 3, 5))               # [d1, d0, d2, jp, jj, h, t, e]
+    return tl.reshape(a, (BLOCK_N, BLOCK_K))
+
+
+@triton.jit
+def _after_mma(words, WAIT: tl.constexpr):
+    """``words``, handed on only after every ``wgmma`` in flight has completed (``wgmma.wait_group 0``).
+
+    With the dequantized tile as the register left operand and the dot accumulating in place, Triton waits
+    after each K step's ``wgmma`` only until at most 7 are pending, so the next step's unpack can overwrite
+    registers that in-flight ``wgmma``s still read. On the H100 (triton 3.6) that gave wrong results,
+    varying from run to run, at 64-256 token rows: the UNPACK 3 tiles with 3 stages, and the TMA + SCALE_W
+    tiles with split-K that an earlier launcher guard ran without TMA (a "race" whose cause was not found
+    then). With this wait every such tile passed (benchmarks/w4a16_tc_check.py, ``CHECK_MODE=dot``). It is
+    pure, so Triton keeps its freedom over the operand's layout; the data dependency orders it."""
+    if WAIT:
+        return tl.inline_asm_elementwise("wgmma.wait_group.sync.aligned 0;\nmov.b32 $0, $1;", "=r,r", [words],
+                                         dtype=tl.int32, is_pure=True, pack=1)
+    return words
+
+
 @triton.jit
 def _dot_acc(a, b, acc, INTERPRET: tl.constexpr):
     """acc + a @ b accumulated by the dot itself (16-bit operands widened under the interpreter, see ``_dot``)."""
@@ -131,7 +243,7 @@ def w4a16_tc_kernel(x_ptr, w_ptr, x_desc, w_desc, s_ptr, z_ptr, bias_ptr, out_pt
                     GROUP: tl.constexpr, HAS_ZERO: tl.constexpr, HAS_BIAS: tl.constexpr,
                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                     SPLIT_K, UNPACK: tl.constexpr, SCALE_W: tl.constexpr = False,
-                    TMA: tl.constexpr = False, INTERPRET: tl.constexpr = False):
+                    TMA: tl.constexpr = False, INTERPRET: tl.constexpr = False, MMA_WAIT: tl.constexpr = True):
     """Needs GROUP % BLOCK_K == 0 and K % BLOCK_K == 0 (checked by the launcher). ``SPLIT_K`` is a run-time
     value (Triton specialises 1 by itself), so split choices share one compiled kernel. With ``TMA`` the word and
     activation tiles come through tensor descriptors (``w_desc`` [N, K/8] words in [BN, BK/8] boxes,
@@ -158,42 +270,61 @@ def w4a16_tc_kernel(x_ptr, w_ptr, x_desc, w_desc, s_ptr, z_ptr, bias_ptr, out_pt
     z_nxt = s_nxt
     if HAS_ZERO:
         z_nxt = tl.load(z_ptr + sz + g_first)
+    # UNPACK=3: the word tile as [2, BN/16, 8, 16] (tile row 16 d1 + 8 d0 + d2, word d3), see dot_layout_words
+    d0 = tl.arange(0, 2)[:, None, None, None]
+    d1 = tl.arange(0, BLOCK_N // 16)[None, :, None, None]
+    d2 = tl.arange(0, 8)[None, None, :, None]
+    d3 = tl.arange(0, 16)[None, None, None, :]
+    rows4 = tl.minimum(pid_n * BLOCK_N + 16 * d1 + 8 * d0 + d2, N - 1)                 # [2, BN/16, 8, 1]
     for step in range(s0, s1):
         k0 = step * BLOCK_K
         grp = k0 // GROUP
         if TMA:
             xt = x_desc.load([pid_m * BLOCK_M, k0]).T                                   # [BK, BM]
-            s = s_nxt
-            z = z_nxt
-            g_next = (tl.minimum(step + 1, s1 - 1) * BLOCK_K) // GROUP
-            s_nxt = tl.load(s_ptr + sz + g_next)
-            if HAS_ZERO:
-                z_nxt = tl.load(z_ptr + sz + g_next)
         else:
             xt = tl.load(x_ptr + ram[None, :] * stride_xm + (k0 + rk)[:, None])
-            s = tl.load(s_ptr + sz + grp)                                               # [BN]
-            z = s
+        if UNPACK == 3:   # words born in the dot operand's layout, scales folded in by the PTX
+            words = tl.load(w_ptr + rows4 * KW + k0 // 8 + d3)                          # [2, BN/16, 8, 16]
+            s4 = tl.load(s_ptr + rows4 * G + grp)
+            z4 = s4
             if HAS_ZERO:
-                z = tl.load(z_ptr + sz + grp)
-        words = _load_words(w_ptr, w_desc, rbn, pid_n * BLOCK_N, k0 // 8, KW, BLOCK_K, TMA)   # [BN, BK/8]
-        if UNPACK == 2 and SCALE_W:   # (q - zero) * scale in bf16 straight from the PTX; the dot accumulates
-            wq = _unpack_tile_bf16_scaled(words, s, z, HAS_ZERO, BLOCK_K)
+                z4 = tl.load(z_ptr + rows4 * G + grp)
+            wq = _unpack_dot_tile(words, s4, z4, HAS_ZERO, BLOCK_N, BLOCK_K, not INTERPRET, MMA_WAIT)
             acc = _dot_acc(wq, xt, acc, INTERPRET)
         else:
-            if UNPACK == 2:
-                q = _unpack_tile_bf16(words, BLOCK_K)
+            if TMA:
+                s = s_nxt
+                z = z_nxt
+                g_next = (tl.minimum(step + 1, s1 - 1) * BLOCK_K) // GROUP
+                s_nxt = tl.load(s_ptr + sz + g_next)
                 if HAS_ZERO:
-                    q = q - z.to(tl.bfloat16)[:, None]
+                    z_nxt = tl.load(z_ptr + sz + g_next)
             else:
-                f = _unpack_tile(words, BLOCK_K)
+                s = tl.load(s_ptr + sz + grp)                                               # [BN]
+                z = s
                 if HAS_ZERO:
-                    q = f - (8388608.0 + 8.0 + z.to(tl.float32)[:, None])
+                    z = tl.load(z_ptr + sz + grp)
+            words = _load_words(w_ptr, w_desc, rbn, pid_n * BLOCK_N, k0 // 8, KW, BLOCK_K, TMA)   # [BN, BK/8]
+            if SCALE_W:   # the dot accumulates in place: see _after_mma
+                words = _after_mma(words, MMA_WAIT and not INTERPRET)
+            if UNPACK == 2 and SCALE_W:   # (q - zero) * scale in bf16 straight from the PTX; the dot accumulates
+                wq = _unpack_tile_bf16_scaled(words, s, z, HAS_ZERO, BLOCK_K)
+                acc = _dot_acc(wq, xt, acc, INTERPRET)
+            else:
+                if UNPACK == 2:
+                    q = _unpack_tile_bf16(words, BLOCK_K)
+                    if HAS_ZERO:
+                        q = q - z.to(tl.bfloat16)[:, None]
                 else:
-                    q = f - (8388608.0 + 8.0)
-            if SCALE_W:   # (q - zero) * scale rounded once to the activation dtype; the dot accumulates
-                acc = _dot_acc((q * s.to(tl.float32)[:, None]).to(xt.dtype), xt, acc, INTERPRET)
-            else:         # exact codes into the dot, the fp32 partial scaled per K step
-                acc += _dot(q.to(xt.dtype), xt, INTERPRET) * s.to(tl.float32)[:, None]
+                    f = _unpack_tile(words, BLOCK_K)
+                    if HAS_ZERO:
+                        q = f - (8388608.0 + 8.0 + z.to(tl.float32)[:, None])
+                    else:
+                        q = f - (8388608.0 + 8.0)
+                if SCALE_W:   # (q - zero) * scale rounded once to the activation dtype; the dot accumulates
+                    acc = _dot_acc((q * s.to(tl.float32)[:, None]).to(xt.dtype), xt, acc, INTERPRET)
+                else:         # exact codes into the dot, the fp32 partial scaled per K step
+                    acc += _dot(q.to(xt.dtype), xt, INTERPRET) * s.to(tl.float32)[:, None]
     tile_id = pid_m * num_n + pid_n
     _split_k_finish(tl.trans(acc), ws_ptr, cnt_ptr, bias_ptr, out_ptr, rm, rn, M, N, stride_om,
                     pid_k, tile_id, SPLIT_K, HAS_BIAS)
@@ -222,25 +353,18 @@ def tma_ok(x2: torch.Tensor, w: StripedWeight, cfg: dict) -> bool:
             and x2.data_ptr() % 16 == 0 and w.canonical.data_ptr() % 16 == 0)
 
 
-def tma_race_prone(cfg: dict) -> bool:
-    """``TMA`` with ``SCALE_W`` on tiles of 128+ rows with split-K: on the H100 (triton 3.6) this combination
-    gave wrong results, varying from run to run on the same inputs, in 137 checks of the tile search (a race
-    whose cause is not found; every other combination passed every check, see
-    benchmarks/results/h100-w4a16-tc-tma-*.json, rows ``quantarena:tc-wrong``). The launcher runs such a
-    tile with pointer loads instead, and the tile search skips it."""
-    return bool(cfg.get("TMA") and cfg.get("SCALE_W") and cfg["BLOCK_M"] >= 128 and cfg["SPLIT_K"] > 1)
-
-
 def w4a16_tc(x2: torch.Tensor, w: StripedWeight, bias: torch.Tensor | None = None,
              cfg: dict | None = None) -> torch.Tensor:
     """x2: [M, K] contiguous -> [M, N] (tensor cores, the weight tile dequantized on the fly)."""
     m, n, k = x2.shape[0], w.out_features, w.in_features
     cfg = dict(cfg or tc_config(m, n, k, w.group_size, _sm_count(x2.device)))
-    if cfg.get("UNPACK") == 2 and (INTERPRETING or x2.dtype != torch.bfloat16):
-        cfg["UNPACK"] = 1
+    if (cfg.get("UNPACK") == 2 and INTERPRETING) or (cfg.get("UNPACK") in (2, 3) and x2.dtype != torch.bfloat16):
+        cfg["UNPACK"] = 1   # the PTX makes bf16; UNPACK 3 has an interpreter path of its own
     bk = cfg["BLOCK_K"]
     if k % bk or w.group_size % bk:
         raise ValueError(f"BLOCK_K {bk} must divide K = {k} and the group size {w.group_size}")
+    if cfg.get("UNPACK") == 3 and (bk != 128 or cfg["BLOCK_N"] % 16):
+        raise ValueError(f"UNPACK 3 needs BLOCK_K = 128 and BLOCK_N a multiple of 16, got {bk} and {cfg['BLOCK_N']}")
     tiles = triton.cdiv(m, cfg["BLOCK_M"]) * triton.cdiv(n, cfg["BLOCK_N"])
     if cfg["SPLIT_K"] > 1 and tiles > MAX_TILES:
         cfg["SPLIT_K"] = 1
@@ -250,14 +374,15 @@ def w4a16_tc(x2: torch.Tensor, w: StripedWeight, bias: torch.Tensor | None = Non
     dummy = w.scales
     x_desc = w_desc = None
     if cfg.get("TMA"):
-        if not tma_ok(x2, w, cfg) or tma_race_prone(cfg):
+        if not tma_ok(x2, w, cfg):
             cfg["TMA"] = False
         else:
             from triton.tools.tensor_descriptor import TensorDescriptor
             x_desc = TensorDescriptor.from_tensor(x2, [cfg["BLOCK_M"], bk])
             w_desc = TensorDescriptor.from_tensor(w.canonical, [cfg["BLOCK_N"], bk // 8])
     grid = (triton.cdiv(n, cfg["BLOCK_N"]), triton.cdiv(m, cfg["BLOCK_M"]), split)
-    w4a16_tc_kernel[grid](x2, w.canonical, x_desc, w_desc, w.scales, dummy if w.zeros is None else w.zeros,
+    words = w.dot_words if cfg.get("UNPACK") == 3 else w.canonical
+    w4a16_tc_kernel[grid](x2, words, x_desc, w_desc, w.scales, dummy if w.zeros is None else w.zeros,
                           dummy if bias is None else bias, out, ws, split_k_counters(x2.device),
                           m, n, k, k // 8, k // w.group_size, x2.stride(0), out.stride(0),
                           GROUP=w.group_size, HAS_ZERO=w.zeros is not None, HAS_BIAS=bias is not None,

@@ -245,16 +245,41 @@ def test_w4a16_tc_matches_reference(m, n, split, block_k, group, symmetric, unpa
     assert int(T4.split_k_counters(x.device).abs().sum()) == 0
 
 
-def test_w4a16_tc_race_prone_tiles_run_without_tma():
-    cfg = dict(BLOCK_M=128, BLOCK_N=64, BLOCK_K=64, SPLIT_K=2, UNPACK=2, SCALE_W=True, TMA=True, num_warps=4,
-               num_stages=3)
-    assert TC.tma_race_prone(cfg)
-    assert not TC.tma_race_prone(dict(cfg, SPLIT_K=1)) and not TC.tma_race_prone(dict(cfg, BLOCK_M=64))
-    assert not TC.tma_race_prone(dict(cfg, SCALE_W=False)) and not TC.tma_race_prone(dict(cfg, TMA=False))
-    packed, scales, zeros = make_w4(40, 256, 64, True)
-    x = make_x(130, 256)
-    out = TC.w4a16_tc(x, T4.StripedWeight(packed, scales, zeros, 64), None, cfg)
-    assert rel_err(out, R.w4a16_linear(x, packed, scales, zeros, 64)) < REL_TOL
+def test_dot_layout_words_is_the_documented_permutation():
+    packed, _, _ = make_w4(5, 384, 128, True)
+    dot = TC.dot_layout_words(packed, rows_per_chunk=2)              # chunked like a large weight
+    codes = P.unpack_int4(dot).reshape(5, 3, 4, 4, 2, 2, 2)          # [n, step, t, jp | e, jj, h]
+    t, jp, e, jj, h = torch.meshgrid(*(torch.arange(v) for v in (4, 4, 2, 2, 2)), indexing="ij")
+    k = 32 * jp + 16 * jj + 8 * h + 2 * t + e                         # the k each nibble holds
+    want = P.unpack_int4(packed).reshape(5, 3, 128)[:, :, k.reshape(-1)].reshape(codes.shape)
+    assert torch.equal(codes, want)
+
+
+@pytest.mark.parametrize("m,n,split,symmetric,bias,block_n,block_m", [
+    (1, 72, 1, True, False, 32, 16),     # ragged N, one row
+    (17, 72, 2, False, True, 32, 16),    # asymmetric, bias, split-K, ragged M across two row tiles
+    (5, 64, 3, False, False, 64, 16),    # three K splits of four steps
+    (40, 48, 1, True, True, 16, 32),     # the smallest tile: one 16-row block
+])
+def test_w4a16_tc_dot_layout_matches_reference(m, n, split, symmetric, bias, block_n, block_m):
+    k, group = 512, 128
+    packed, scales, zeros = make_w4(n, k, group, symmetric)
+    x = make_x(m, k)
+    b = torch.randn(n).to(torch.bfloat16).to(DEVICE) if bias else None
+    w = T4.StripedWeight(packed, scales, zeros, group)
+    cfg = dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=128, SPLIT_K=split, UNPACK=3, SCALE_W=True, TMA=False,
+               num_warps=4, num_stages=1)
+    out = TC.w4a16_tc(x, w, b, cfg)
+    assert rel_err(out, R.w4a16_linear(x, packed, scales, zeros, group, b)) < REL_TOL
+    assert int(T4.split_k_counters(x.device).abs().sum()) == 0
+
+
+def test_w4a16_tc_dot_layout_needs_a_128_step():
+    packed, scales, zeros = make_w4(32, 256, 128, True)
+    w = T4.StripedWeight(packed, scales, zeros, 128)
+    cfg = dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=64, SPLIT_K=1, UNPACK=3, num_warps=4, num_stages=1)
+    with pytest.raises(ValueError, match="UNPACK 3 needs BLOCK_K = 128"):
+        TC.w4a16_tc(make_x(2, 256), w, None, cfg)
 
 
 def test_w4a16_tc_rejects_a_k_step_that_spans_groups():
