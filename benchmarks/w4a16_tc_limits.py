@@ -89,7 +89,9 @@ def tc_launch(x, sw, cfg, cut: bool):
     split = cfg["SPLIT_K"]
     out = torch.empty((m, n), dtype=x.dtype, device=x.device)
     ws = torch.empty((split, m, n) if split > 1 else (1,), dtype=torch.float32, device=x.device)
-    words = sw.canonical[:, :bk // 8] if cut else sw.canonical
+    words = sw.dot_words if cfg.get("UNPACK") == 3 else sw.canonical
+    if cut:
+        words = words[:, :bk // 8]
     x_desc = TensorDescriptor.from_tensor(x, [cfg["BLOCK_M"], bk])
     w_desc = TensorDescriptor.from_tensor(words, [cfg["BLOCK_N"], bk // 8])
     grid = (triton.cdiv(n, cfg["BLOCK_N"]), triton.cdiv(m, cfg["BLOCK_M"]), split)
@@ -97,7 +99,7 @@ def tc_launch(x, sw, cfg, cut: bool):
 
     def run():
         out.fill_(float("nan"))
-        TC.w4a16_tc_kernel[grid](x, sw.canonical, x_desc, w_desc, sw.scales, sw.scales, sw.scales, out, ws, cnt,
+        TC.w4a16_tc_kernel[grid](x, words, x_desc, w_desc, sw.scales, sw.scales, sw.scales, out, ws, cnt,
                                  m, n, k, k // 8, k // sw.group_size, x.stride(0), out.stride(0),
                                  GROUP=sw.group_size, HAS_ZERO=False, HAS_BIAS=False,
                                  INTERPRET=T4.INTERPRETING, **cfg)
@@ -128,6 +130,10 @@ def main():
         for m in MS:
             x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
             cfg = tuned_tile(m, n, k)
+            if os.environ.get("LIMITS_TILE"):   # e.g. "64,128,2,4,3,1": BN, BK, UNPACK, warps, stages, split
+                bn, bk, unpack, nw, ns, split = (int(v) for v in os.environ["LIMITS_TILE"].split(","))
+                cfg = dict(cfg, BLOCK_N=bn, BLOCK_K=bk, UNPACK=unpack, num_warps=nw, num_stages=ns, SPLIT_K=split,
+                           SCALE_W=True)
             if ncu:
                 for cut in (False, True):
                     run, _ = tc_launch(x, sw, cfg, cut)
@@ -136,7 +142,8 @@ def main():
                 torch.cuda.synchronize()
                 continue
             ref = ops.w4a16_linear(x, layer.packed, layer.scales, None, BK.GROUP)
-            for name, cut in (("real", False), ("compute", True)):
+            # UNPACK 3 reads its words through pointers, not the descriptor: no "compute" row for it
+            for name, cut in (("real", False), ("compute", True))[:1 if cfg.get("UNPACK") == 3 else 2]:
                 run, out = tc_launch(x, sw, cfg, cut)
                 run()
                 err = BK.rel_err(out, ref)   # "real" must match the dispatch; "compute" cannot (zero tiles)
@@ -146,7 +153,8 @@ def main():
         if ncu:
             continue
         total = torch.zeros((), dtype=torch.int64, device="cuda")
-        rec("copy", time_fn(lambda: torch.sum(words, dtype=torch.int64, out=total), flush, 30))
+        flat = words.view(-1)
+        rec("copy", time_fn(lambda: torch.sum(flat, dim=0, dtype=torch.int64, out=total), flush, 30))
         for bn, bkw in ((64, 16), (128, 16), (64, 32), (128, 32)):
             tiled = words.view(n // bn, bn, words.shape[1] // bkw, bkw).permute(0, 2, 1, 3).contiguous()
             want = int(torch.sum(words, dtype=torch.int64)) % 2**32

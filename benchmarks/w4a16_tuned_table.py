@@ -50,7 +50,7 @@ def build(result: dict, source: str) -> str:
             path = "tc"
         elif r["impl"] == "quantarena:dequant":
             path = "dequant"
-        elif not (r["impl"] == "quantarena" and path == "gemv2"):
+        elif not (r["impl"] == "quantarena" and path in ("gemv2", "dequant")):   # the dispatch's own row
             continue
         key = (r["M"], r["N"], r["K"])
         cfg = {k: r["config"][k] for k in KEEP if k in r["config"]} if path == "tc" else None

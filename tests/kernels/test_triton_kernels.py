@@ -196,7 +196,8 @@ def test_w4a16_tuned_table_is_consistent():
     for (m, n, k), (path, cfg) in TW.TABLE.items():
         assert m in TW.BUCKETS and path in ("gemv2", "tc", "dequant")   # M = 1 rows are superseded by gemv3
         if path == "tc":
-            assert 128 % cfg["BLOCK_K"] == 0 and k % cfg["BLOCK_K"] == 0 and cfg["UNPACK"] in (1, 2)
+            assert 128 % cfg["BLOCK_K"] == 0 and k % cfg["BLOCK_K"] == 0 and cfg["UNPACK"] in (1, 2, 3)
+            assert cfg["UNPACK"] != 3 or (cfg["BLOCK_K"] == 128 and cfg["BLOCK_N"] % 16 == 0)
     assert TW.lookup(3, 4096, 4096) == TW.TABLE.get((4, 4096, 4096)) and TW.lookup(3, None, 4096) is None
 
 
