@@ -1,9 +1,15 @@
-"""W8A8 int8 and FP8 GEMMs: GPU correctness of the swap-AB kernel and the M <= 4 GEMV, tile search per
-(M, N, K) for the GEMM kernels (and the GEMV at M <= 4), against cuBLAS bf16 and ``torch._scaled_mm``, in one
-run (CUDA graphs, L2 flushed).
+"""W8A8 int8 and FP8 GEMMs: GPU correctness of the swap-AB kernel and the M <= 4 GEMV (plain and fused with
+the activation quantization), tile search per (M, N, K) for the GEMM kernels (and the GEMV at M <= 4), against
+cuBLAS bf16 and ``torch._scaled_mm``, in one run (CUDA graphs, L2 flushed).
 
-The activation-quant kernel is the same for every candidate, so the GEMMs are timed on already-quantized
-inputs. Writes $OUT/w8a8.json (rows as in benchmarks/results/*-kernels.json, ``impl`` naming the kernel and
+The activation-quant kernel is the same for every GEMM, so the GEMMs are timed on already-quantized inputs
+(ops ``w8a8`` / ``fp8``). At M <= 4 the fused GEMV (``a8w8_gemv_quant``, table name ``gemv_q``) does the
+quantization itself, so it is timed from the bf16 activations, in rows of ops ``w8a8+quant`` / ``fp8+quant``
+that all include the quantization: impl ``gemv_q`` (each GEMV tile) against ``act_quant+<impl>`` (act_quant
+then the fastest tile of each GEMM-only kernel, timed as one graph) and ``act_quant`` alone.
+benchmarks/w8a8_tuned_table.py reads the GEMM-only rows only: a ``gemv_q`` table entry is to be chosen from
+the ``+quant`` rows (where a gemv_q row beats every act_quant+ row of the shape).
+Writes $OUT/w8a8.json (rows as in benchmarks/results/*-kernels.json, ``impl`` naming the kernel and
 ``config`` its tile) and $OUT/tuned_w8a8.py (the dispatch table module).
 Usage: python benchmarks/w8a8_tune.py [out_dir]
 W8_MS (comma-separated M values) restricts the batch sizes: ``W8_MS=1,2,4`` re-tunes the decode sizes only
@@ -75,20 +81,24 @@ def poisoned(fn, m, n):
 
 
 def gemv_correctness():
-    """The M <= 4 GEMV: every M, ragged N and K (K % 4 == 0), bias, a static stride-0 scale, split-K 1 and 3,
-    a few tiles, both prefetch modes, outputs poisoned. int8 must equal the tiled int8 GEMM bit for bit
-    (exact int32 sums, the same epilogue) and the reference up to the bias fma; fp8 (float32 accumulation)
-    the float64 product to 1e-5."""
-    for (n, k, bias, static) in [(40, 384, False, False), (33, 4096, True, False), (1000, 14336, False, True),
-                                 (200, 1000, True, True), (4096, 4096, False, False)]:
+    """The M <= 4 GEMV: every M, ragged N and K (K % 4 == 0), bias, a static stride-0 scale, SmoothQuant
+    divisors, split-K 1 and 3, a few tiles, both prefetch modes, outputs poisoned. int8 must equal the tiled
+    int8 GEMM bit for bit (exact int32 sums, the same epilogue) and the reference up to the bias fma; fp8
+    (float32 accumulation) the float64 product to 1e-5. The fused GEMV (quantizing x itself) must equal
+    act_quant + the GEMV bit for bit in int8 and match it to 1e-5 in fp8."""
+    for (n, k, bias, static, smooth) in [(40, 384, False, False, False), (33, 4096, True, False, True),
+                                         (1000, 14336, False, True, False), (200, 1000, True, True, True),
+                                         (4096, 4096, False, False, True)]:
         gen = torch.Generator().manual_seed(n + k)
         w = torch.randn(n, k, generator=gen).cuda()
         b = torch.randn(n, device="cuda") if bias else None
+        s = (torch.rand(k, generator=gen) + 0.5).cuda() if smooth else None
+        isc = torch.tensor([0.02], device="cuda") if static else None
         wq, ws = P.quantize_int8(w, "channel")
         fq, fs = P.quantize_fp8(w, "row")
         for m in (1, 2, 3, 4):
             x = torch.randn(m, k, generator=gen).cuda().to(torch.bfloat16)
-            xq, xs = act_quant(x, input_scale=torch.tensor([0.02], device="cuda") if static else None)
+            xq, xs = act_quant(x, input_scale=isc, smooth=s)
             assert not static or m == 1 or xs.stride(0) == 0   # the expanded static scale
             gq, gs = act_quant(x, fp8=True)
             ref8 = R.int8_matmul(xq, wq).float() * xs * ws.reshape(1, -1) + (0 if b is None else b)
@@ -98,15 +108,22 @@ def gemv_correctness():
                 for split in (1, 3):
                     cfg = dict(BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=split, num_warps=nw, num_stages=1, PREFETCH=pf,
                                STAGES=st)
-                    out = poisoned(lambda: G8.a8w8_gemv(xq, xs, wq, ws, b, torch.float32, cfg), m, n)
-                    assert torch.equal(out, T8.int8_gemm(xq, xs, wq, ws, b, torch.float32)), ("gemv int8", m, n, k, cfg)
-                    ok = torch.equal(out, ref8) if b is None else (out - ref8).abs().max() <= 2e-7 * ref8.abs().max()
+                    gemv8 = poisoned(lambda: G8.a8w8_gemv(xq, xs, wq, ws, b, torch.float32, cfg), m, n)
+                    assert torch.equal(gemv8, T8.int8_gemm(xq, xs, wq, ws, b, torch.float32)), ("gemv int8", m, n, k,
+                                                                                                 cfg)
+                    diff = (gemv8 - ref8).abs().max()
+                    ok = torch.equal(gemv8, ref8) if b is None else diff <= 2e-7 * ref8.abs().max()
                     assert ok, ("gemv int8 vs reference", m, n, k, cfg)
-                    out = poisoned(lambda: G8.a8w8_gemv(gq, gs, fq, fs, b, torch.float32, cfg), m, n)
-                    err = ((out.double() - reff).norm() / reff.norm()).item()
+                    gemvf = poisoned(lambda: G8.a8w8_gemv(gq, gs, fq, fs, b, torch.float32, cfg), m, n)
+                    err = ((gemvf.double() - reff).norm() / reff.norm()).item()
                     assert err < 1e-5, ("gemv fp8", m, n, k, cfg, err)
+                    out = poisoned(lambda: G8.a8w8_gemv_quant(x, wq, ws, b, s, isc, cfg, torch.float32), m, n)
+                    assert torch.equal(out, gemv8), ("gemv_q int8", m, n, k, cfg)
+                    out = poisoned(lambda: G8.a8w8_gemv_quant(x, fq, fs, b, None, None, cfg, torch.float32), m, n)
+                    err = ((out - gemvf).norm() / gemvf.norm()).item()
+                    assert err < 1e-5, ("gemv_q fp8", m, n, k, cfg, err)
         assert int(T4.split_k_counters(w.device).abs().sum()) == 0
-        log("gemv correct", n, k, bias, static)
+        log("gemv correct", n, k, bias, static, smooth)
 
 
 def t(fn):
@@ -115,6 +132,37 @@ def t(fn):
     except Exception as exc:
         log("fail", type(exc).__name__, str(exc)[:160])
         return float("inf")
+
+
+def gemm_of(op, impl, cfg, layer):
+    """The GEMM-only kernel of a row, as a function of the quantized activations (xq, xs)."""
+    w, ws = (layer.w8, layer.w8_scale) if op == "w8a8" else (layer.wf8, layer.wf8_scale)
+    if impl == "gemv":
+        return lambda xq, xs: G8.a8w8_gemv(xq, xs, w, ws, None, torch.bfloat16, cfg)
+    if impl == "swap":
+        return lambda xq, xs: T8.a8w8_swap_gemm(xq, xs, w, ws, None, torch.bfloat16, cfg)
+    if impl == "std":
+        return lambda xq, xs: T8.int8_gemm(xq, xs, w, ws, None, torch.bfloat16, cfg)
+    return lambda xq, xs: torch._scaled_mm(xq, w.t(), scale_a=xs, scale_b=ws.reshape(1, -1),
+                                           out_dtype=torch.bfloat16)
+
+
+def with_quant_rows(base, shape_rows, x, layer):
+    """M <= 4, eager path: act_quant alone, and act_quant then the fastest tile of each GEMM-only kernel of
+    the shape timed as one graph (ops ``w8a8+quant`` / ``fp8+quant``, the fused GEMV's competitors)."""
+    out = []
+    for op in ("w8a8", "fp8"):
+        fp8 = op == "fp8"
+        out.append(dict(base, op=op + "+quant", impl="act_quant", us=t(lambda: act_quant(x, fp8=fp8))))
+        best = {}
+        for r in shape_rows:
+            if r["op"] == op and r["us"] < best.get(r["impl"], {"us": float("inf")})["us"]:
+                best[r["impl"]] = r
+        for impl, r in best.items():
+            gemm = gemm_of(op, impl, r.get("config"), layer)
+            out.append(dict(base, op=op + "+quant", impl="act_quant+" + impl, config=r.get("config"),
+                            us=t(lambda: gemm(*act_quant(x, fp8=fp8)))))
+    return out
 
 
 def splits(m, n, k, bm, bn, bk):
@@ -175,6 +223,12 @@ for model in os.environ.get("TUNE_MODELS", "llama-3-8b,llama-3-70b").split(","):
                             lambda: G8.a8w8_gemv(xq, xs, layer.w8, layer.w8_scale, None, torch.bfloat16, cfg))))
                         rows.append(dict(base, op="fp8", impl="gemv", config=cfg, us=t(
                             lambda: G8.a8w8_gemv(fq, fs, layer.wf8, layer.wf8_scale, None, torch.bfloat16, cfg))))
+                        rows.append(dict(base, op="w8a8+quant", impl="gemv_q", config=cfg, us=t(
+                            lambda: G8.a8w8_gemv_quant(x, layer.w8, layer.w8_scale, None, cfg=cfg))))
+                        rows.append(dict(base, op="fp8+quant", impl="gemv_q", config=cfg, us=t(
+                            lambda: G8.a8w8_gemv_quant(x, layer.wf8, layer.wf8_scale, None, cfg=cfg))))
+                rows += with_quant_rows(base, [r for r in rows if r["M"] == m and r["K"] == k and r["N"] == n], x,
+                                        layer)
             mine = [r for r in rows if r["M"] == m and r["K"] == k and r["N"] == n]
             best = {}
             for r in mine:

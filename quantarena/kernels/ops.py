@@ -14,7 +14,9 @@ benchmarks.
 
 W8A8 int8 and FP8: one fused activation-quant kernel, then the GEMM measured fastest for the shape in
 :mod:`.tuned_w8a8`: the swap-AB Triton kernel for skinny M, the tiled int8 kernel (tuned tile) or
-``torch._scaled_mm`` for larger M; untuned shapes get the tiled int8 kernel / ``torch._scaled_mm``.
+``torch._scaled_mm`` for larger M; untuned shapes get the tiled int8 kernel / ``torch._scaled_mm``. At M <= 4
+the table may name the CUDA-core GEMV (``gemv``) or the GEMV that quantizes its activations itself
+(``gemv_q``: one launch instead of two).
 Under ``torch.compile`` the activation quantization is written in torch ops (the reference's) and only the
 GEMM is a custom op (``quantarena::a8w8_gemm``), so inductor fuses the quantization into the kernel that
 produces the activations (RMSNorm, SiLU-mul) instead of launching it separately. Its float32 division is
@@ -179,7 +181,12 @@ def w4a16_linear(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, ze
 
 def _a8w8_choice(op: str, m: int, n: int, k: int, tuned_table: bool = True) -> tuple[str, dict | None]:
     """The GEMM kernel (and tile) measured fastest for an int8 (``w8a8``) or ``fp8`` linear of this shape:
-    from :mod:`.tuned_w8a8` where it has the shape, else the tiled int8 kernel / ``torch._scaled_mm``."""
+    from :mod:`.tuned_w8a8` where it has the shape, else the tiled int8 kernel / ``torch._scaled_mm``.
+
+    Kernels: ``std`` (tiled int8), ``scaled_mm`` (fp8, cuBLASLt), ``swap``, ``tma``, and for M <= 4 ``gemv``
+    (act_quant, then :func:`.triton_a8w8_gemv.a8w8_gemv`) or ``gemv_q`` (one launch,
+    :func:`.triton_a8w8_gemv.a8w8_gemv_quant`: the GEMV quantizes the activations itself; the same tile
+    serves the plain GEMV where the activations come quantized, under ``torch.compile`` and for gated inputs)."""
     from .tuned_w8a8 import lookup
 
     tuned = lookup(op, m, n, k) if tuned_table else None
@@ -191,15 +198,15 @@ def _a8w8_choice(op: str, m: int, n: int, k: int, tuned_table: bool = True) -> t
 def _a8w8_gemm(xq: torch.Tensor, xs: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
                bias: torch.Tensor | None, out_dtype: torch.dtype) -> torch.Tensor:
     """Quantized activations (int8 or fp8 codes, float32 scales [M, 1]) x the weight codes: the GEMM kernel
-    the dispatch table names for the shape (``gemv``: the CUDA-core GEMV for M <= 4, where it takes the
-    shape; otherwise, and for a kernel that cannot take the shape, the defaults)."""
+    the dispatch table names for the shape (``gemv`` / ``gemv_q``: the CUDA-core GEMV for M <= 4, where it
+    takes the shape; otherwise, and for a kernel that cannot take the shape, the defaults)."""
     from .triton_a8w8_gemv import a8w8_gemv, gemv_supported
     from .triton_w8a8 import a8w8_swap_gemm, a8w8_tma_gemm, int8_gemm, tma_supported
 
     fp8 = xq.dtype == torch.float8_e4m3fn
     kernel, cfg = _a8w8_choice("fp8" if fp8 else "w8a8", xq.shape[0], weight.shape[0], weight.shape[1],
                                _tuned_for(xq))
-    if kernel == "gemv" and gemv_supported(xq, weight):
+    if kernel in ("gemv", "gemv_q") and gemv_supported(xq, weight):
         return a8w8_gemv(xq, xs, weight, weight_scale, bias, out_dtype, cfg)
     if kernel == "swap":
         return a8w8_swap_gemm(xq, xs, weight, weight_scale, bias, out_dtype, cfg)
@@ -210,6 +217,18 @@ def _a8w8_gemm(xq: torch.Tensor, xs: torch.Tensor, weight: torch.Tensor, weight_
     # weight [N, K] row-major: .t() is the column-major [K, N] operand cuBLASLt wants; rowwise scales
     return torch._scaled_mm(xq, weight.t(), scale_a=xs, scale_b=weight_scale.reshape(1, -1),
                             bias=bias, out_dtype=out_dtype)
+
+
+def _gemv_q(op: str, x2: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor, bias: torch.Tensor | None,
+            smooth: torch.Tensor | None = None, input_scale: torch.Tensor | None = None) -> torch.Tensor | None:
+    """The linear in one launch, the GEMV quantizing x2 itself, where the dispatch table names ``gemv_q`` for
+    the shape and the GEMV takes it (M <= 4, K % 4 == 0); else None (quantize, then :func:`_a8w8_gemm`)."""
+    from .triton_a8w8_gemv import a8w8_gemv_quant, gemv_supported
+
+    kernel, cfg = _a8w8_choice(op, x2.shape[0], weight.shape[0], weight.shape[1], _tuned_for(x2))
+    if kernel != "gemv_q" or not gemv_supported(x2, weight):
+        return None
+    return a8w8_gemv_quant(x2, weight, weight_scale, bias, smooth, input_scale, cfg)
 
 
 @torch.library.custom_op("quantarena::a8w8_gemm", mutates_args=())
@@ -228,6 +247,9 @@ def _w8a8_op(x2: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
              smooth: torch.Tensor | None, bias: torch.Tensor | None) -> torch.Tensor:
     from .triton_act_quant import act_quant
 
+    out = _gemv_q("w8a8", x2, weight, weight_scale, bias, smooth, input_scale)
+    if out is not None:
+        return out
     xq, xs = act_quant(x2.contiguous(), fp8=False, input_scale=input_scale, smooth=smooth)
     return _a8w8_gemm(xq, xs, weight, weight_scale, bias, x2.dtype)
 
@@ -264,6 +286,9 @@ def _fp8_op(x2: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
             bias: torch.Tensor | None) -> torch.Tensor:
     from .triton_act_quant import act_quant
 
+    out = _gemv_q("fp8", x2, weight, weight_scale, bias)
+    if out is not None:
+        return out
     xq, xs = act_quant(x2.contiguous(), fp8=True)
     return _a8w8_gemm(xq, xs, weight, weight_scale, bias, x2.dtype)
 

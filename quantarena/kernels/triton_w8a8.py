@@ -18,10 +18,16 @@ from .triton_w4a16 import MAX_TILES, split_k_counters, split_k_reduce
 
 
 @triton.jit
-def _epilogue(acc, a_scale_ptr, w_scale_ptr, bias_ptr, out_ptr, rm, rn, M, N, stride_as, stride_om,
-              HAS_BIAS: tl.constexpr):
+def _a_scales(a_scale_ptr, rm, M, stride_as):
+    """The activation scales of rows rm from memory (0 past M): [M, 1] float32, or a static one at stride 0."""
+    return tl.load(a_scale_ptr + rm * stride_as, mask=rm < M, other=0.0)
+
+
+@triton.jit
+def _epilogue(acc, a_s, w_scale_ptr, bias_ptr, out_ptr, rm, rn, M, N, stride_om, HAS_BIAS: tl.constexpr):
+    """out[rm, rn] = acc * a_s[rm] * w_scale[rn] (+ bias[rn]); a_s [BM] float32 is passed in (loaded by
+    :func:`_a_scales`, or computed by a kernel that quantizes its own activations)."""
     mask = (rm[:, None] < M) & (rn[None, :] < N)
-    a_s = tl.load(a_scale_ptr + rm * stride_as, mask=rm < M, other=0.0)
     w_s = tl.load(w_scale_ptr + rn, mask=rn < N, other=0.0)
     out = acc.to(tl.float32) * a_s[:, None] * w_s[None, :]
     if HAS_BIAS:
@@ -30,17 +36,16 @@ def _epilogue(acc, a_scale_ptr, w_scale_ptr, bias_ptr, out_ptr, rm, rn, M, N, st
 
 
 @triton.jit
-def _finish(acc, a_scale_ptr, w_scale_ptr, bias_ptr, out_ptr, ws_ptr, cnt_ptr, rm, rn, M, N, stride_as, stride_om,
+def _finish(acc, a_s, w_scale_ptr, bias_ptr, out_ptr, ws_ptr, cnt_ptr, rm, rn, M, N, stride_om,
             pid_k, tile_id, SPLIT_K: tl.constexpr, HAS_BIAS: tl.constexpr):
     """acc [BM, BN] (int32 or fp32): the epilogue, at once or, with split-K, by the last program of the tile
     on the sum of every split's partial (:func:`.triton_w4a16.split_k_reduce`)."""
     if SPLIT_K == 1:
-        _epilogue(acc, a_scale_ptr, w_scale_ptr, bias_ptr, out_ptr, rm, rn, M, N, stride_as, stride_om, HAS_BIAS)
+        _epilogue(acc, a_s, w_scale_ptr, bias_ptr, out_ptr, rm, rn, M, N, stride_om, HAS_BIAS)
     else:
         total, last = split_k_reduce(acc, ws_ptr, cnt_ptr, rm, rn, M, N, pid_k, tile_id, SPLIT_K)
         if last:
-            _epilogue(total, a_scale_ptr, w_scale_ptr, bias_ptr, out_ptr, rm, rn, M, N, stride_as, stride_om,
-                      HAS_BIAS)
+            _epilogue(total, a_s, w_scale_ptr, bias_ptr, out_ptr, rm, rn, M, N, stride_om, HAS_BIAS)
 
 
 @triton.jit
@@ -78,8 +83,8 @@ def int8_gemm_kernel(a_ptr, b_ptr, a_scale_ptr, w_scale_ptr, bias_ptr, out_ptr, 
             a = tl.load(a_ptr + ram[:, None] * stride_am + k[None, :], mask=k[None, :] < k_end, other=0)
             b = tl.load(b_ptr + rbn[:, None] * stride_bn + k[None, :], mask=k[None, :] < k_end, other=0)
         acc = tl.dot(a, tl.trans(b), acc, out_dtype=tl.int32)
-    _finish(acc, a_scale_ptr, w_scale_ptr, bias_ptr, out_ptr, ws_ptr, cnt_ptr, rm, rn, M, N, stride_as, stride_om,
-            pid_k, pid_m * num_n + pid_n, SPLIT_K, HAS_BIAS)
+    _finish(acc, _a_scales(a_scale_ptr, rm, M, stride_as), w_scale_ptr, bias_ptr, out_ptr, ws_ptr, cnt_ptr, rm, rn,
+            M, N, stride_om, pid_k, pid_m * num_n + pid_n, SPLIT_K, HAS_BIAS)
 
 
 @triton.jit
@@ -119,8 +124,8 @@ def a8w8_swap_kernel(a_ptr, b_ptr, a_scale_ptr, w_scale_ptr, bias_ptr, out_ptr, 
             acc = tl.dot(w, at, acc, out_dtype=tl.float32)
         else:
             acc = tl.dot(w, at, acc, out_dtype=tl.int32)
-    _finish(tl.trans(acc), a_scale_ptr, w_scale_ptr, bias_ptr, out_ptr, ws_ptr, cnt_ptr, rm, rn, M, N, stride_as,
-            stride_om, pid_k, pid_m * num_n + pid_n, SPLIT_K, HAS_BIAS)
+    _finish(tl.trans(acc), _a_scales(a_scale_ptr, rm, M, stride_as), w_scale_ptr, bias_ptr, out_ptr, ws_ptr, cnt_ptr,
+            rm, rn, M, N, stride_om, pid_k, pid_m * num_n + pid_n, SPLIT_K, HAS_BIAS)
 
 
 def codes_are_fp8(a: torch.Tensor, weight: torch.Tensor) -> bool:
@@ -252,7 +257,8 @@ def a8w8_tma_kernel(a_desc, b_desc, a_scale_ptr, w_scale_ptr, bias_ptr, out_ptr,
             acc = tl.dot(a, b.T, acc, out_dtype=tl.float32 if FP8 else tl.int32)
         rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-        _epilogue(acc, a_scale_ptr, w_scale_ptr, bias_ptr, out_ptr, rm, rn, M, N, stride_as, stride_om, HAS_BIAS)
+        _epilogue(acc, _a_scales(a_scale_ptr, rm, M, stride_as), w_scale_ptr, bias_ptr, out_ptr, rm, rn, M, N,
+                  stride_om, HAS_BIAS)
 
 
 def tma_supported(a: torch.Tensor, weight: torch.Tensor) -> bool:

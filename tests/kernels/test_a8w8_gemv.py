@@ -2,7 +2,9 @@
 at small ragged shapes (natively on a GPU machine: then the inline PTX runs).
 
 int8 must equal :func:`.triton_w8a8.int8_gemm` bit for bit (exact int32 sums, the same epilogue); fp8 is
-float32 accumulation of exact products, so it must match the float product to float32 rounding.
+float32 accumulation of exact products, so it must match the float product to float32 rounding. The fused
+variant (:func:`.triton_a8w8_gemv.a8w8_gemv_quant`, quantizing bf16 activations itself) must equal
+act_quant + the GEMV bit for bit in int8, and match it (and the float product of act_quant's codes) in fp8.
 """
 from __future__ import annotations
 
@@ -17,6 +19,7 @@ import triton.language as tl  # noqa: E402
 from quantarena import primitives as P  # noqa: E402
 from quantarena.kernels import ops, reference as R  # noqa: E402
 from quantarena.kernels import triton_a8w8_gemv as G, triton_w4a16 as T4, triton_w8a8 as T8  # noqa: E402
+from quantarena.kernels.triton_act_quant import act_quant  # noqa: E402
 
 pytestmark = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available(),
                                 reason="needs TRITON_INTERPRET=1 (set by tests/kernels/conftest.py) or a GPU")
@@ -179,4 +182,119 @@ def test_dispatch_routes_gemv_rows_to_the_gemv(monkeypatch):
     a, a_scale, wq, ws, _ = int8_operands(6, 40, 256, False, False, seed=5)  # M > 4: the tiled int8 default
     out = ops._a8w8_gemm(a, a_scale, wq, ws, None, torch.float32)
     assert calls == [cfg] and torch.equal(out, T8.int8_gemm(a, a_scale, wq, ws, None, torch.float32))
+    assert counters_are_zero()
+
+
+# ----------------------------------------------------------------------------- fused activation quantization
+
+def fused_operands(m: int, n: int, k: int, fp8: bool, bias: bool, smooth: bool, static: bool, seed: int):
+    """bf16 activations, int8 or fp8 weight codes and scales, float32 bias, smooth divisors, static scale
+    (each or None). Row 0 holds ties: unsmoothed, its absmax 127 gives scale 1 and 2.5, -3.5, ... round to
+    even; with the static scale 0.03, 0.375 / 0.03 is 12.5 only when divided correctly (x times the
+    reciprocal rounds away)."""
+    gen = torch.Generator().manual_seed(seed)
+    w = torch.randn(n, k, generator=gen)
+    wq, ws = P.quantize_fp8(w, "row") if fp8 else P.quantize_int8(w, "channel")
+    x = (torch.randn(m, k, generator=gen) * 3).to(torch.bfloat16)
+    x[0, :8] = torch.tensor([127.0, 2.5, -3.5, 0.5, -126.5, 0.375, 1.875, -3.375])
+    b = torch.randn(n, generator=gen) if bias else None
+    s = torch.rand(k, generator=gen) + 0.5 if smooth else None
+    input_scale = torch.tensor([0.03]) if static else None
+    return tuple(None if t is None else t.to(DEVICE) for t in (x, wq, ws, b, s, input_scale))
+
+
+@pytest.mark.parametrize("m,n,k,block_n,block_k,split,bias,smooth,static,prefetch", [
+    (1, 33, 200, 16, 64, 1, False, False, False, True),    # ragged K (50 words, steps of 16) and N
+    (2, 40, 200, 32, 64, 3, True, True, False, True),      # ragged split-K, bias, smooth
+    (3, 33, 264, 16, 128, 2, False, True, True, True),     # static scale with smooth
+    (2, 24, 128, 16, 64, 1, False, False, True, True),     # static scale: the ties of row 0
+    (4, 17, 1000, 16, 256, 2, True, False, False, False),  # four rows, the scale's pass over four blocks
+    (4, 40, 512, 16, 128, 4, False, False, False, True),   # even split-K
+])
+def test_fused_int8_gemv_equals_act_quant_then_the_gemv(m, n, k, block_n, block_k, split, bias, smooth, static,
+                                                         prefetch):
+    x, wq, ws, b, s, input_scale = fused_operands(m, n, k, False, bias, smooth, static, seed=m * n + k)
+    cfg = cfg_of(block_n, block_k, split, prefetch)
+    out = G.a8w8_gemv_quant(x, wq, ws, b, s, input_scale, cfg, out_dtype=torch.float32)
+    xq, xs = act_quant(x, input_scale=input_scale, smooth=s)
+    assert torch.equal(out, G.a8w8_gemv(xq, xs, wq, ws, b, torch.float32, cfg))
+    rq, rs = R.act_quant_int8(x, input_scale, s)
+    ref = R.int8_matmul(rq, wq).float() * rs * ws.reshape(1, -1)
+    if b is None:
+        assert torch.equal(out, ref)
+    else:   # a GPU fuses the bias add into one fma
+        assert (out - (ref + b)).abs().max() <= 2e-7 * (ref + b).abs().max()
+    assert counters_are_zero()
+
+
+@pytest.mark.parametrize("m,n,k,block_k,split,bias,smooth,static", [
+    (1, 33, 200, 64, 1, False, False, False),
+    (2, 40, 200, 64, 3, True, True, False),
+    (4, 17, 1000, 256, 2, True, False, True),
+])
+def test_fused_fp8_gemv_matches_act_quant_then_the_gemv(m, n, k, block_k, split, bias, smooth, static):
+    x, fq, fs, b, s, input_scale = fused_operands(m, n, k, True, bias, smooth, static, seed=m + n + k)
+    cfg = cfg_of(16, block_k, split)
+    out = G.a8w8_gemv_quant(x, fq, fs, b, s, input_scale, cfg, out_dtype=torch.float32)
+    xq, xs = act_quant(x, fp8=True, input_scale=input_scale, smooth=s)
+    assert rel_err(out, G.a8w8_gemv(xq, xs, fq, fs, b, torch.float32, cfg)) < FP8_TOL
+    ref = (xq.double() @ fq.double().t()) * xs.double() * fs.double().reshape(1, -1)
+    if b is not None:
+        ref = ref + b.double()
+    assert rel_err(out, ref) < FP8_TOL
+    assert counters_are_zero()
+
+
+def test_fused_gemv_rejects_unsupported_input():
+    x = torch.zeros(2, 64, dtype=torch.bfloat16, device=DEVICE)
+    w = torch.zeros(32, 64, dtype=torch.int8, device=DEVICE)
+    ws = torch.ones(32, device=DEVICE)
+    with pytest.raises(ValueError, match="bf16 or fp16"):
+        G.a8w8_gemv_quant(x.float(), w, ws, None)
+    with pytest.raises(ValueError, match="int8 or fp8 e4m3 codes"):
+        G.a8w8_gemv_quant(x, w.float(), ws, None)
+    with pytest.raises(ValueError, match="one divisor per input feature"):
+        G.a8w8_gemv_quant(x, w, ws, None, smooth=torch.ones(63, device=DEVICE))
+    with pytest.raises(ValueError, match="one per-tensor scale"):
+        G.a8w8_gemv_quant(x, w, ws, None, input_scale=torch.ones(2, device=DEVICE))
+    with pytest.raises(ValueError, match="1 to 4 rows"):
+        G.a8w8_gemv_quant(torch.zeros(5, 64, dtype=torch.bfloat16, device=DEVICE), w, ws, None)
+    with pytest.raises(ValueError, match="K % 4"):
+        G.a8w8_gemv_quant(torch.zeros(2, 66, dtype=torch.bfloat16, device=DEVICE),
+                          torch.zeros(32, 66, dtype=torch.int8, device=DEVICE), ws, None)
+
+
+def test_dispatch_routes_gemv_q_rows_to_the_fused_gemv(monkeypatch):
+    """A table entry ``gemv_q``: the eager int8 and fp8 ops run the fused GEMV with its tile (M <= 4), the
+    GEMM-only entry point (quantized codes, as under torch.compile) the plain GEMV with it; M > 4 quantizes
+    first and gets the defaults."""
+    fused, plain = [], []
+    real_fused, real_plain = G.a8w8_gemv_quant, G.a8w8_gemv
+
+    def spy_fused(*args):
+        fused.append(args[-1])
+        return real_fused(*args)
+
+    def spy_plain(*args):
+        plain.append(args[-1])
+        return real_plain(*args)
+
+    cfg = cfg_of(16, 64, 2)
+    monkeypatch.setattr(G, "a8w8_gemv_quant", spy_fused)
+    monkeypatch.setattr(G, "a8w8_gemv", spy_plain)
+    monkeypatch.setattr(ops, "_a8w8_choice", lambda op, m, n, k, tuned=True: ("gemv_q", cfg))
+    x, wq, ws, _, s, _ = fused_operands(3, 40, 256, False, False, True, False, seed=7)
+    out = ops._w8a8_op(x, wq, ws, None, s, None)
+    assert fused == [cfg] and not plain and out.dtype == torch.bfloat16
+    xq, xs = act_quant(x, smooth=s)
+    assert torch.equal(out, real_plain(xq, xs, wq, ws, None, torch.bfloat16, cfg))
+    assert torch.equal(ops._a8w8_gemm(xq, xs, wq, ws, None, torch.bfloat16), out) and plain == [cfg]
+    x5 = torch.cat([x, x[:2]])
+    xq, xs = act_quant(x5, smooth=s)
+    assert torch.equal(ops._w8a8_op(x5, wq, ws, None, s, None), T8.int8_gemm(xq, xs, wq, ws, None, torch.bfloat16))
+    assert fused == [cfg] and plain == [cfg]
+    _, fq, fs, _, _, _ = fused_operands(2, 40, 256, True, False, False, False, seed=8)
+    out = ops._fp8_op(x[:2], fq, fs, None)
+    xq, xs = act_quant(x[:2], fp8=True)
+    assert fused == [cfg, cfg] and rel_err(out, real_plain(xq, xs, fq, fs, None, torch.bfloat16, cfg)) < 1e-2
     assert counters_are_zero()
