@@ -7,12 +7,12 @@ The activation-quant kernel is the same for every GEMM, so the GEMMs are timed o
 quantization itself, so it is timed from the bf16 activations, in rows of ops ``w8a8+quant`` / ``fp8+quant``
 that all include the quantization: impl ``gemv_q`` (each GEMV tile) against ``act_quant+<impl>`` (act_quant
 then the fastest tile of each GEMM-only kernel, timed as one graph) and ``act_quant`` alone.
-benchmarks/w8a8_tuned_table.py reads the GEMM-only rows only: a ``gemv_q`` table entry is to be chosen from
-the ``+quant`` rows (where a gemv_q row beats every act_quant+ row of the shape).
+benchmarks/w8a8_tuned_table.py picks ``gemv_q`` for a shape where its ``+quant`` row beats every act_quant+ row.
 Writes $OUT/w8a8.json (rows as in benchmarks/results/*-kernels.json, ``impl`` naming the kernel and
 ``config`` its tile) and $OUT/tuned_w8a8.py (the dispatch table module).
 Usage: python benchmarks/w8a8_tune.py [out_dir]
-W8_MS (comma-separated M values) restricts the batch sizes: ``W8_MS=1,2,4`` re-tunes the decode sizes only
+W8_CHECKS (``correctness``, ``gemv_correctness``, comma-separated; both by default) picks the GPU checks run
+first. W8_MS (comma-separated M values) restricts the batch sizes: ``W8_MS=1,2,4`` re-tunes the decode sizes only
 (GEMV included); merge its JSON with an earlier full run's with benchmarks/w8a8_tuned_table.py (a later
 run's rows replace the earlier run's for every (M, N, K) it measured).
 """
@@ -171,6 +171,8 @@ def splits(m, n, k, bm, bn, bk):
 
 
 for check in (correctness, gemv_correctness):
+    if check.__name__ not in os.environ.get("W8_CHECKS", "correctness,gemv_correctness").split(","):
+        continue
     try:
         check()
     except Exception as exc:
