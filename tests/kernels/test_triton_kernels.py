@@ -504,10 +504,11 @@ def test_w8a8_tuned_table_is_consistent():
     assert TW.TABLE, "the dispatch table is empty"
     for (op, m, n, k), (kernel, cfg) in TW.TABLE.items():
         assert op in ("w8a8", "fp8") and m in TW.BUCKETS
-        assert kernel in (("std", "swap", "tma", "gemv") if op == "w8a8" else ("scaled_mm", "swap", "tma", "gemv"))
+        assert kernel in (("std", "swap", "tma", "gemv", "gemv_q") if op == "w8a8" else
+                          ("scaled_mm", "swap", "tma", "gemv", "gemv_q"))
         if kernel == "tma":
             assert {"BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M"} <= set(cfg)
-        elif kernel == "gemv":
+        elif kernel in ("gemv", "gemv_q"):
             assert m <= 4 and {"BLOCK_N", "BLOCK_K", "SPLIT_K"} <= set(cfg)
         elif kernel != "scaled_mm":
             assert {"BLOCK_M", "BLOCK_N", "BLOCK_K", "SPLIT_K"} <= set(cfg)
