@@ -143,17 +143,17 @@ def dot_layout_words(canonical: torch.Tensor, rows_per_chunk: int = 4096) -> tor
     """The canonical ``[N, K/8]`` words (nibble j of word w: k = 8w + j) in the UNPACK=3 order (K % 128 == 0):
     a permutation of the nibbles within each row's 128-wide K steps, so the bytes a K step reads stay the same
     64 contiguous bytes per row. Built once per weight, in row chunks (the unpacked nibbles take 8x the words)."""
+    from .. import primitives as P
+
     n, kw = canonical.shape
     if kw % 16:
         raise ValueError(f"the UNPACK=3 layout needs K % 128 == 0, got K = {kw * 8}")
-    shifts = torch.arange(0, 32, 4, dtype=torch.int32, device=canonical.device)
     out = torch.empty_like(canonical)
     for r0 in range(0, n, rows_per_chunk):
-        rows = canonical[r0:r0 + rows_per_chunk]
-        u = (rows.unsqueeze(-1) >> shifts) & 0xF                                   # [n, K/8, 8]: k = 8w + j
-        u = u.reshape(rows.shape[0], kw // 16, 4, 2, 2, 4, 2)                      # [n, K/128, jp, jj, h, t, e]
-        u = u.permute(0, 1, 5, 2, 6, 3, 4).reshape(rows.shape[0], kw, 8)           # [.., t, jp | e, jj, h]
-        out[r0:r0 + rows_per_chunk] = torch.sum(u << shifts, dim=-1, dtype=torch.int32)
+        q = P.unpack_int4(canonical[r0:r0 + rows_per_chunk])                      # [n, K]: k = 8w + j
+        q = q.reshape(q.shape[0], kw // 16, 4, 2, 2, 4, 2)                        # [n, K/128, jp, jj, h, t, e]
+        q = q.permute(0, 1, 5, 2, 6, 3, 4).reshape(q.shape[0], kw * 8)            # [.., t, jp | e, jj, h]
+        out[r0:r0 + rows_per_chunk] = P.pack_int4(q)
     return out
 
 
@@ -263,19 +263,20 @@ def w4a16_tc_kernel(x_ptr, w_ptr, x_desc, w_desc, s_ptr, z_ptr, bias_ptr, out_pt
     s1 = tl.minimum(s0 + per_split, steps)
     acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
     sz = rbn * G                                      # the rows' scales and zero points
-    # With TMA the pipeliner leaves plain loads in the loop, and a [BN] scale column is too narrow for a
-    # descriptor: the next step's scales (and zero points) are requested one step ahead by hand.
-    g_first = (tl.minimum(s0, steps - 1) * BLOCK_K) // GROUP
-    s_nxt = tl.load(s_ptr + sz + g_first)
-    z_nxt = s_nxt
-    if HAS_ZERO:
-        z_nxt = tl.load(z_ptr + sz + g_first)
-    # UNPACK=3: the word tile as [2, BN/16, 8, 16] (tile row 16 d1 + 8 d0 + d2, word d3), see dot_layout_words
-    d0 = tl.arange(0, 2)[:, None, None, None]
-    d1 = tl.arange(0, BLOCK_N // 16)[None, :, None, None]
-    d2 = tl.arange(0, 8)[None, None, :, None]
-    d3 = tl.arange(0, 16)[None, None, None, :]
-    rows4 = tl.minimum(pid_n * BLOCK_N + 16 * d1 + 8 * d0 + d2, N - 1)                 # [2, BN/16, 8, 1]
+    if UNPACK == 3:   # the word tile as [2, BN/16, 8, 16] (tile row 16 d1 + 8 d0 + d2, word d3), see dot_layout_words
+        d0 = tl.arange(0, 2)[:, None, None, None]
+        d1 = tl.arange(0, BLOCK_N // 16)[None, :, None, None]
+        d2 = tl.arange(0, 8)[None, None, :, None]
+        d3 = tl.arange(0, 16)[None, None, None, :]
+        rows4 = tl.minimum(pid_n * BLOCK_N + 16 * d1 + 8 * d0 + d2, N - 1)             # [2, BN/16, 8, 1]
+    elif TMA:
+        # With TMA the pipeliner leaves plain loads in the loop, and a [BN] scale column is too narrow for a
+        # descriptor: the next step's scales (and zero points) are requested one step ahead by hand.
+        g_first = (tl.minimum(s0, steps - 1) * BLOCK_K) // GROUP
+        s_nxt = tl.load(s_ptr + sz + g_first)
+        z_nxt = s_nxt
+        if HAS_ZERO:
+            z_nxt = tl.load(z_ptr + sz + g_first)
     for step in range(s0, s1):
         k0 = step * BLOCK_K
         grp = k0 // GROUP

@@ -47,6 +47,12 @@ def int8_operands(m: int, n: int, k: int, bias: bool, static: bool, seed: int):
     return a.to(DEVICE), a_scale, wq.to(DEVICE), ws.to(DEVICE), b
 
 
+def fp8_float_product(xq, xs, fq, fs, b):
+    """The fp8 GEMM in float64: exact products of the e4m3 codes, then the scales (and bias)."""
+    ref = (xq.double() @ fq.double().t()) * xs.double() * fs.double().reshape(1, -1)
+    return ref if b is None else ref + b.double()
+
+
 def counters_are_zero() -> bool:
     return int(T4.split_k_counters(torch.device(DEVICE)).abs().sum()) == 0
 
@@ -93,10 +99,7 @@ def test_fp8_gemv_matches_the_float_product(m, n, k, block_k, split, bias, prefe
     b = torch.randn(n, generator=gen).to(DEVICE) if bias else None
     fq, fs, xq, xs = fq.to(DEVICE), fs.to(DEVICE), xq.to(DEVICE), xs.to(DEVICE)
     out = G.a8w8_gemv(xq, xs, fq, fs, b, torch.float32, cfg_of(16, block_k, split, prefetch, 1 if prefetch else 3))
-    ref = (xq.double() @ fq.double().t()) * xs.double() * fs.double().reshape(1, -1)
-    if b is not None:
-        ref = ref + b.double()
-    assert rel_err(out, ref) < FP8_TOL
+    assert rel_err(out, fp8_float_product(xq, xs, fq, fs, b)) < FP8_TOL
     assert counters_are_zero()
 
 
@@ -109,8 +112,7 @@ def test_fp8_gemv_ragged_k_reads_stay_in_the_row():
     xq.view(torch.uint8)[1] = 0x7F                                            # row 1: all NaN codes
     fq, fs, xq, xs = fq.to(DEVICE), fs.to(DEVICE), xq.to(DEVICE), xs.to(DEVICE)
     out = G.a8w8_gemv(xq, xs, fq, fs, None, torch.float32, cfg_of(16, 64, 1))   # 50 words: the last step ragged
-    ref = (xq[:1].double() @ fq.double().t()) * xs[:1].double() * fs.double().reshape(1, -1)
-    assert rel_err(out[:1], ref) < FP8_TOL and bool(out[1].isnan().all())
+    assert rel_err(out[:1], fp8_float_product(xq[:1], xs[:1], fq, fs, None)) < FP8_TOL and bool(out[1].isnan().all())
 
 
 @triton.jit
@@ -238,10 +240,7 @@ def test_fused_fp8_gemv_matches_act_quant_then_the_gemv(m, n, k, block_k, split,
     out = G.a8w8_gemv_quant(x, fq, fs, b, s, input_scale, cfg, out_dtype=torch.float32)
     xq, xs = act_quant(x, fp8=True, input_scale=input_scale, smooth=s)
     assert rel_err(out, G.a8w8_gemv(xq, xs, fq, fs, b, torch.float32, cfg)) < FP8_TOL
-    ref = (xq.double() @ fq.double().t()) * xs.double() * fs.double().reshape(1, -1)
-    if b is not None:
-        ref = ref + b.double()
-    assert rel_err(out, ref) < FP8_TOL
+    assert rel_err(out, fp8_float_product(xq, xs, fq, fs, b)) < FP8_TOL
     assert counters_are_zero()
 
 

@@ -234,14 +234,17 @@ def test_w4a16_kernel_layout_cache_frees_with_the_weight():
     (5, 40, 1, 32, 64, True, 2, True, True),
 ])
 def test_w4a16_tc_matches_reference(m, n, split, block_k, group, symmetric, unpack, scale_w, tma):
-    k = 512
+    check_tc(m, n, group, symmetric, True, dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=block_k, SPLIT_K=split,
+                                                UNPACK=unpack, SCALE_W=scale_w, TMA=tma))
+
+
+def check_tc(m: int, n: int, group: int, symmetric: bool, bias: bool, cfg: dict, k: int = 512) -> None:
+    """The tc kernel with tile ``cfg`` (4 warps, 1 stage) against the reference; split-K counters left at 0."""
     packed, scales, zeros = make_w4(n, k, group, symmetric)
     x = make_x(m, k)
-    b = torch.randn(n).to(torch.bfloat16).to(DEVICE)
+    b = torch.randn(n).to(torch.bfloat16).to(DEVICE) if bias else None
     w = T4.StripedWeight(packed, scales, zeros, group)
-    cfg = dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=block_k, SPLIT_K=split, UNPACK=unpack, SCALE_W=scale_w, TMA=tma,
-               num_warps=4, num_stages=1)
-    out = TC.w4a16_tc(x, w, b, cfg)
+    out = TC.w4a16_tc(x, w, b, dict(cfg, num_warps=4, num_stages=1))
     assert rel_err(out, R.w4a16_linear(x, packed, scales, zeros, group, b)) < REL_TOL
     assert int(T4.split_k_counters(x.device).abs().sum()) == 0
 
@@ -263,16 +266,8 @@ def test_dot_layout_words_is_the_documented_permutation():
     (40, 48, 1, True, True, 16, 32),     # the smallest tile: one 16-row block
 ])
 def test_w4a16_tc_dot_layout_matches_reference(m, n, split, symmetric, bias, block_n, block_m):
-    k, group = 512, 128
-    packed, scales, zeros = make_w4(n, k, group, symmetric)
-    x = make_x(m, k)
-    b = torch.randn(n).to(torch.bfloat16).to(DEVICE) if bias else None
-    w = T4.StripedWeight(packed, scales, zeros, group)
-    cfg = dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=128, SPLIT_K=split, UNPACK=3, SCALE_W=True, TMA=False,
-               num_warps=4, num_stages=1)
-    out = TC.w4a16_tc(x, w, b, cfg)
-    assert rel_err(out, R.w4a16_linear(x, packed, scales, zeros, group, b)) < REL_TOL
-    assert int(T4.split_k_counters(x.device).abs().sum()) == 0
+    check_tc(m, n, 128, symmetric, bias, dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=128, SPLIT_K=split,
+                                              UNPACK=3, SCALE_W=True, TMA=False))
 
 
 def test_w4a16_tc_dot_layout_needs_a_128_step():
