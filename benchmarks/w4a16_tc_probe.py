@@ -5,7 +5,8 @@ with ``TMA`` and with ``TMA`` + ``SCALE_W``, and a few other tiles with those op
 flushed, median of 20), checking every variant's output against the reference with the output poisoned.
 Writes $OUT/tc_probe.json and prints a line per (shape, M).
 Usage: python benchmarks/w4a16_tc_probe.py [out_dir]   (PROBE_MS and TUNE_MODELS restrict it; PROBE_MODE=dot
-times the UNPACK=3 tiles against the table instead)
+times the UNPACK=3 tiles against the table instead; PROBE_MODE=tiled times the table's tile with its UNPACK=3
+words tile after tile, and other TILED tiles)
 """
 from __future__ import annotations
 
@@ -79,8 +80,34 @@ def dot_variants(m, n, k):
     return out
 
 
+def tiled_variants(m, n, k):
+    """``PROBE_MODE=tiled``: the table's tile as it is, the same with ``TILED`` words (UNPACK=3 tiles only), and
+    TILED UNPACK=3 tiles, x through a descriptor, with the scale folded into the weight (+s) or applied to each
+    step's fp32 partial (names: tBN w warps s stages k split)."""
+    tuned = lookup(m, n, k)
+    base = dict(tuned[1]) if tuned and tuned[0] == "tc" else TC.tc_config(m, n, k, BK.GROUP, sms)
+    out = [("table", base)]
+    if base.get("UNPACK") == 3:
+        out.append(("table+T", dict(base, TILED=True)))
+    bm = base["BLOCK_M"]
+    tiles = [(64, 4, 3), (64, 4, 4), (64, 4, 5), (128, 8, 3), (128, 4, 3), (128, 4, 4)] if m < 128 else \
+        [(64, 4, 3), (128, 8, 3), (64, 4, 4), (128, 4, 3)]
+    for bn, nw, ns in tiles:
+        n_tiles = -(-m // bm) * -(-n // bn)
+        for mult in (1, 2, 4):
+            split = T4._split_for(n_tiles, k // 128, mult * sms) if n_tiles <= T4.MAX_TILES else 1
+            for sw in (True, False):
+                cfg = dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=128, SPLIT_K=split, UNPACK=3, SCALE_W=sw, TMA=True,
+                           num_warps=nw, num_stages=ns, TILED=True)
+                if cfg not in [c for _, c in out]:
+                    out.append((f"t{bn}w{nw}s{ns}k{split}{'+s' if sw else ''}", cfg))
+    return out
+
+
 if os.environ.get("PROBE_MODE") == "dot":
     variants = dot_variants  # noqa: F811
+elif os.environ.get("PROBE_MODE") == "tiled":
+    variants = tiled_variants  # noqa: F811
 
 rows = []
 for model in MODELS:
@@ -110,7 +137,7 @@ for model in MODELS:
             rows.append(row)
             log(f"{label:14s} M={m:4d} bf16 {res['bf16']:7.1f} dispatch {res['dispatch']:7.1f} "
                 f"table {res.get('table', float('nan')):7.1f} +t {res.get('table+t', float('nan')):7.1f} "
-                f"+ts {res.get('table+ts', float('nan')):7.1f} "
+                f"+ts {res.get('table+ts', float('nan')):7.1f} +T {res.get('table+T', float('nan')):7.1f} "
                 f"best {best[0]:7.1f} ({best[1]}) x{res['bf16'] / best[0]:.2f} bf16, max err "
                 f"{max(errs.values()):.2e}")
         del layer, sw

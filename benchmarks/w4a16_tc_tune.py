@@ -48,14 +48,15 @@ def correctness():
         x = torch.randn(m, k, device="cuda").to(torch.bfloat16)
         ref = R.w4a16_linear(x, packed, s, z, group, b)
         options = list(itertools.product(
-            ((1, False, False), (2, False, False), (2, True, False), (1, True, False), (2, True, True),
-             (2, False, True)), (1, 3), sorted({32, min(64, group)})))
-        if group % 128 == 0 and k % 128 == 0:   # UNPACK 3, words in the dot's layout: BLOCK_K 128, scale folded
-            options += itertools.product(((3, True, False), (3, True, True)), (1, 3), (128,))
-        for (unpack, scale_w, tma), split, bk in options:
+            ((1, False, False, False), (2, False, False, False), (2, True, False, False), (1, True, False, False),
+             (2, True, True, False), (2, False, True, False)), (1, 3), sorted({32, min(64, group)})))
+        if group % 128 == 0 and k % 128 == 0:   # UNPACK 3, words in the dot's layout: BLOCK_K 128; tiled words
+            options += itertools.product(((3, True, False, False), (3, True, True, False), (3, True, True, True),
+                                          (3, False, True, True), (3, False, False, False)), (1, 3), (128,))
+        for (unpack, scale_w, tma, tiled), split, bk in options:
             BK.poison((m, n))
             cfg = dict(BLOCK_M=block_m(m), BLOCK_N=64, BLOCK_K=bk, SPLIT_K=split, UNPACK=unpack, SCALE_W=scale_w,
-                       TMA=tma, num_warps=4, num_stages=3)
+                       TMA=tma, num_warps=4, num_stages=3, TILED=tiled)
             err = BK.rel_err(TC.w4a16_tc(x, sw, b, cfg), ref)
             assert err < 8e-3, (m, n, k, group, sym, cfg, err)
         assert int(T4.split_k_counters(x.device).abs().sum()) == 0
@@ -89,16 +90,16 @@ except Exception as exc:
     log("CORRECTNESS FAILED", exc)
 
 def tile_cfg(bm, c, split):
-    """A tile tuple (BN, BK, UNPACK, warps, stages[, SCALE_W[, TMA]]) as the kernel's config."""
+    """A tile tuple (BN, BK, UNPACK, warps, stages[, SCALE_W[, TMA[, TILED]]]) as the kernel's config."""
     bn, bk, unpack, nw, ns = c[:5]
     return dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=split, UNPACK=unpack,
                 SCALE_W=bool(c[5]) if len(c) > 5 else False, TMA=bool(c[6]) if len(c) > 6 else False,
-                num_warps=nw, num_stages=ns)
+                num_warps=nw, num_stages=ns, TILED=bool(c[7]) if len(c) > 7 else False)
 
 
 # ---- phase 2: tile search (TC_TOP="64x64x2x4x4x1x1,..." gives the phase-3 candidates and skips it)
-# BN, BK, UNPACK, warps, stages, SCALE_W (the group scale folded into the bf16 weight before the dot), TMA;
-# UNPACK 3 (words in the dot operand's layout) needs BK 128 and always folds the scale
+# BN, BK, UNPACK, warps, stages, SCALE_W (the group scale folded into the bf16 weight before the dot), TMA,
+# TILED; UNPACK 3 (words in the dot operand's layout) needs BK 128, TILED needs UNPACK 3
 space = list(itertools.product((64, 128), (64, 128), (2,), (4, 8), (3, 4), (0, 1), (0, 1)))
 score = {c: 0.0 for c in space}
 explore = [] if os.environ.get("TC_TOP") else [(4096, 14336), (14336, 4096)]
@@ -139,6 +140,9 @@ for model in os.environ.get("TUNE_MODELS", "llama-3-8b,llama-3-70b").split(","):
                      lambda: ops.w4a16_linear(x, layer.packed, layer.scales, None, BK.GROUP)),
                     ("w4a16", "quantarena:dequant", "dequant",
                      lambda: ops.w4a16_linear(x, layer.packed, layer.scales, None, BK.GROUP, path="dequant"))]
+            if m == 1:   # the GEMV, against which the tc tiles compete at one row
+                cont.append(("w4a16", "quantarena:gemv3", "gemv3",
+                             lambda: ops.w4a16_linear(x, layer.packed, layer.scales, None, BK.GROUP, path="gemv3")))
             for op, impl, path, fn in cont:
                 row = {"model": model, "layer": label, "op": op, "impl": impl, "K": k, "N": n, "M": m}
                 if path:
@@ -153,8 +157,8 @@ for model in os.environ.get("TUNE_MODELS", "llama-3-8b,llama-3-70b").split(","):
             if m >= 128:   # compute-bound sizes: 128-row tiles, the TMA / SCALE_W options, the UNPACK=3 tiles
                 tiles = tiles + [(128, bn, bk, 2, nw, 3, sc, tma) for bn, bk, nw in
                                  ((64, 128, 4), (128, 64, 8), (64, 64, 4)) for sc, tma in ((1, 1), (1, 0))]
-                tiles = tiles + [(128, bn, 128, 3, nw, ns, 1, tma) for bn, nw, ns in
-                                 ((64, 4, 3), (128, 8, 3), (64, 4, 4)) for tma in (1, 0)]
+                tiles = tiles + [(128, bn, 128, 3, nw, ns, sc, 1, 1) for bn, nw, ns in
+                                 ((64, 4, 3), (128, 8, 3), (64, 4, 4), (128, 4, 3)) for sc in (1, 0)]
             ref = R.w4a16_linear(x, layer.packed, layer.scales, None, BK.GROUP)
             wrong = []
             for bm, *c in tiles:

@@ -1,7 +1,7 @@
 """Write ``quantarena/kernels/tuned_w4a16.py`` (the W4A16 dispatch table) from a tuning run's JSON.
 
-For every (M, N, K) of the run it keeps the fastest of our W4A16 paths (``gemv2`` at M = 1, the best
-``tc`` tile, ``dequant``) with the tile that won. Usage:
+For every (M, N, K) of the run it keeps the fastest of our W4A16 paths (``gemv2`` / ``gemv3`` at M = 1, the
+best ``tc`` tile, ``dequant``) with the tile that won. Usage:
 python benchmarks/w4a16_tuned_table.py tc.json [more.json ...] [out.py]   (out defaults to the package module;
 several runs merge, a later run's rows replacing earlier rows of every (M, N, K) it measured)
 """
@@ -37,7 +37,7 @@ def lookup(m: int, n: int | None, k: int | None) -> tuple[str, dict | None] | No
     return TABLE.get((bucket, n, k))
 '''
 
-KEEP = ("BLOCK_M", "BLOCK_N", "BLOCK_K", "SPLIT_K", "UNPACK", "SCALE_W", "TMA", "num_warps", "num_stages")
+KEEP = ("BLOCK_M", "BLOCK_N", "BLOCK_K", "SPLIT_K", "UNPACK", "SCALE_W", "TMA", "num_warps", "num_stages", "TILED")
 
 
 def build(result: dict, source: str) -> str:
@@ -50,6 +50,8 @@ def build(result: dict, source: str) -> str:
             path = "tc"
         elif r["impl"] == "quantarena:dequant":
             path = "dequant"
+        elif r["impl"] == "quantarena:gemv3":
+            path = "gemv3"
         elif not (r["impl"] == "quantarena" and path in ("gemv2", "dequant")):   # the dispatch's own row
             continue
         key = (r["M"], r["N"], r["K"])

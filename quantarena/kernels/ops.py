@@ -112,9 +112,9 @@ def w4a16_path(m: int, n: int | None = None, k: int | None = None, tuned_table: 
     """Which W4A16 CUDA kernel serves M rows of an N x K weight: the measured fastest where tuned."""
     from .tuned_w4a16 import lookup
 
-    if m == 1:   # gemv3 beat gemv2 on 7 of 8 tuned shapes and tied the 8th (h100-w4a16-gemv3.json)
-        return "gemv3"
     tuned = lookup(m, n, k) if tuned_table else None
+    if m == 1 and (tuned is None or tuned[0] == "gemv2"):   # gemv3 beat gemv2 on 7 of 8 tuned shapes and tied
+        return "gemv3"                                     # the 8th (h100-w4a16-gemv3.json)
     if tuned is not None:
         return tuned[0]
     return "tc" if m <= W4A16_TC_MAX_M else "dequant"

@@ -17,8 +17,8 @@ The nibbles become the dot's bf16 operand in one of three ways (``UNPACK``):
   which each thread's words hold exactly its operand codes, so every layout of the unpack is the operand's
   and no conversion is left: ~260 instructions and 2-3 barriers per step.
 
-``SCALE_W`` (always on with UNPACK 3) folds the group scale into the bf16 weight, so the dot accumulates in
-place; otherwise the fp32 partial of each K step is scaled (``BLOCK_K`` divides the group size). An in-place
+``SCALE_W`` folds the group scale into the bf16 weight, so the dot accumulates in place; otherwise the fp32
+partial of each K step is scaled (``BLOCK_K`` divides the group size). An in-place
 accumulation needs ``_after_mma``: the next step's unpack must wait for the ``wgmma``s still reading their
 register operands. Split-K reuses the single-launch counter finish of :mod:`.triton_w4a16`.
 """
@@ -126,16 +126,21 @@ def _unpack_tile_bf16_scaled(words, s, z, HAS_ZERO: tl.constexpr, BLOCK_K: tl.co
 # ``k = 32jp + 16jj + 8h + 2t + e``: ``t`` is the thread's lane in its quad, and the pair e = 0, 1 is one
 # 32-bit register of the operand. The PTX makes that pair from bits 4p and 16 + 4p (p = 2jj + h) with one
 # lop3, one bf16x2 fma (- 136 - zero) and one bf16x2 mul by the row's scale: (q - zero) * scale rounded once.
-def _asm_dot_pairs() -> str:
+def _asm_dot_pairs(scaled: bool = True) -> str:
+    """The PTX of four bf16 pairs from one UNPACK=3 word: operands $4 word, $5 scale pair and $6 offset pair
+    (``scaled``), or $4 word and $5 offset pair (codes minus zero point only, exact)."""
+    off = "$6" if scaled else "$5"
     lines = ["{ .reg .b32 t, one, w4, w8, w12;", "mov.b32 one, 0x3F803F80;",
              "shr.u32 w4, $4, 4; shr.u32 w8, $4, 8; shr.u32 w12, $4, 12;"]
     for p, src in enumerate(("$4", "w4", "w8", "w12")):
-        lines.append(f"lop3.b32 t, {src}, 0x000F000F, 0x43004300, 0xEA; fma.rn.bf16x2 t, t, one, $6; "
-                     f"mul.rn.bf16x2 ${p}, t, $5;")
+        convert = f"fma.rn.bf16x2 t, t, one, {off}; mul.rn.bf16x2 ${p}, t, $5;" if scaled else \
+            f"fma.rn.bf16x2 ${p}, t, one, {off};"
+        lines.append(f"lop3.b32 t, {src}, 0x000F000F, 0x43004300, 0xEA; {convert}")
     return "\n".join(lines + ["}"])
 
 
 _ASM_DOT_PAIRS = tl.constexpr(_asm_dot_pairs())
+_ASM_DOT_CODES = tl.constexpr(_asm_dot_pairs(scaled=False))
 _NEG136_X2 = tl.constexpr(0xC308C308 - (1 << 32))   # the bf16 pair (-136, -136) as an int32
 
 
@@ -157,6 +162,14 @@ def dot_layout_words(canonical: torch.Tensor, rows_per_chunk: int = 4096) -> tor
     return out
 
 
+def dot_tiled_words(dot_words: torch.Tensor, block_n: int) -> torch.Tensor:
+    """UNPACK=3 words ``[N, K/8]`` -> the TILED order: the [block_n, 16] words of every (N tile, 128-wide K
+    step) contiguous, tiles of one N tile in K order, N zero-padded to a multiple of block_n."""
+    from .triton_w4a16_gemv import tile_words
+
+    return tile_words(dot_words, block_n, 16)
+
+
 @triton.jit
 def _bf16_halves(v):
     """The low and high bf16 halves of int32 pairs."""
@@ -173,27 +186,34 @@ def _dot_code(words, s, zoff, SHIFT: tl.constexpr):
 
 @triton.jit
 def _unpack_dot_tile(words, s, z, HAS_ZERO: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                     ASM: tl.constexpr, MMA_WAIT: tl.constexpr):
+                     ASM: tl.constexpr, MMA_WAIT: tl.constexpr, SCALED: tl.constexpr = True):
     """(q - zero) * scale of a UNPACK=3 word tile ``[2, BN/16, 8, 16]`` (tile row 16 d1 + 8 d0 + d2) as the
-    ``[BN, BK]`` bf16 left operand; s, z: the rows' scale and zero point ``[2, BN/16, 8, 1]``. ``MMA_WAIT``:
-    the unpack waits for the ``wgmma``s in flight (see ``_after_mma``) through the scales, a small tensor:
-    a side-effecting op on the words would pin their layout and bring back the shared-memory round trip."""
+    ``[BN, BK]`` bf16 left operand; s, z: the rows' scale and zero point ``[2, BN/16, 8, 1]``. Without
+    ``SCALED`` the codes minus the zero point (exact; ``s`` unused). ``MMA_WAIT``: the unpack waits for the
+    ``wgmma``s in flight (see ``_after_mma``) through the scales, a small tensor: a side-effecting op on the
+    words would pin their layout and bring back the shared-memory round trip."""
     if ASM:
-        sb = _after_mma(s.to(tl.bfloat16).to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF, MMA_WAIT)
         if HAS_ZERO:
             ob = (-(136.0 + z.to(tl.float32))).to(tl.bfloat16).to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF
             off = tl.broadcast_to(ob | (ob << 16), words.shape)
         else:   # bf16x2 (-136, -136), made at the words' shape (a [BN]-shaped constant broadcast here kept
             off = tl.full(words.shape, _NEG136_X2, tl.int32)   # Triton from giving the loads the dot's layout)
-        v0, v1, v2, v3 = tl.inline_asm_elementwise(
-            _ASM_DOT_PAIRS, "=r,=r,=r,=r,r,r,r", [words, tl.broadcast_to(sb | (sb << 16), words.shape), off],
-            dtype=(tl.int32,) * 4, is_pure=True, pack=1)
+        if SCALED:
+            sb = _after_mma(s.to(tl.bfloat16).to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF, MMA_WAIT)
+            v0, v1, v2, v3 = tl.inline_asm_elementwise(
+                _ASM_DOT_PAIRS, "=r,=r,=r,=r,r,r,r", [words, tl.broadcast_to(sb | (sb << 16), words.shape), off],
+                dtype=(tl.int32,) * 4, is_pure=True, pack=1)
+        else:
+            v0, v1, v2, v3 = tl.inline_asm_elementwise(
+                _ASM_DOT_CODES, "=r,=r,=r,=r,r,r", [words, off], dtype=(tl.int32,) * 4, is_pure=True, pack=1)
         n0, n1 = _bf16_halves(v0)
         n2, n3 = _bf16_halves(v1)
         n4, n5 = _bf16_halves(v2)
         n6, n7 = _bf16_halves(v3)
     else:
         sf = s.to(tl.bfloat16).to(tl.float32)
+        if not SCALED:
+            sf = tl.full(s.shape, 1.0, tl.float32)
         zoff = -8.0 + tl.zeros_like(sf)
         if HAS_ZERO:
             zoff = zoff - z.to(tl.float32)
@@ -243,11 +263,14 @@ def w4a16_tc_kernel(x_ptr, w_ptr, x_desc, w_desc, s_ptr, z_ptr, bias_ptr, out_pt
                     GROUP: tl.constexpr, HAS_ZERO: tl.constexpr, HAS_BIAS: tl.constexpr,
                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                     SPLIT_K, UNPACK: tl.constexpr, SCALE_W: tl.constexpr = False,
-                    TMA: tl.constexpr = False, INTERPRET: tl.constexpr = False, MMA_WAIT: tl.constexpr = True):
+                    TMA: tl.constexpr = False, INTERPRET: tl.constexpr = False, MMA_WAIT: tl.constexpr = True,
+                    TILED: tl.constexpr = False):
     """Needs GROUP % BLOCK_K == 0 and K % BLOCK_K == 0 (checked by the launcher). ``SPLIT_K`` is a run-time
     value (Triton specialises 1 by itself), so split choices share one compiled kernel. With ``TMA`` the word and
     activation tiles come through tensor descriptors (``w_desc`` [N, K/8] words in [BN, BK/8] boxes,
-    ``x_desc`` [M, K] in [BM, BK] boxes), else through pointer loads (``w_ptr``, ``x_ptr``)."""
+    ``x_desc`` [M, K] in [BM, BK] boxes), else through pointer loads (``w_ptr``, ``x_ptr``). ``TILED`` (UNPACK 3):
+    ``w_ptr`` holds the UNPACK=3 words tile after tile (``dot_tiled_words``), so each K step of a program reads
+    one contiguous block of BN x 64 bytes instead of BN rows 64 bytes apart."""
     pid_n = tl.program_id(0)
     pid_m = tl.program_id(1)
     pid_k = tl.program_id(2)
@@ -269,6 +292,10 @@ def w4a16_tc_kernel(x_ptr, w_ptr, x_desc, w_desc, s_ptr, z_ptr, bias_ptr, out_pt
         d2 = tl.arange(0, 8)[None, None, :, None]
         d3 = tl.arange(0, 16)[None, None, None, :]
         rows4 = tl.minimum(pid_n * BLOCK_N + 16 * d1 + 8 * d0 + d2, N - 1)             # [2, BN/16, 8, 1]
+        if TILED:   # tile (pid_n, step) at (pid_n * steps + step) * BN * 16 words; its rows zero-padded past N
+            w_tile = w_ptr + pid_n * BLOCK_N * KW + (16 * d1 + 8 * d0 + d2) * 16 + d3
+        else:
+            w_tile = w_ptr + rows4 * KW + d3
     elif TMA:
         # With TMA the pipeliner leaves plain loads in the loop, and a [BN] scale column is too narrow for a
         # descriptor: the next step's scales (and zero points) are requested one step ahead by hand.
@@ -285,13 +312,19 @@ def w4a16_tc_kernel(x_ptr, w_ptr, x_desc, w_desc, s_ptr, z_ptr, bias_ptr, out_pt
         else:
             xt = tl.load(x_ptr + ram[None, :] * stride_xm + (k0 + rk)[:, None])
         if UNPACK == 3:   # words born in the dot operand's layout, scales folded in by the PTX
-            words = tl.load(w_ptr + rows4 * KW + k0 // 8 + d3)                          # [2, BN/16, 8, 16]
+            if TILED:
+                words = tl.load(w_tile + step * (BLOCK_N * 16))                         # [2, BN/16, 8, 16]
+            else:
+                words = tl.load(w_tile + k0 // 8)
             s4 = tl.load(s_ptr + rows4 * G + grp)
             z4 = s4
             if HAS_ZERO:
                 z4 = tl.load(z_ptr + rows4 * G + grp)
-            wq = _unpack_dot_tile(words, s4, z4, HAS_ZERO, BLOCK_N, BLOCK_K, not INTERPRET, MMA_WAIT)
-            acc = _dot_acc(wq, xt, acc, INTERPRET)
+            wq = _unpack_dot_tile(words, s4, z4, HAS_ZERO, BLOCK_N, BLOCK_K, not INTERPRET, MMA_WAIT, SCALE_W)
+            if SCALE_W:
+                acc = _dot_acc(wq, xt, acc, INTERPRET)
+            else:   # exact codes; the fp32 partial scaled per step (one fp32 fma per output, no bf16x2 mul per pair)
+                acc += _dot(wq, xt, INTERPRET) * tl.load(s_ptr + sz + grp).to(tl.float32)[:, None]
         else:
             if TMA:
                 s = s_nxt
@@ -366,6 +399,8 @@ def w4a16_tc(x2: torch.Tensor, w: StripedWeight, bias: torch.Tensor | None = Non
         raise ValueError(f"BLOCK_K {bk} must divide K = {k} and the group size {w.group_size}")
     if cfg.get("UNPACK") == 3 and (bk != 128 or cfg["BLOCK_N"] % 16):
         raise ValueError(f"UNPACK 3 needs BLOCK_K = 128 and BLOCK_N a multiple of 16, got {bk} and {cfg['BLOCK_N']}")
+    if cfg.get("TILED") and cfg.get("UNPACK") != 3:
+        cfg["TILED"] = False   # only the UNPACK=3 words have a tiled copy (fp16 activations fall back to UNPACK 1)
     tiles = triton.cdiv(m, cfg["BLOCK_M"]) * triton.cdiv(n, cfg["BLOCK_N"])
     if cfg["SPLIT_K"] > 1 and tiles > MAX_TILES:
         cfg["SPLIT_K"] = 1
@@ -382,7 +417,10 @@ def w4a16_tc(x2: torch.Tensor, w: StripedWeight, bias: torch.Tensor | None = Non
             x_desc = TensorDescriptor.from_tensor(x2, [cfg["BLOCK_M"], bk])
             w_desc = TensorDescriptor.from_tensor(w.canonical, [cfg["BLOCK_N"], bk // 8])
     grid = (triton.cdiv(n, cfg["BLOCK_N"]), triton.cdiv(m, cfg["BLOCK_M"]), split)
-    words = w.dot_words if cfg.get("UNPACK") == 3 else w.canonical
+    if cfg.get("TILED"):
+        words = w.dot_tiled(cfg["BLOCK_N"])
+    else:
+        words = w.dot_words if cfg.get("UNPACK") == 3 else w.canonical
     w4a16_tc_kernel[grid](x2, words, x_desc, w_desc, w.scales, dummy if w.zeros is None else w.zeros,
                           dummy if bias is None else bias, out, ws, split_k_counters(x2.device),
                           m, n, k, k // 8, k // w.group_size, x2.stride(0), out.stride(0),

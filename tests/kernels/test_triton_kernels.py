@@ -181,7 +181,9 @@ def test_w4a16_gemv3_nibble_asm_decodes_every_code():
 
 
 def test_w4a16_dispatch_by_m():
-    assert ops.w4a16_path(1, 4096, 4096) == "gemv3"
+    assert ops.w4a16_path(1, 1024, 4096) == "gemv3"       # the GEMV where the table says so at one row
+    assert ops.w4a16_path(1, 4096, 4096) == "tc"           # the tensor-core tile where it won there
+    assert ops.w4a16_path(1, 96, 256) == "gemv3"           # untuned shape at one row: the GEMV
     assert ops.w4a16_path(3, 4096, 4096) == "tc" and ops.w4a16_path(16, 4096, 14336) == "tc"
     assert ops.w4a16_path(100, 96, 256) == "tc"          # untuned shape: the default by M
     assert ops.w4a16_path(5000, 4096, 4096) == "dequant"
@@ -194,10 +196,11 @@ def test_w4a16_tuned_table_is_consistent():
 
     assert TW.TABLE, "the dispatch table is empty"
     for (m, n, k), (path, cfg) in TW.TABLE.items():
-        assert m in TW.BUCKETS and path in ("gemv2", "tc", "dequant")   # M = 1 rows are superseded by gemv3
+        assert m in TW.BUCKETS and path in ("gemv2", "gemv3", "tc", "dequant") and (m == 1 or "gemv" not in path)
         if path == "tc":
             assert 128 % cfg["BLOCK_K"] == 0 and k % cfg["BLOCK_K"] == 0 and cfg["UNPACK"] in (1, 2, 3)
             assert cfg["UNPACK"] != 3 or (cfg["BLOCK_K"] == 128 and cfg["BLOCK_N"] % 16 == 0)
+            assert not cfg.get("TILED") or cfg["UNPACK"] == 3
     assert TW.lookup(3, 4096, 4096) == TW.TABLE.get((4, 4096, 4096)) and TW.lookup(3, None, 4096) is None
 
 
@@ -259,15 +262,28 @@ def test_dot_layout_words_is_the_documented_permutation():
     assert torch.equal(codes, want)
 
 
-@pytest.mark.parametrize("m,n,split,symmetric,bias,block_n,block_m", [
-    (1, 72, 1, True, False, 32, 16),     # ragged N, one row
-    (17, 72, 2, False, True, 32, 16),    # asymmetric, bias, split-K, ragged M across two row tiles
-    (5, 64, 3, False, False, 64, 16),    # three K splits of four steps
-    (40, 48, 1, True, True, 16, 32),     # the smallest tile: one 16-row block
+@pytest.mark.parametrize("m,n,split,symmetric,bias,block_n,block_m,tiled,scale_w", [
+    (1, 72, 1, True, False, 32, 16, False, True),     # ragged N, one row
+    (17, 72, 2, False, True, 32, 16, False, True),    # asymmetric, bias, split-K, ragged M across two row tiles
+    (5, 64, 3, False, False, 64, 16, False, True),    # three K splits of four steps
+    (40, 48, 1, True, True, 16, 32, False, True),     # the smallest tile: one 16-row block
+    (3, 72, 2, False, True, 32, 16, True, True),      # words tile after tile: ragged N (zero-padded), split-K
+    (17, 48, 3, True, False, 16, 16, True, True),
+    (5, 72, 2, False, True, 32, 16, True, False),     # exact codes, the fp32 partial scaled per step
+    (2, 40, 1, True, False, 16, 16, False, False),
 ])
-def test_w4a16_tc_dot_layout_matches_reference(m, n, split, symmetric, bias, block_n, block_m):
+def test_w4a16_tc_dot_layout_matches_reference(m, n, split, symmetric, bias, block_n, block_m, tiled, scale_w):
     check_tc(m, n, 128, symmetric, bias, dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=128, SPLIT_K=split,
-                                              UNPACK=3, SCALE_W=True, TMA=False))
+                                              UNPACK=3, SCALE_W=scale_w, TMA=False, TILED=tiled))
+
+
+def test_dot_tiled_words_puts_each_tile_in_one_block():
+    packed, _, _ = make_w4(40, 512, 128, True)
+    dot = TC.dot_layout_words(packed)
+    tiled = TC.dot_tiled_words(dot, 16)                               # 3 tiles of 16 rows, the last padded
+    blocks = tiled.reshape(3, 4, 16, 16)                              # [N tile, K step, row, word]
+    assert torch.equal(blocks[1, 2], dot[16:32, 32:48])
+    assert torch.equal(blocks[2, 3, :8], dot[32:40, 48:64]) and not blocks[2, :, 8:].any()
 
 
 def test_w4a16_tc_dot_layout_needs_a_128_step():
