@@ -6,7 +6,8 @@ flushed, median of 20), checking every variant's output against the reference wi
 Writes $OUT/tc_probe.json and prints a line per (shape, M).
 Usage: python benchmarks/w4a16_tc_probe.py [out_dir]   (PROBE_MS and TUNE_MODELS restrict it; PROBE_MODE=dot
 times the UNPACK=3 tiles against the table instead; PROBE_MODE=tiled times the table's tile with its UNPACK=3
-words tile after tile, and other TILED tiles)
+words tile after tile, and other TILED tiles; PROBE_MODE=rows the table's TILED tiles over TILED layouts of
+several row blocks)
 """
 from __future__ import annotations
 
@@ -104,10 +105,23 @@ def tiled_variants(m, n, k):
     return out
 
 
+def rows_variants(m, n, k):
+    """``PROBE_MODE=rows``: the table's TILED tile with the TILED layout in blocks of 16, 32, 64 rows and of
+    BLOCK_N rows (one block per tile, the layout the tile search timed)."""
+    tuned = lookup(m, n, k)
+    base = dict(tuned[1]) if tuned and tuned[0] == "tc" else None
+    if not base or not base.get("TILED"):
+        return []
+    return [(f"rows{r}", dict(base, TILE_ROWS=r)) for r in sorted({16, 32, 64, base["BLOCK_N"]})
+            if base["BLOCK_N"] % r == 0]
+
+
 if os.environ.get("PROBE_MODE") == "dot":
     variants = dot_variants  # noqa: F811
 elif os.environ.get("PROBE_MODE") == "tiled":
     variants = tiled_variants  # noqa: F811
+elif os.environ.get("PROBE_MODE") == "rows":
+    variants = rows_variants  # noqa: F811
 
 rows = []
 for model in MODELS:
@@ -117,6 +131,8 @@ for model in MODELS:
         layer = BK.make_layer(k, n)
         sw = ops._prepared(layer.packed, layer.scales, None, BK.GROUP, None).striped
         for m in MS:
+            if not variants(m, n, k):   # nothing to compare at this point (rows mode: no TILED tile in the table)
+                continue
             x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
             ref = R.w4a16_linear(x, layer.packed, layer.scales, None, BK.GROUP)
             res = {"bf16": time_fn(lambda: F.linear(x, layer.w_bf16), flush, 20),

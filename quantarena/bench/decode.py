@@ -279,19 +279,24 @@ def bench_scheme(shape: str, scheme: str, batches: list[int], prompt_len: int, g
         log(f"{scheme}: compiled vs eager {check['compiled_vs_eager_logits_rel_err']:.2e}")
     rows = []
     for batch in batches:
+        # the peak of this batch's serving alone (cache, prefill, graph), not of building, checking or compiling
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
         with torch.no_grad():
             run = DecodeRun(model, batch, prompt_len)
             run.prefill()  # warm-up (kernels, weight layouts)
             prefill_ms = _events_ms(run.prefill)
             graph, decode_ms = run.timed_graph(gen_len)
         ms_tok = decode_ms / gen_len
-        rows.append({"scheme": scheme, "batch": batch, "decode_tok_s": round(batch * 1000.0 / ms_tok, 1),
-                     "prefill_tok_s": round(batch * prompt_len * 1000.0 / prefill_ms, 1),
-                     "ms_per_token": round(ms_tok, 3), "gpu_mem_gb": round(torch.cuda.max_memory_allocated() / 1e9, 2),
-                     "weights_gb": round(weights_gb, 2)})
-        log(f"{scheme} B={batch}: {rows[-1]}")
+        peak = torch.cuda.max_memory_allocated()
         del graph, run
         torch.cuda.empty_cache()
+        rows.append({"scheme": scheme, "batch": batch, "decode_tok_s": round(batch * 1000.0 / ms_tok, 1),
+                     "prefill_tok_s": round(batch * prompt_len * 1000.0 / prefill_ms, 1),
+                     "ms_per_token": round(ms_tok, 3), "gpu_mem_gb": round(peak / 1e9, 2),
+                     "weights_gb": round(weights_gb, 2),
+                     "resident_gb": round(torch.cuda.memory_allocated() / 1e9, 2)})
+        log(f"{scheme} B={batch}: {rows[-1]}")
     del model
     return rows, check
 
@@ -336,4 +341,8 @@ def run(shape: str, schemes: list[str], batches: list[int], prompt_len: int = 12
                       + ("block non-linear work fused by torch.compile (linears are our custom ops); " if compile else "")
                       + ("q/k/v and gate/up fused into one linear each; " if fuse else "")
                       + "prefill timed without a graph (one forward of batch x prompt_len tokens)",
+            "memory": "gpu_mem_gb: peak allocated while serving that batch (KV cache, prefill, decode graph; "
+                      "building, checking and compiling excluded); weights_gb: allocated after building the model; "
+                      "resident_gb: allocated after that batch, i.e. the weights plus the kernels' weight layouts "
+                      "built so far",
             "crossover": crossover(rows), "checks": checks, "rows": rows}

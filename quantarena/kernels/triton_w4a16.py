@@ -425,7 +425,7 @@ class StripedWeight:
         self._words: torch.Tensor | None = None                                   # striped, built on first use
         self._tiled: dict[tuple[int, int], torch.Tensor] = {}                     # gemv3 tile layouts, likewise
         self._dot: torch.Tensor | None = None                                      # tc UNPACK=3 layout, likewise
-        self._dot_tiled: dict[int, torch.Tensor] = {}                              # ... tile after tile, per BN
+        self._dot_tiled: dict[int, torch.Tensor] = {}                              # ... in row blocks
         canonical = packed.contiguous()                                            # [N, K/8] int32, tc/dequant
         # A cache keyed on ``packed`` must not keep it alive: then hold it weakly (the caller passes it on
         # every call, so it is alive whenever a kernel runs).
@@ -455,15 +455,17 @@ class StripedWeight:
             self._dot = dot_layout_words(self.canonical)
         return self._dot
 
-    def dot_tiled(self, block_n: int) -> torch.Tensor:
-        """The UNPACK=3 words tile after tile for ``block_n``-row tiles (``triton_w4a16_tc.dot_tiled_words``),
-        built on first use; the untiled UNPACK=3 copy is not kept for it."""
-        if block_n not in self._dot_tiled:
-            from .triton_w4a16_tc import dot_layout_words, dot_tiled_words
+    def dot_tiled(self, tile_rows: int | None = None) -> torch.Tensor:
+        """The UNPACK=3 words in blocks of ``tile_rows`` rows (``triton_w4a16_tc.dot_tiled_words``; default
+        ``DOT_TILE_ROWS``, which serves every tile of the tuned table: one copy per weight), built on first use;
+        the untiled UNPACK=3 copy is not kept for it."""
+        from .triton_w4a16_tc import DOT_TILE_ROWS, dot_layout_words, dot_tiled_words
 
+        rows = tile_rows or DOT_TILE_ROWS
+        if rows not in self._dot_tiled:
             dot = self._dot if self._dot is not None else dot_layout_words(self.canonical)
-            self._dot_tiled[block_n] = dot_tiled_words(dot, block_n)
-        return self._dot_tiled[block_n]
+            self._dot_tiled[rows] = dot_tiled_words(dot, rows)
+        return self._dot_tiled[rows]
 
     def tiled(self, block_n: int, block_kw: int) -> torch.Tensor:
         """The gemv3 layout for one tile shape (see ``triton_w4a16_gemv.tile_words``), built on first use."""

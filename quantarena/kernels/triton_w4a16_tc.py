@@ -162,12 +162,21 @@ def dot_layout_words(canonical: torch.Tensor, rows_per_chunk: int = 4096) -> tor
     return out
 
 
-def dot_tiled_words(dot_words: torch.Tensor, block_n: int) -> torch.Tensor:
-    """UNPACK=3 words ``[N, K/8]`` -> the TILED order: the [block_n, 16] words of every (N tile, 128-wide K
-    step) contiguous, tiles of one N tile in K order, N zero-padded to a multiple of block_n."""
+DOT_TILE_ROWS = 16    # rows per block of the TILED layout: one layout serves every BLOCK_N (a multiple of it)
+DOT_PAD_ROWS = 128    # the TILED layout's rows are padded to a multiple of the largest BLOCK_N
+
+
+def dot_tiled_words(dot_words: torch.Tensor, tile_rows: int = DOT_TILE_ROWS) -> torch.Tensor:
+    """UNPACK=3 words ``[N, K/8]`` -> the TILED order: the [tile_rows, 16] words of every (row block, 128-wide
+    K step) contiguous, the blocks of one row block in K order, N zero-padded to a multiple of
+    ``max(DOT_PAD_ROWS, tile_rows)`` (so a BLOCK_N tile of up to that many rows never reads past the end)."""
     from .triton_w4a16_gemv import tile_words
 
-    return tile_words(dot_words, block_n, 16)
+    n = dot_words.shape[0]
+    pad = -n % max(DOT_PAD_ROWS, tile_rows)
+    if pad:
+        dot_words = torch.cat([dot_words, dot_words.new_zeros(pad, dot_words.shape[1])])
+    return tile_words(dot_words, tile_rows, 16)
 
 
 @triton.jit
@@ -264,13 +273,13 @@ def w4a16_tc_kernel(x_ptr, w_ptr, x_desc, w_desc, s_ptr, z_ptr, bias_ptr, out_pt
                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                     SPLIT_K, UNPACK: tl.constexpr, SCALE_W: tl.constexpr = False,
                     TMA: tl.constexpr = False, INTERPRET: tl.constexpr = False, MMA_WAIT: tl.constexpr = True,
-                    TILED: tl.constexpr = False):
+                    TILED: tl.constexpr = False, TILE_ROWS: tl.constexpr = DOT_TILE_ROWS):
     """Needs GROUP % BLOCK_K == 0 and K % BLOCK_K == 0 (checked by the launcher). ``SPLIT_K`` is a run-time
     value (Triton specialises 1 by itself), so split choices share one compiled kernel. With ``TMA`` the word and
     activation tiles come through tensor descriptors (``w_desc`` [N, K/8] words in [BN, BK/8] boxes,
     ``x_desc`` [M, K] in [BM, BK] boxes), else through pointer loads (``w_ptr``, ``x_ptr``). ``TILED`` (UNPACK 3):
-    ``w_ptr`` holds the UNPACK=3 words tile after tile (``dot_tiled_words``), so each K step of a program reads
-    one contiguous block of BN x 64 bytes instead of BN rows 64 bytes apart."""
+    ``w_ptr`` holds the UNPACK=3 words in blocks of TILE_ROWS rows (``dot_tiled_words``), so each K step of a
+    program reads BN / TILE_ROWS contiguous blocks of TILE_ROWS x 64 bytes instead of BN rows 64 bytes apart."""
     pid_n = tl.program_id(0)
     pid_m = tl.program_id(1)
     pid_k = tl.program_id(2)
@@ -292,8 +301,10 @@ def w4a16_tc_kernel(x_ptr, w_ptr, x_desc, w_desc, s_ptr, z_ptr, bias_ptr, out_pt
         d2 = tl.arange(0, 8)[None, None, :, None]
         d3 = tl.arange(0, 16)[None, None, None, :]
         rows4 = tl.minimum(pid_n * BLOCK_N + 16 * d1 + 8 * d0 + d2, N - 1)             # [2, BN/16, 8, 1]
-        if TILED:   # tile (pid_n, step) at (pid_n * steps + step) * BN * 16 words; its rows zero-padded past N
-            w_tile = w_ptr + pid_n * BLOCK_N * KW + (16 * d1 + 8 * d0 + d2) * 16 + d3
+        if TILED:   # block (b, step) of TILE_ROWS rows at (b * steps + step) * TILE_ROWS * 16 words; rows past N zero
+            row = 16 * d1 + 8 * d0 + d2
+            w_tile = w_ptr + (pid_n * (BLOCK_N // TILE_ROWS) + row // TILE_ROWS) * TILE_ROWS * KW \
+                + (row % TILE_ROWS) * 16 + d3
         else:
             w_tile = w_ptr + rows4 * KW + d3
     elif TMA:
@@ -313,7 +324,7 @@ def w4a16_tc_kernel(x_ptr, w_ptr, x_desc, w_desc, s_ptr, z_ptr, bias_ptr, out_pt
             xt = tl.load(x_ptr + ram[None, :] * stride_xm + (k0 + rk)[:, None])
         if UNPACK == 3:   # words born in the dot operand's layout, scales folded in by the PTX
             if TILED:
-                words = tl.load(w_tile + step * (BLOCK_N * 16))                         # [2, BN/16, 8, 16]
+                words = tl.load(w_tile + step * (TILE_ROWS * 16))                       # [2, BN/16, 8, 16]
             else:
                 words = tl.load(w_tile + k0 // 8)
             s4 = tl.load(s_ptr + rows4 * G + grp)
@@ -401,6 +412,13 @@ def w4a16_tc(x2: torch.Tensor, w: StripedWeight, bias: torch.Tensor | None = Non
         raise ValueError(f"UNPACK 3 needs BLOCK_K = 128 and BLOCK_N a multiple of 16, got {bk} and {cfg['BLOCK_N']}")
     if cfg.get("TILED") and cfg.get("UNPACK") != 3:
         cfg["TILED"] = False   # only the UNPACK=3 words have a tiled copy (fp16 activations fall back to UNPACK 1)
+    if cfg.get("TILED"):
+        rows = cfg.setdefault("TILE_ROWS", DOT_TILE_ROWS)
+        if cfg["BLOCK_N"] % rows or cfg["BLOCK_N"] > max(DOT_PAD_ROWS, rows):
+            raise ValueError(f"TILED needs BLOCK_N a multiple of TILE_ROWS {rows} and at most "
+                             f"{max(DOT_PAD_ROWS, rows)}, got {cfg['BLOCK_N']}")
+    else:
+        cfg.pop("TILE_ROWS", None)
     tiles = triton.cdiv(m, cfg["BLOCK_M"]) * triton.cdiv(n, cfg["BLOCK_N"])
     if cfg["SPLIT_K"] > 1 and tiles > MAX_TILES:
         cfg["SPLIT_K"] = 1
@@ -418,7 +436,7 @@ def w4a16_tc(x2: torch.Tensor, w: StripedWeight, bias: torch.Tensor | None = Non
             w_desc = TensorDescriptor.from_tensor(w.canonical, [cfg["BLOCK_N"], bk // 8])
     grid = (triton.cdiv(n, cfg["BLOCK_N"]), triton.cdiv(m, cfg["BLOCK_M"]), split)
     if cfg.get("TILED"):
-        words = w.dot_tiled(cfg["BLOCK_N"])
+        words = w.dot_tiled(cfg["TILE_ROWS"])
     else:
         words = w.dot_words if cfg.get("UNPACK") == 3 else w.canonical
     w4a16_tc_kernel[grid](x2, words, x_desc, w_desc, w.scales, dummy if w.zeros is None else w.zeros,

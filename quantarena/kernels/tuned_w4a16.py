@@ -16,12 +16,12 @@ TABLE: dict[tuple[int, int, int], tuple[str, dict | None]] = {
     (1, 4096, 14336): ('tc', {'BLOCK_M': 16, 'BLOCK_N': 128, 'BLOCK_K': 128, 'SPLIT_K': 8, 'UNPACK': 3, 'SCALE_W': False, 'TMA': True, 'num_warps': 4, 'num_stages': 3, 'TILED': True}),  # 19.01 us
     (1, 6144, 4096): ('tc', {'BLOCK_M': 16, 'BLOCK_N': 128, 'BLOCK_K': 128, 'SPLIT_K': 8, 'UNPACK': 3, 'SCALE_W': False, 'TMA': True, 'num_warps': 4, 'num_stages': 3, 'TILED': True}),  # 12.29 us
     (1, 8192, 8192): ('tc', {'BLOCK_M': 16, 'BLOCK_N': 128, 'BLOCK_K': 128, 'SPLIT_K': 4, 'UNPACK': 3, 'SCALE_W': False, 'TMA': True, 'num_warps': 4, 'num_stages': 4, 'TILED': True}),  # 19.58 us
-    (1, 8192, 28672): ('gemv3', None),  # 52.7 us
+    (1, 8192, 28672): ('tc', {'BLOCK_M': 16, 'BLOCK_N': 128, 'BLOCK_K': 128, 'SPLIT_K': 4, 'UNPACK': 3, 'SCALE_W': False, 'TMA': True, 'num_warps': 4, 'num_stages': 4, 'TILED': True}),  # 52.96 us
     (1, 10240, 8192): ('tc', {'BLOCK_M': 16, 'BLOCK_N': 64, 'BLOCK_K': 128, 'SPLIT_K': 4, 'UNPACK': 3, 'SCALE_W': False, 'TMA': True, 'num_warps': 4, 'num_stages': 3, 'TILED': True}),  # 22.59 us
     (1, 14336, 4096): ('tc', {'BLOCK_M': 16, 'BLOCK_N': 128, 'BLOCK_K': 128, 'SPLIT_K': 2, 'UNPACK': 3, 'SCALE_W': False, 'TMA': True, 'num_warps': 4, 'num_stages': 4, 'TILED': True}),  # 18.27 us
     (1, 28672, 4096): ('tc', {'BLOCK_M': 16, 'BLOCK_N': 128, 'BLOCK_K': 128, 'SPLIT_K': 1, 'UNPACK': 3, 'SCALE_W': False, 'TMA': True, 'num_warps': 4, 'num_stages': 4, 'TILED': True}),  # 28.93 us
     (1, 28672, 8192): ('tc', {'BLOCK_M': 16, 'BLOCK_N': 128, 'BLOCK_K': 128, 'SPLIT_K': 1, 'UNPACK': 3, 'SCALE_W': False, 'TMA': True, 'num_warps': 4, 'num_stages': 4, 'TILED': True}),  # 52.48 us
-    (1, 57344, 8192): ('gemv3', None),  # 97.39 us
+    (1, 57344, 8192): ('tc', {'BLOCK_M': 16, 'BLOCK_N': 128, 'BLOCK_K': 128, 'SPLIT_K': 2, 'UNPACK': 3, 'SCALE_W': False, 'TMA': True, 'num_warps': 4, 'num_stages': 3, 'TILED': True}),  # 100.0 us
     (1, 128256, 4096): ('tc', {'BLOCK_M': 16, 'BLOCK_N': 128, 'BLOCK_K': 128, 'SPLIT_K': 1, 'UNPACK': 3, 'SCALE_W': False, 'TMA': True, 'num_warps': 4, 'num_stages': 3, 'TILED': True}),  # 105.38 us
     (1, 128256, 8192): ('tc', {'BLOCK_M': 16, 'BLOCK_N': 128, 'BLOCK_K': 128, 'SPLIT_K': 1, 'UNPACK': 3, 'SCALE_W': False, 'TMA': True, 'num_warps': 4, 'num_stages': 3, 'TILED': True}),  # 205.18 us
     (2, 1024, 4096): ('tc', {'BLOCK_M': 16, 'BLOCK_N': 64, 'BLOCK_K': 128, 'SPLIT_K': 16, 'UNPACK': 3, 'SCALE_W': False, 'TMA': True, 'num_warps': 4, 'num_stages': 5, 'TILED': True}),  # 8.83 us

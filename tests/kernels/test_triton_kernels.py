@@ -271,19 +271,32 @@ def test_dot_layout_words_is_the_documented_permutation():
     (17, 48, 3, True, False, 16, 16, True, True),
     (5, 72, 2, False, True, 32, 16, True, False),     # exact codes, the fp32 partial scaled per step
     (2, 40, 1, True, False, 16, 16, False, False),
+    (3, 150, 2, False, False, 64, 16, 32, False),     # blocks of 32 rows under 64-row tiles (the last one padded)
 ])
 def test_w4a16_tc_dot_layout_matches_reference(m, n, split, symmetric, bias, block_n, block_m, tiled, scale_w):
-    check_tc(m, n, 128, symmetric, bias, dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=128, SPLIT_K=split,
-                                              UNPACK=3, SCALE_W=scale_w, TMA=False, TILED=tiled))
+    cfg = dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=128, SPLIT_K=split, UNPACK=3, SCALE_W=scale_w, TMA=False,
+               TILED=bool(tiled))
+    if tiled and tiled is not True:
+        cfg["TILE_ROWS"] = tiled
+    check_tc(m, n, 128, symmetric, bias, cfg)
 
 
-def test_dot_tiled_words_puts_each_tile_in_one_block():
+def test_dot_tiled_words_puts_each_block_in_one_piece():
     packed, _, _ = make_w4(40, 512, 128, True)
     dot = TC.dot_layout_words(packed)
-    tiled = TC.dot_tiled_words(dot, 16)                               # 3 tiles of 16 rows, the last padded
-    blocks = tiled.reshape(3, 4, 16, 16)                              # [N tile, K step, row, word]
+    tiled = TC.dot_tiled_words(dot, 16)                               # 40 rows padded to 128: 8 blocks of 16
+    blocks = tiled.reshape(8, 4, 16, 16)                              # [row block, K step, row, word]
     assert torch.equal(blocks[1, 2], dot[16:32, 32:48])
-    assert torch.equal(blocks[2, 3, :8], dot[32:40, 48:64]) and not blocks[2, :, 8:].any()
+    assert torch.equal(blocks[2, 3, :8], dot[32:40, 48:64]) and not blocks[2, :, 8:].any() and not blocks[3:].any()
+
+
+def test_w4a16_tc_tiled_needs_block_n_a_multiple_of_the_row_block():
+    packed, scales, zeros = make_w4(64, 256, 128, True)
+    w = T4.StripedWeight(packed, scales, zeros, 128)
+    cfg = dict(BLOCK_M=16, BLOCK_N=48, BLOCK_K=128, SPLIT_K=1, UNPACK=3, TILED=True, TILE_ROWS=32, num_warps=4,
+               num_stages=1)
+    with pytest.raises(ValueError, match="TILED needs BLOCK_N a multiple of TILE_ROWS 32"):
+        TC.w4a16_tc(make_x(2, 256), w, None, cfg)
 
 
 def test_w4a16_tc_dot_layout_needs_a_128_step():
