@@ -4,9 +4,9 @@ CPU (and any device or shape without a fast path) runs :mod:`quantarena.kernels.
 work goes through ``torch.library`` custom ops (``quantarena::w4a16_linear``, ``::w8a8_linear``,
 ``::fp8_linear``) with fake implementations, so ``torch.compile`` traces them and CUDA graphs capture them.
 
-W4A16 paths by M: the GEMV v3 (``gemv3``, :mod:`.triton_w4a16_gemv`) at M = 1; the tensor-core kernel (``tc``,
-:mod:`.triton_w4a16_tc`) from M = 2; dequantize + cuBLAS (``dequant``) once M is large enough for cuBLAS
-to win (M > 256 by default). Per (M bucket, N, K) the path and tile measured fastest on H100 come from
+W4A16 paths by M: the GEMV v3 (``gemv3``, :mod:`.triton_w4a16_gemv`) at M = 1 unless the table names a
+tensor-core tile there (it does for most tuned shapes); the tensor-core kernel (``tc``, :mod:`.triton_w4a16_tc`)
+from M = 2; dequantize + cuBLAS (``dequant``) once M is large enough for cuBLAS to win (M > 256 by default). Per (M bucket, N, K) the path and tile measured fastest on H100 come from
 :mod:`.tuned_w4a16` (written by ``benchmarks/w4a16_tc_tune.py``); shapes not in it, and GPUs other than
 Hopper (the tables were measured on an H100), get the defaults above.
 The older CUDA-core GEMVs (``gemv``, M <= 4; ``gemv2``, M <= 16) serve group sizes the others cannot, and

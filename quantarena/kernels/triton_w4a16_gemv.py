@@ -1,4 +1,5 @@
-"""W4A16 GEMV v3 for one activation row (M = 1, the decode case): the M = 1 path of ``ops``.
+"""W4A16 GEMV v3 for one activation row (M = 1, the decode case): the M = 1 path of ``ops`` where the dispatch
+table names no tensor-core tile (kv_proj-sized weights, untuned shapes).
 
 Why a third GEMV. v2 (``triton_w4a16.w4a16_gemv2_kernel``) reduced each step's products over the words of a
 group before applying the group scale; those words sit in several threads, so every step paid warp

@@ -375,14 +375,26 @@ def w4a16_tc_kernel(x_ptr, w_ptr, x_desc, w_desc, s_ptr, z_ptr, bias_ptr, out_pt
                     pid_k, tile_id, SPLIT_K, HAS_BIAS)
 
 
-def tc_config(m: int, n: int, k: int, group: int, sms: int) -> dict:
+def tc_config(m: int, n: int, k: int, group: int, sms: int, hopper: bool = False) -> dict:
     """Default tile for M rows of an N x K weight (the tuned table, :mod:`.tuned_w4a16`, wins where it has
-    the shape); the tile most often fastest in the H100 search."""
+    the shape). On Hopper with 128-wide groups: the TILED UNPACK=3 tile the H100 search picked most often
+    (exact codes up to M = 64, the scale folded into the weight above; h100-w4a16-tc-tiled-*.json). Elsewhere
+    the UNPACK=2 tile most often fastest in the earlier search (the TILED tiles were measured on Hopper only)."""
     block_m = 16 if m <= 16 else (32 if m <= 32 else (64 if m <= 64 else 128))
     block_k = next(b for b in (64, 128, 32, 16) if group % b == 0 and k % b == 0)
+    dot = hopper and group % 128 == 0 and k % 128 == 0
+    if dot:
+        block_k = 128
     tiles = triton.cdiv(m, block_m) * triton.cdiv(n, 64)
     split = _split_for(tiles, k // block_k, 2 * sms) if tiles <= MAX_TILES else 1
+    if dot:
+        return dict(BLOCK_M=block_m, BLOCK_N=64, BLOCK_K=128, SPLIT_K=split, UNPACK=3, SCALE_W=m > 64, TMA=True,
+                    TILED=True, num_warps=4, num_stages=3)
     return dict(BLOCK_M=block_m, BLOCK_N=64, BLOCK_K=block_k, SPLIT_K=split, UNPACK=2, num_warps=4, num_stages=4)
+
+
+def _hopper(device: torch.device) -> bool:
+    return device.type == "cuda" and not INTERPRETING and torch.cuda.get_device_capability(device)[0] == 9
 
 
 def tc_supported(w: StripedWeight) -> bool:
@@ -402,7 +414,7 @@ def w4a16_tc(x2: torch.Tensor, w: StripedWeight, bias: torch.Tensor | None = Non
              cfg: dict | None = None) -> torch.Tensor:
     """x2: [M, K] contiguous -> [M, N] (tensor cores, the weight tile dequantized on the fly)."""
     m, n, k = x2.shape[0], w.out_features, w.in_features
-    cfg = dict(cfg or tc_config(m, n, k, w.group_size, _sm_count(x2.device)))
+    cfg = dict(cfg or tc_config(m, n, k, w.group_size, _sm_count(x2.device), _hopper(x2.device)))
     if (cfg.get("UNPACK") == 2 and INTERPRETING) or (cfg.get("UNPACK") in (2, 3) and x2.dtype != torch.bfloat16):
         cfg["UNPACK"] = 1   # the PTX makes bf16; UNPACK 3 has an interpreter path of its own
     bk = cfg["BLOCK_K"]

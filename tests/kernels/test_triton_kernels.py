@@ -290,6 +290,15 @@ def test_dot_tiled_words_puts_each_block_in_one_piece():
     assert torch.equal(blocks[2, 3, :8], dot[32:40, 48:64]) and not blocks[2, :, 8:].any() and not blocks[3:].any()
 
 
+@pytest.mark.parametrize("m", [2, 70])
+def test_w4a16_tc_hopper_default_tile_is_the_tiled_dot_layout(m):
+    cfg = TC.tc_config(m, 72, 512, 128, 8, hopper=True)
+    assert cfg["UNPACK"] == 3 and cfg["TILED"] and cfg["BLOCK_K"] == 128 and cfg["SCALE_W"] == (m > 64)
+    assert TC.tc_config(m, 72, 512, 64, 8, hopper=True)["UNPACK"] == 2           # 64-wide groups: no UNPACK 3
+    assert TC.tc_config(m, 72, 512, 128, 8)["UNPACK"] == 2                      # other GPUs: the earlier default
+    check_tc(m, 72, 128, False, True, cfg)
+
+
 def test_w4a16_tc_tiled_needs_block_n_a_multiple_of_the_row_block():
     packed, scales, zeros = make_w4(64, 256, 128, True)
     w = T4.StripedWeight(packed, scales, zeros, 128)
