@@ -15,7 +15,9 @@ The nibbles become the dot's bf16 operand in one of three ways (``UNPACK``):
   M <= 16 (``benchmarks/w4a16_tc_limits.py``: the same launch without its weight stream took as long).
 * ``3`` (BLOCK_K 128): the words are stored in a layout (``dot_layout_words``, built once per weight) in
   which each thread's words hold exactly its operand codes, so every layout of the unpack is the operand's
-  and no conversion is left: ~260 instructions and 2-3 barriers per step.
+  and no conversion is left: ~260 instructions and 2-3 barriers per step with the scale folded in, 198 with
+  exact codes (``SCALE_W`` off: one lop3 and one bf16x2 fma per two weights, the step's fp32 partial scaled).
+  ``TILED`` reads a copy stored in blocks of 16 rows x one K step (``dot_tiled_words``), each 1 KB contiguous.
 
 ``SCALE_W`` folds the group scale into the bf16 weight, so the dot accumulates in place; otherwise the fp32
 partial of each K step is scaled (``BLOCK_K`` divides the group size). An in-place
@@ -322,12 +324,14 @@ def w4a16_tc_kernel(x_ptr, w_ptr, x_desc, w_desc, s_ptr, z_ptr, bias_ptr, out_pt
             xt = x_desc.load([pid_m * BLOCK_M, k0]).T                                   # [BK, BM]
         else:
             xt = tl.load(x_ptr + ram[None, :] * stride_xm + (k0 + rk)[:, None])
-        if UNPACK == 3:   # words born in the dot operand's layout, scales folded in by the PTX
+        if UNPACK == 3:   # words born in the dot operand's layout; scales folded in by the PTX, or after the dot
             if TILED:
                 words = tl.load(w_tile + step * (TILE_ROWS * 16))                       # [2, BN/16, 8, 16]
             else:
                 words = tl.load(w_tile + k0 // 8)
-            s4 = tl.load(s_ptr + rows4 * G + grp)
+            s4 = rows4   # without SCALE_W only the shape is used (the step's scales come after the dot)
+            if SCALE_W:
+                s4 = tl.load(s_ptr + rows4 * G + grp)
             z4 = s4
             if HAS_ZERO:
                 z4 = tl.load(z_ptr + rows4 * G + grp)
