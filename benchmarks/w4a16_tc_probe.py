@@ -36,11 +36,28 @@ def log(*a):
     print(f"[{time.time() - started:6.1f}s]", *a, flush=True)
 
 
+def _table_tile(m, n, k):
+    """The dispatch table's tc tile for (M, N, K), else the kernel's default tile."""
+    tuned = lookup(m, n, k)
+    return dict(tuned[1]) if tuned and tuned[0] == "tc" else TC.tc_config(m, n, k, BK.GROUP, sms)
+
+
+def _splits(m, n, bm, bn, steps, mults):
+    """Split-K choices giving about ``mult`` programs per SM for each of ``mults`` (1 past MAX_TILES tiles)."""
+    n_tiles = -(-m // bm) * -(-n // bn)
+    return [T4._split_for(n_tiles, steps, mult * sms) if n_tiles <= T4.MAX_TILES else 1 for mult in mults]
+
+
+def _add(out, name, cfg):
+    """Append (name, cfg) unless the same config is already in ``out``."""
+    if cfg not in [c for _, c in out]:
+        out.append((name, cfg))
+
+
 def variants(m, n, k):
     """(name, config) pairs: the table's tile as it is, with TMA, with TMA and SCALE_W, and other tiles with
     those options (names: BNxBK w warps s stages k split, +t TMA, +s SCALE_W)."""
-    tuned = lookup(m, n, k)
-    base = dict(tuned[1]) if tuned and tuned[0] == "tc" else TC.tc_config(m, n, k, BK.GROUP, sms)
+    base = _table_tile(m, n, k)
     out = [("table", dict(base, SCALE_W=False, TMA=False)), ("table+t", dict(base, SCALE_W=False, TMA=True)),
            ("table+ts", dict(base, SCALE_W=True, TMA=True))]
     bm = base["BLOCK_M"]
@@ -50,34 +67,27 @@ def variants(m, n, k):
         tiles = [(64, 128, 4, 3), (128, 64, 8, 3), (128, 128, 8, 3), (64, 64, 4, 4)]
         opts = [(False, True), (True, True), (True, False)]
     for bn, bk, nw, ns in tiles:
-        n_tiles = -(-m // bm) * -(-n // bn)
-        for mult in (1, 2):
-            split = T4._split_for(n_tiles, k // bk, mult * sms) if n_tiles <= T4.MAX_TILES else 1
+        for split in _splits(m, n, bm, bn, k // bk, (1, 2)):
             for tma, sw in opts:
-                cfg = dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=split, UNPACK=2, SCALE_W=sw, TMA=tma,
-                           num_warps=nw, num_stages=ns)
-                if cfg not in [c for _, c in out]:
-                    out.append((f"{bn}x{bk}w{nw}s{ns}k{split}{'+t' if tma else ''}{'+s' if sw else ''}", cfg))
+                _add(out, f"{bn}x{bk}w{nw}s{ns}k{split}{'+t' if tma else ''}{'+s' if sw else ''}",
+                     dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=split, UNPACK=2, SCALE_W=sw, TMA=tma,
+                          num_warps=nw, num_stages=ns))
     return out
 
 
 def dot_variants(m, n, k):
     """``PROBE_MODE=dot``: the table's tile as it is (UNPACK 2), then UNPACK=3 tiles (the words in the dot
     operand's layout, scale folded in; BLOCK_K 128), x through a descriptor (+t) or pointer loads."""
-    tuned = lookup(m, n, k)
-    base = dict(tuned[1]) if tuned and tuned[0] == "tc" else TC.tc_config(m, n, k, BK.GROUP, sms)
+    base = _table_tile(m, n, k)
     out = [("table", base)]
     bm = base["BLOCK_M"]
     tiles = [(64, 4, 3), (64, 4, 4), (128, 8, 3), (128, 4, 3)] if m < 128 else [(64, 4, 3), (128, 8, 3), (64, 4, 4)]
     for bn, nw, ns in tiles:
-        n_tiles = -(-m // bm) * -(-n // bn)
-        for mult in (1, 2):
-            split = T4._split_for(n_tiles, k // 128, mult * sms) if n_tiles <= T4.MAX_TILES else 1
+        for split in _splits(m, n, bm, bn, k // 128, (1, 2)):
             for tma in (True, False):
-                cfg = dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=128, SPLIT_K=split, UNPACK=3, SCALE_W=True, TMA=tma,
-                           num_warps=nw, num_stages=ns)
-                if cfg not in [c for _, c in out]:
-                    out.append((f"d{bn}w{nw}s{ns}k{split}{'+t' if tma else ''}", cfg))
+                _add(out, f"d{bn}w{nw}s{ns}k{split}{'+t' if tma else ''}",
+                     dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=128, SPLIT_K=split, UNPACK=3, SCALE_W=True, TMA=tma,
+                          num_warps=nw, num_stages=ns))
     return out
 
 
@@ -85,8 +95,7 @@ def tiled_variants(m, n, k):
     """``PROBE_MODE=tiled``: the table's tile as it is, the same with ``TILED`` words (UNPACK=3 tiles only), and
     TILED UNPACK=3 tiles, x through a descriptor, with the scale folded into the weight (+s) or applied to each
     step's fp32 partial (names: tBN w warps s stages k split)."""
-    tuned = lookup(m, n, k)
-    base = dict(tuned[1]) if tuned and tuned[0] == "tc" else TC.tc_config(m, n, k, BK.GROUP, sms)
+    base = _table_tile(m, n, k)
     out = [("table", base)]
     if base.get("UNPACK") == 3:
         out.append(("table+T", dict(base, TILED=True)))
@@ -94,14 +103,11 @@ def tiled_variants(m, n, k):
     tiles = [(64, 4, 3), (64, 4, 4), (64, 4, 5), (128, 8, 3), (128, 4, 3), (128, 4, 4)] if m < 128 else \
         [(64, 4, 3), (128, 8, 3), (64, 4, 4), (128, 4, 3)]
     for bn, nw, ns in tiles:
-        n_tiles = -(-m // bm) * -(-n // bn)
-        for mult in (1, 2, 4):
-            split = T4._split_for(n_tiles, k // 128, mult * sms) if n_tiles <= T4.MAX_TILES else 1
+        for split in _splits(m, n, bm, bn, k // 128, (1, 2, 4)):
             for sw in (True, False):
-                cfg = dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=128, SPLIT_K=split, UNPACK=3, SCALE_W=sw, TMA=True,
-                           num_warps=nw, num_stages=ns, TILED=True)
-                if cfg not in [c for _, c in out]:
-                    out.append((f"t{bn}w{nw}s{ns}k{split}{'+s' if sw else ''}", cfg))
+                _add(out, f"t{bn}w{nw}s{ns}k{split}{'+s' if sw else ''}",
+                     dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=128, SPLIT_K=split, UNPACK=3, SCALE_W=sw, TMA=True,
+                          num_warps=nw, num_stages=ns, TILED=True))
     return out
 
 

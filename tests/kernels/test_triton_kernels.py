@@ -299,28 +299,17 @@ def test_w4a16_tc_hopper_default_tile_is_the_tiled_dot_layout(m):
     check_tc(m, 72, 128, False, True, cfg)
 
 
-def test_w4a16_tc_tiled_needs_block_n_a_multiple_of_the_row_block():
-    packed, scales, zeros = make_w4(64, 256, 128, True)
-    w = T4.StripedWeight(packed, scales, zeros, 128)
-    cfg = dict(BLOCK_M=16, BLOCK_N=48, BLOCK_K=128, SPLIT_K=1, UNPACK=3, TILED=True, TILE_ROWS=32, num_warps=4,
-               num_stages=1)
-    with pytest.raises(ValueError, match="TILED needs BLOCK_N a multiple of TILE_ROWS 32"):
-        TC.w4a16_tc(make_x(2, 256), w, None, cfg)
-
-
-def test_w4a16_tc_dot_layout_needs_a_128_step():
-    packed, scales, zeros = make_w4(32, 256, 128, True)
-    w = T4.StripedWeight(packed, scales, zeros, 128)
-    cfg = dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=64, SPLIT_K=1, UNPACK=3, num_warps=4, num_stages=1)
-    with pytest.raises(ValueError, match="UNPACK 3 needs BLOCK_K = 128"):
-        TC.w4a16_tc(make_x(2, 256), w, None, cfg)
-
-
-def test_w4a16_tc_rejects_a_k_step_that_spans_groups():
-    packed, scales, zeros = make_w4(32, 256, 32, True)
-    w = T4.StripedWeight(packed, scales, zeros, 32)
-    cfg = dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=64, SPLIT_K=1, UNPACK=1, num_warps=4, num_stages=1)
-    with pytest.raises(ValueError, match="BLOCK_K 64 must divide"):
+@pytest.mark.parametrize("n,group,tile,match", [
+    (64, 128, dict(BLOCK_N=48, BLOCK_K=128, UNPACK=3, TILED=True, TILE_ROWS=32),
+     "TILED needs BLOCK_N a multiple of TILE_ROWS 32"),                          # tiles must hold whole row blocks
+    (32, 128, dict(BLOCK_N=32, BLOCK_K=64, UNPACK=3), "UNPACK 3 needs BLOCK_K = 128"),   # the dot layout's step
+    (32, 32, dict(BLOCK_N=32, BLOCK_K=64, UNPACK=1), "BLOCK_K 64 must divide"),          # a K step across groups
+])
+def test_w4a16_tc_rejects_a_bad_tile(n, group, tile, match):
+    packed, scales, zeros = make_w4(n, 256, group, True)
+    w = T4.StripedWeight(packed, scales, zeros, group)
+    cfg = dict(BLOCK_M=16, SPLIT_K=1, num_warps=4, num_stages=1, **tile)
+    with pytest.raises(ValueError, match=match):
         TC.w4a16_tc(make_x(2, 256), w, None, cfg)
 
 
