@@ -20,10 +20,12 @@ ap.add_argument("--gen-len", type=int, default=64)
 ap.add_argument("--fuse", action="store_true")
 ap.add_argument("--quantize-lm-head", action="store_true")
 ap.add_argument("--attention", default="quantarena")
+ap.add_argument("--keep-canonical-w4a16", action="store_true")
 args = ap.parse_args()
 result = decode.run(args.model, args.schemes.split(","), [int(b) for b in args.batch.split(",")],
                     args.prompt_len, args.gen_len, log=lambda s: print(s, flush=True), fuse=args.fuse,
-                    quantize_lm_head=args.quantize_lm_head, attention=args.attention)
+                    quantize_lm_head=args.quantize_lm_head, attention=args.attention,
+                    kernel_layout=not args.keep_canonical_w4a16)
 with open(args.out, "w") as f:
     json.dump(result, f, indent=1)
 print(json.dumps(result["crossover"]), json.dumps(result["checks"]))

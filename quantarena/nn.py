@@ -79,19 +79,89 @@ class W4A16Linear(QuantLinearBase):
         q, s, z = P.quantize_int4(linear.weight.detach(), group_size, symmetric)
         return cls(q, s, None if symmetric else z, group_size, linear.bias)
 
+    # --- the serving layout: the weight held only in the tensor-core kernel's TILED words
+
+    @property
+    def kernel_layout(self) -> bool:
+        """True after ``to_kernel_layout``: the canonical codes are not held, only the kernel's words."""
+        return self.weight_packed is None
+
+    def to_kernel_layout(self) -> "W4A16Linear":
+        """Hold the weight only in the W4A16 tensor-core kernel's TILED layout (``weight_tiled``, not saved) and
+        drop the canonical ``weight_packed``: a server keeps one copy of the 4-bit weights instead of two (the
+        canonical codes plus the layout the fast kernels build from them). Lossless: ``packed()``, ``codes()``,
+        ``dequantize()``, ``state_dict()`` and ``to_canonical_layout()`` rebuild the canonical codes bit for bit.
+        Needs K and the group size divisible by 128 and no act-order ``g_idx``."""
+        from .kernels.w4a16_layout import dot_layout_words, dot_tiled_words
+
+        if self.kernel_layout:
+            return self
+        if self.in_features % 128 or self.group_size % 128:
+            raise ValueError(f"the kernel layout needs in_features and group_size divisible by 128, got "
+                             f"{self.in_features} and {self.group_size}")
+        if self.weight_g_idx is not None and not torch.equal(
+                self.weight_g_idx.long(), torch.arange(self.in_features, device=self.weight_g_idx.device)
+                // self.group_size):
+            raise ValueError("the kernel layout has no act-order (g_idx) support; keep the canonical layout")
+        tiled = dot_tiled_words(dot_layout_words(self.weight_packed))
+        self._buffers["weight_packed"] = None
+        self.register_buffer("weight_tiled", tiled, persistent=False)
+        return self
+
+    def to_canonical_layout(self) -> "W4A16Linear":
+        """Undo ``to_kernel_layout``."""
+        if self.kernel_layout:
+            self._buffers["weight_packed"] = self.packed()
+            del self._buffers["weight_tiled"]
+        return self
+
+    def packed(self) -> torch.Tensor:
+        """The canonical packed codes ``[out, in/8]`` (rebuilt from the kernel layout when that is all it holds)."""
+        if not self.kernel_layout:
+            return self.weight_packed
+        from .kernels.w4a16_layout import canonical_from_dot_tiled
+
+        return canonical_from_dot_tiled(self.weight_tiled, self.out_features)
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        if self.kernel_layout:   # a checkpoint always holds the canonical codes
+            destination[prefix + "weight_packed"] = self.packed()
+
+    def weight_bytes(self) -> int:
+        return super().weight_bytes() + (self.out_features * self.in_features // 2 if self.kernel_layout else 0)
+
     def codes(self) -> torch.Tensor:
-        return P.unpack_int4(self.weight_packed, self.in_features)
+        return P.unpack_int4(self.packed(), self.in_features)
 
     def dequantize(self) -> torch.Tensor:
-        return reference.w4a16_dequant(self.weight_packed, self.weight_scale, self.weight_zero_point,
+        return reference.w4a16_dequant(self.packed(), self.weight_scale, self.weight_zero_point,
                                        self.group_size, self.in_features, self.weight_g_idx)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.kernel_layout:
+            return ops.w4a16_linear_tiled(x, self.weight_tiled, self.weight_scale, self.weight_zero_point,
+                                          self.group_size, self.out_features, self.bias)
         return ops.w4a16_linear(x, self.weight_packed, self.weight_scale, self.weight_zero_point,
                                 self.group_size, self.bias, self.weight_g_idx)
 
     def extra_repr(self) -> str:
-        return super().extra_repr() + f", group_size={self.group_size}, symmetric={self.symmetric}"
+        layout = ", layout=kernel" if self.kernel_layout else ""
+        return super().extra_repr() + f", group_size={self.group_size}, symmetric={self.symmetric}{layout}"
+
+
+def to_kernel_layout(model: nn.Module) -> int:
+    """Put every ``W4A16Linear`` of ``model`` that allows it in the serving layout (``to_kernel_layout``);
+    returns how many were converted. The others keep the canonical layout."""
+    done = 0
+    for module in model.modules():
+        if isinstance(module, W4A16Linear) and not module.kernel_layout:
+            try:
+                module.to_kernel_layout()
+            except ValueError:
+                continue
+            done += 1
+    return done
 
 
 class W8A8Linear(QuantLinearBase):

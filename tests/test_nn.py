@@ -89,3 +89,45 @@ def test_act_order_g_idx():
     # permuting columns together with g_idx gives the same dequantized weight, column-permuted
     deq = R.w4a16_dequant(P.pack_int4(q[:, perm]), s, None, 32, 64, g_idx[perm])
     assert torch.equal(deq, P.int4_dequantize(q, s, None, 32)[:, perm])
+
+
+def test_w4a16_kernel_layout_is_lossless():
+    """The serving layout drops the canonical codes and rebuilds them bit for bit: codes, dequantized weight,
+    state_dict (what exports read), weight bytes and outputs are those of the canonical module."""
+    torch.manual_seed(0)
+    lin = nn.Linear(384, 40, bias=True)
+    mod = qn.W4A16Linear.from_float(lin, 128, symmetric=False)
+    x = torch.randn(3, 384)
+    packed, out, nbytes = mod.weight_packed.clone(), mod(x), mod.weight_bytes()
+    state = {k: v.clone() for k, v in mod.state_dict().items()}
+    assert mod.to_kernel_layout() is mod and mod.kernel_layout and mod.weight_packed is None
+    assert mod.weight_tiled.shape == (128, 48)                   # 40 rows padded to the 128-row tiles
+    assert torch.equal(mod.packed(), packed) and torch.equal(mod.codes(), P.unpack_int4(packed, 384))
+    assert mod.weight_bytes() == nbytes and "weight_tiled" not in mod.state_dict()
+    assert all(torch.equal(v, state[k]) for k, v in mod.state_dict().items()) and set(mod.state_dict()) == set(state)
+    assert torch.equal(mod(x), out)                             # CPU: the reference on the rebuilt codes
+    assert torch.equal(mod.to_canonical_layout().weight_packed, packed) and not hasattr(mod, "weight_tiled")
+
+
+def test_w4a16_kernel_layout_refuses_what_it_cannot_hold():
+    lin = nn.Linear(256, 16)
+    with pytest.raises(ValueError, match="divisible by 128"):
+        qn.W4A16Linear.from_float(lin, 64).to_kernel_layout()
+    g_idx = torch.randperm(256) // 128
+    q, s, _ = P.quantize_int4(lin.weight.detach(), 128, True)
+    with pytest.raises(ValueError, match="act-order"):
+        qn.W4A16Linear(q, s, None, 128, g_idx=g_idx).to_kernel_layout()
+    model = nn.Sequential(qn.W4A16Linear.from_float(lin, 64), qn.W4A16Linear.from_float(lin, 128))
+    assert qn.to_kernel_layout(model) == 1 and not model[0].kernel_layout and model[1].kernel_layout
+
+
+def test_w4a16_layout_round_trips():
+    from quantarena.kernels import w4a16_layout as L
+
+    packed = torch.randint(-2 ** 31, 2 ** 31, (150, 48), dtype=torch.int64).to(torch.int32)
+    dot = L.dot_layout_words(packed, rows_per_chunk=64)
+    assert torch.equal(L.canonical_from_dot_words(dot, rows_per_chunk=64), packed)
+    for rows in (16, 32, 256):
+        assert torch.equal(L.canonical_from_dot_tiled(L.dot_tiled_words(dot, rows), 150, rows), packed)
+    with pytest.raises(ValueError, match="cannot hold"):
+        L.canonical_from_dot_tiled(L.dot_tiled_words(dot), 300)

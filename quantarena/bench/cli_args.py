@@ -34,6 +34,9 @@ def add_bench_parser(subparsers) -> argparse.ArgumentParser:
                         "masked SDPA over the whole static cache")
     d.add_argument("--no-compile", action="store_true",
                    help="run the blocks' non-linear work eagerly instead of fused by torch.compile")
+    d.add_argument("--keep-canonical-w4a16", action="store_true",
+                   help="keep W4A16's canonical packed codes next to the kernel layouts (default: serve from the "
+                        "tensor-core kernel's layout alone, one copy of the 4-bit weights)")
     d.add_argument("--json", default=None, metavar="OUT", help="write the results object to OUT")
     d.add_argument("--plot", default=None, metavar="PNG", help="also draw tokens/s and speed-up vs batch to PNG")
     g = bench_sub.add_parser("greedy", help="greedy generations of a real model: our kernels vs the reference kernels")
@@ -80,7 +83,8 @@ def run_bench(args) -> int:
             return 2
         result = decode.run(shape, args.schemes.split(","), batches, args.prompt_len, args.gen_len, log=log,
                             compile=not args.no_compile, fuse=args.fuse_linears,
-                            quantize_lm_head=args.quantize_lm_head, attention=args.attention)
+                            quantize_lm_head=args.quantize_lm_head, attention=args.attention,
+                            kernel_layout=not args.keep_canonical_w4a16)
         if args.plot:
             from .plots import plot_decode
             plot_decode(result, args.plot)

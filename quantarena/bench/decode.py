@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import gc
 import math
 import time
 from dataclasses import dataclass
@@ -231,6 +232,24 @@ class DecodeRun:
         return graph, _events_ms(graph.replay, steps)
 
 
+def prefill_graph_ms(run: DecodeRun, reps: int = 5) -> float:
+    """Median time of the prefill captured as one CUDA graph (after an eager warm-up of the same shapes), so
+    that, as for the decode step, kernels are timed and not the host's launch loop (an eager 8B prefill of a
+    few hundred tokens is launch-bound: its time varied 2x between runs of the same code)."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        run.prefill()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        run.prefill()
+    graph.replay()
+    times = sorted(_events_ms(graph.replay) for _ in range(reps))
+    del graph
+    return times[len(times) // 2]
+
+
 def _events_ms(fn, reps: int = 1) -> float:
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     start.record()
@@ -241,27 +260,35 @@ def _events_ms(fn, reps: int = 1) -> float:
     return start.elapsed_time(end)
 
 
-def check_outputs(model: LeanLlama, steps: int = 8) -> dict:
+def _greedy(model: LeanLlama, steps: int) -> tuple[torch.Tensor, list[int]]:
+    """The first logits and ``steps`` greedy tokens of batch 1 after a 16-token prompt."""
+    with torch.no_grad():
+        run = DecodeRun(model, 1, 16)
+        first = run.prefill().float()
+        toks = [run.next.item()]
+        for _ in range(steps - 1):
+            run.step()
+            toks.append(run.next.item())
+    return first, toks
+
+
+def _agreement(fast: tuple[torch.Tensor, list[int]], ref: tuple[torch.Tensor, list[int]], prefix: str = "") -> dict:
+    return {f"{prefix}logits_rel_err": ((fast[0] - ref[0]).norm() / ref[0].norm()).item(),
+            f"{prefix}greedy_agree": sum(a == b for a, b in zip(fast[1], ref[1])), f"{prefix}greedy_steps": len(ref[1])}
+
+
+def check_outputs(model: LeanLlama, steps: int = 8) -> tuple[dict, tuple[torch.Tensor, list[int]]]:
     """Fast kernels vs the reference kernels of the same scheme, batch 1: relative error of the first
-    logits and how many of ``steps`` greedy tokens agree."""
-    out = {}
-    for name, ctx in (("fast", contextlib.nullcontext()), ("reference", reference_kernels())):
-        with ctx, torch.no_grad():
-            run = DecodeRun(model, 1, 16)
-            logits = [run.prefill().float()]
-            toks = [run.next.item()]
-            for _ in range(steps - 1):
-                logits.append(run.step().float())
-                toks.append(run.next.item())
-        out[name] = (logits[0], toks)
-    ref = out["reference"][0]
-    return {"logits_rel_err": ((out["fast"][0] - ref).norm() / ref.norm()).item(),
-            "greedy_agree": sum(a == b for a, b in zip(out["fast"][1], out["reference"][1])), "greedy_steps": steps}
+    logits and how many of ``steps`` greedy tokens agree; and the reference run, to check a later layout."""
+    fast = _greedy(model, steps)
+    with reference_kernels():
+        ref = _greedy(model, steps)
+    return _agreement(fast, ref), ref
 
 
 def bench_scheme(shape: str, scheme: str, batches: list[int], prompt_len: int, gen_len: int, log=print,
                  compile: bool = True, fuse: bool = False, quantize_lm_head: bool = False,
-                 attention: str = "quantarena") -> tuple[list, dict]:
+                 attention: str = "quantarena", kernel_layout: bool = True) -> tuple[list, dict]:
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
     t0 = time.time()
@@ -269,8 +296,15 @@ def bench_scheme(shape: str, scheme: str, batches: list[int], prompt_len: int, g
                       attention=attention)
     weights_gb = torch.cuda.memory_allocated() / 1e9
     log(f"{scheme}: model built in {time.time() - t0:.0f}s, {weights_gb:.1f} GB")
-    check = check_outputs(model)
+    check, ref = check_outputs(model)
     log(f"{scheme}: check {check}")
+    if kernel_layout and scheme == "w4a16":   # serve from the kernel layout alone, as a server would
+        check["kernel_layout_linears"] = qnn.to_kernel_layout(model)
+        gc.collect()
+        torch.cuda.empty_cache()
+        weights_gb = torch.cuda.memory_allocated() / 1e9
+        check.update(_agreement(_greedy(model, len(ref[1])), ref, "kernel_layout_"))
+        log(f"{scheme}: kernel layout only, {weights_gb:.1f} GB; check {check}")
     if compile:
         torch._dynamo.reset()                            # each scheme compiles its own block graphs
         torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
@@ -285,7 +319,7 @@ def bench_scheme(shape: str, scheme: str, batches: list[int], prompt_len: int, g
         with torch.no_grad():
             run = DecodeRun(model, batch, prompt_len)
             run.prefill()  # warm-up (kernels, weight layouts)
-            prefill_ms = _events_ms(run.prefill)
+            prefill_ms = prefill_graph_ms(run)
             graph, decode_ms = run.timed_graph(gen_len)
         ms_tok = decode_ms / gen_len
         peak = torch.cuda.max_memory_allocated()
@@ -324,11 +358,11 @@ def crossover(rows: list[dict]) -> dict:
 
 def run(shape: str, schemes: list[str], batches: list[int], prompt_len: int = 128, gen_len: int = 64,
         log=print, compile: bool = True, fuse: bool = False, quantize_lm_head: bool = False,
-        attention: str = "quantarena") -> dict:
+        attention: str = "quantarena", kernel_layout: bool = True) -> dict:
     rows, checks = [], {}
     for scheme in schemes:
         r, c = bench_scheme(shape, scheme, batches, prompt_len, gen_len, log, compile, fuse, quantize_lm_head,
-                            attention)
+                            attention, kernel_layout)
         rows += r
         checks[scheme] = c
     return {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
@@ -340,9 +374,12 @@ def run(shape: str, schemes: list[str], batches: list[int], prompt_len: int = 12
             "method": "lean Llama runner, static KV cache, one CUDA graph per decode step, greedy; "
                       + ("block non-linear work fused by torch.compile (linears are our custom ops); " if compile else "")
                       + ("q/k/v and gate/up fused into one linear each; " if fuse else "")
-                      + "prefill timed without a graph (one forward of batch x prompt_len tokens)",
+                      + "prefill (one forward of batch x prompt_len tokens) timed as a CUDA graph too, median of 5",
+            "w4a16_weights": ("held only in the tensor-core kernel's TILED layout after the output check (the "
+                              "canonical packed codes dropped; the GEMVs, which need layouts of their own, unused)"
+                              if kernel_layout else "canonical packed codes plus the kernel layouts built from them"),
             "memory": "gpu_mem_gb: peak allocated while serving that batch (KV cache, prefill, decode graph; "
-                      "building, checking and compiling excluded); weights_gb: allocated after building the model; "
-                      "resident_gb: allocated after that batch, i.e. the weights plus the kernels' weight layouts "
-                      "built so far",
+                      "building, checking and compiling excluded); weights_gb: allocated after building the model "
+                      "(for W4A16 in the kernel layout: after the conversion); resident_gb: allocated after that "
+                      "batch, i.e. the weights plus any kernel weight layouts built so far",
             "crossover": crossover(rows), "checks": checks, "rows": rows}

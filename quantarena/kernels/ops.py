@@ -27,7 +27,11 @@ in the act-quant kernel itself (``quantarena::a8w8_silu_mul_linear``), one launc
 ``decode_attention``: one decode step's attention over the valid positions of a static KV cache, the split-KV
 kernels of :mod:`.triton_decode_attention` (``quantarena::decode_attention``).
 
-The kernel-layout copy of each W4A16 weight is built once, on first use, and kept while the canonical tensor lives (keyed on the tensor
+A weight held only in the tensor-core kernel's layout (``W4A16Linear.to_kernel_layout``, for serving: one copy of
+the 4-bit weights) goes through ``w4a16_linear_tiled`` (``quantarena::w4a16_linear_tiled``): the TILED tc tile,
+or the dequantize from that layout + cuBLAS where the table says dequantize; no GEMV (they need layouts of their own).
+
+The kernel-layout copy of each canonical W4A16 weight is built once, on first use, and kept while the canonical tensor lives (keyed on the tensor
 object, dropped with it). Build it before CUDA-graph capture: run the layer once first, as every
 graph capture needs a warm-up call anyway.
 """
@@ -175,6 +179,63 @@ def w4a16_linear(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, ze
     bias = None if bias is None else bias.to(x.dtype)
     out = _w4a16_op(x2, packed, scales.to(x.dtype), zeros, group_size, bias, g_idx, path)
     return out.reshape(*x.shape[:-1], packed.shape[0])
+
+
+def w4a16_tiled_config(m: int, n: int, k: int, group_size: int, x: torch.Tensor) -> tuple[str, dict | None]:
+    """Path and tile for a weight held only in the TILED tensor-core layout: ``dequant`` where the table (or the
+    default) says dequantize + cuBLAS, else the tensor-core kernel with the table's tile when that tile reads
+    the TILED words (on Hopper), otherwise the Hopper default TILED tile. The GEMVs need layouts of their own,
+    so a shape tuned to a GEMV at M = 1 runs the tensor-core kernel."""
+    from . import triton_w4a16_tc as TC
+    from .tuned_w4a16 import lookup
+    from .w4a16_layout import DOT_TILE_ROWS
+
+    path = w4a16_path(m, n, k, _tuned_for(x))
+    if path == "dequant":
+        return path, None
+    tuned = lookup(m, n, k) if _tuned_for(x) else None
+    if tuned is not None and tuned[0] == "tc" and tuned[1].get("TILED") \
+            and tuned[1].get("TILE_ROWS", DOT_TILE_ROWS) == DOT_TILE_ROWS:
+        return "tc", tuned[1]
+    from .triton_w4a16 import _sm_count
+
+    return "tc", TC.tc_config(m, n, k, group_size, _sm_count(x.device), hopper=True)
+
+
+@torch.library.custom_op("quantarena::w4a16_linear_tiled", mutates_args=())
+def _w4a16_tiled_op(x2: torch.Tensor, tiled: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None,
+                    group_size: int, out_features: int, bias: torch.Tensor | None) -> torch.Tensor:
+    from . import triton_w4a16 as T, triton_w4a16_tc as TC
+
+    w = T.StripedWeight.from_dot_tiled(tiled, out_features, scales, zeros, group_size)
+    x2 = x2.contiguous()
+    path, cfg = w4a16_tiled_config(x2.shape[0], out_features, w.in_features, group_size, x2)
+    if path == "dequant":
+        return torch.nn.functional.linear(x2, TC.w4a16_dequantize_tiled(w, x2.dtype), bias)
+    return TC.w4a16_tc(x2, w, bias, cfg)
+
+
+@_w4a16_tiled_op.register_fake
+def _(x2, tiled, scales, zeros, group_size, out_features, bias):
+    return x2.new_empty((x2.shape[0], out_features))
+
+
+def w4a16_linear_tiled(x: torch.Tensor, tiled: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None,
+                       group_size: int, out_features: int, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``x @ dequant(W).T + bias`` for a weight held only in the tensor-core kernel's TILED layout
+    (``w4a16_layout.dot_tiled_words``; K and the group size multiples of 128). On CUDA the tensor-core kernel
+    or the tiled dequantize + cuBLAS, in bf16 (fp16 activations are computed in bf16 and cast back: the
+    layout's PTX makes bf16); elsewhere the reference on the canonical codes rebuilt for the call."""
+    in_features = tiled.shape[1] * 8
+    if not _triton_ok(x):
+        from .w4a16_layout import canonical_from_dot_tiled
+
+        return reference.w4a16_linear(x, canonical_from_dot_tiled(tiled, out_features), scales, zeros, group_size,
+                                      bias)
+    x2 = x.reshape(-1, in_features).to(torch.bfloat16)
+    bias = None if bias is None else bias.to(torch.bfloat16)
+    out = _w4a16_tiled_op(x2, tiled, scales.to(torch.bfloat16), zeros, group_size, out_features, bias)
+    return out.to(x.dtype).reshape(*x.shape[:-1], out_features)
 
 
 # ----------------------------------------------------------------------------- W8A8 INT8

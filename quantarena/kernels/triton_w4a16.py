@@ -434,8 +434,34 @@ class StripedWeight:
         self.scales = scales.contiguous()                                          # [N, K/g] bf16
         self.zeros = None if zeros is None else zeros.to(torch.int8).contiguous()  # [N, K/g] int8
 
+    @classmethod
+    def from_dot_tiled(cls, tiled: torch.Tensor, out_features: int, scales: torch.Tensor,
+                       zeros: torch.Tensor | None, group_size: int) -> "StripedWeight":
+        """A weight held only in the tensor-core kernel's TILED UNPACK=3 layout (``DOT_TILE_ROWS``-row blocks,
+        ``w4a16_layout.dot_tiled_words``): no canonical copy, so only the TILED tc tiles and the tiled
+        dequantize (``triton_w4a16_tc``) can serve it."""
+        from .w4a16_layout import DOT_TILE_ROWS
+
+        self = cls.__new__(cls)
+        self.out_features, self.in_features = out_features, tiled.shape[1] * 8
+        self.group_size, self.stripe = group_size, stripe_size(group_size)
+        self._words, self._tiled, self._dot = None, {}, None
+        self._dot_tiled = {DOT_TILE_ROWS: tiled}
+        self._canonical = None
+        self.scales = scales.contiguous()
+        self.zeros = None if zeros is None else zeros.to(torch.int8).contiguous()
+        return self
+
+    @property
+    def kernel_only(self) -> bool:
+        """True when the weight is held only in the TILED tensor-core layout (``from_dot_tiled``)."""
+        return self._canonical is None
+
     @property
     def canonical(self) -> torch.Tensor:
+        if self._canonical is None:
+            raise RuntimeError("this W4A16 weight is held only in the tensor-core kernel's layout; "
+                               "only the TILED tc tiles and the tiled dequantize can read it")
         return self._canonical()
 
     @property
@@ -450,7 +476,7 @@ class StripedWeight:
     def dot_words(self) -> torch.Tensor:
         """The tensor-core kernel's UNPACK=3 layout (``triton_w4a16_tc.dot_layout_words``), built on first use."""
         if self._dot is None:
-            from .triton_w4a16_tc import dot_layout_words
+            from .w4a16_layout import dot_layout_words
 
             self._dot = dot_layout_words(self.canonical)
         return self._dot
@@ -459,7 +485,7 @@ class StripedWeight:
         """The UNPACK=3 words in blocks of ``tile_rows`` rows (``triton_w4a16_tc.dot_tiled_words``; default
         ``DOT_TILE_ROWS``, which serves every tile of the tuned table: one copy per weight), built on first use;
         the untiled UNPACK=3 copy is not kept for it."""
-        from .triton_w4a16_tc import DOT_TILE_ROWS, dot_layout_words, dot_tiled_words
+        from .w4a16_layout import DOT_TILE_ROWS, dot_layout_words, dot_tiled_words
 
         rows = tile_rows or DOT_TILE_ROWS
         if rows not in self._dot_tiled:
@@ -468,10 +494,10 @@ class StripedWeight:
         return self._dot_tiled[rows]
 
     def tiled(self, block_n: int, block_kw: int) -> torch.Tensor:
-        """The gemv3 layout for one tile shape (see ``triton_w4a16_gemv.tile_words``), built on first use."""
+        """The gemv3 layout for one tile shape (see ``w4a16_layout.tile_words``), built on first use."""
         key = (block_n, block_kw)
         if key not in self._tiled:
-            from .triton_w4a16_gemv import tile_words
+            from .w4a16_layout import tile_words
 
             striped = self._words if self._words is not None else repack_striped(self.canonical, self.in_features,
                                                                                  self.stripe)

@@ -34,6 +34,7 @@ import triton.language as tl
 
 from .triton_w4a16 import (INTERPRETING, MAX_TILES, StripedWeight, _block_kw, _nibble_dot, _sm_count, _split_for,
                            _split_k_finish, split_k_counters)
+from .w4a16_layout import tile_words  # noqa: F401 (re-exported: the gemv3 TILED layout)
 
 
 # The eight nibbles of a word as floats f_j = 1 + u_j / 128 (inline PTX, GPU only): one lop3 isolates the
@@ -243,17 +244,6 @@ def w4a16_gemv3_kernel(x_ptr, w_ptr, s_ptr, z_ptr, bias_ptr, out_ptr, ws_ptr, cn
                       HAS_BIAS)
         _gemv3_finish(acc3, ws_ptr, cnt_ptr, bias_ptr, out_ptr, o0 + 3 * BNS, N, pid_k, pid_n * SUB + 3, SPLIT_K,
                       HAS_BIAS)
-
-
-def tile_words(words: torch.Tensor, block_n: int, block_kw: int) -> torch.Tensor:
-    """Striped words [N, KW] -> the TILED layout: every (N tile, K step) tile of [block_n, block_kw] words
-    contiguous, tiles of one N tile in K order, N zero-padded to a multiple of block_n."""
-    n, kw = words.shape
-    pad = -n % block_n
-    if pad:
-        words = torch.cat([words, words.new_zeros(pad, kw)])
-    t = words.reshape((n + pad) // block_n, block_n, kw // block_kw, block_kw).permute(0, 2, 1, 3)
-    return t.contiguous().reshape(n + pad, kw)
 
 
 def gemv3_supported(w: StripedWeight) -> bool:

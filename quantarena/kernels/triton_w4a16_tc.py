@@ -32,6 +32,7 @@ import triton.language as tl
 
 from .triton_w4a16 import (INTERPRETING, MAX_TILES, StripedWeight, _dot, _sm_count, _split_for,
                            _split_k_finish, split_k_counters)
+from .w4a16_layout import DOT_PAD_ROWS, DOT_TILE_ROWS, dot_layout_words, dot_tiled_words  # noqa: F401 (re-exported)
 
 
 @triton.jit
@@ -144,41 +145,6 @@ def _asm_dot_pairs(scaled: bool = True) -> str:
 _ASM_DOT_PAIRS = tl.constexpr(_asm_dot_pairs())
 _ASM_DOT_CODES = tl.constexpr(_asm_dot_pairs(scaled=False))
 _NEG136_X2 = tl.constexpr(0xC308C308 - (1 << 32))   # the bf16 pair (-136, -136) as an int32
-
-
-def dot_layout_words(canonical: torch.Tensor, rows_per_chunk: int = 4096) -> torch.Tensor:
-    """The canonical ``[N, K/8]`` words (nibble j of word w: k = 8w + j) in the UNPACK=3 order (K % 128 == 0):
-    a permutation of the nibbles within each row's 128-wide K steps, so the bytes a K step reads stay the same
-    64 contiguous bytes per row. Built once per weight, in row chunks (the unpacked nibbles take 8x the words)."""
-    from .. import primitives as P
-
-    n, kw = canonical.shape
-    if kw % 16:
-        raise ValueError(f"the UNPACK=3 layout needs K % 128 == 0, got K = {kw * 8}")
-    out = torch.empty_like(canonical)
-    for r0 in range(0, n, rows_per_chunk):
-        q = P.unpack_int4(canonical[r0:r0 + rows_per_chunk])                      # [n, K]: k = 8w + j
-        q = q.reshape(q.shape[0], kw // 16, 4, 2, 2, 4, 2)                        # [n, K/128, jp, jj, h, t, e]
-        q = q.permute(0, 1, 5, 2, 6, 3, 4).reshape(q.shape[0], kw * 8)            # [.., t, jp | e, jj, h]
-        out[r0:r0 + rows_per_chunk] = P.pack_int4(q)
-    return out
-
-
-DOT_TILE_ROWS = 16    # rows per block of the TILED layout: one layout serves every BLOCK_N (a multiple of it)
-DOT_PAD_ROWS = 128    # the TILED layout's rows are padded to a multiple of the largest BLOCK_N
-
-
-def dot_tiled_words(dot_words: torch.Tensor, tile_rows: int = DOT_TILE_ROWS) -> torch.Tensor:
-    """UNPACK=3 words ``[N, K/8]`` -> the TILED order: the [tile_rows, 16] words of every (row block, 128-wide
-    K step) contiguous, the blocks of one row block in K order, N zero-padded to a multiple of
-    ``max(DOT_PAD_ROWS, tile_rows)`` (so a BLOCK_N tile of up to that many rows never reads past the end)."""
-    from .triton_w4a16_gemv import tile_words
-
-    n = dot_words.shape[0]
-    pad = -n % max(DOT_PAD_ROWS, tile_rows)
-    if pad:
-        dot_words = torch.cat([dot_words, dot_words.new_zeros(pad, dot_words.shape[1])])
-    return tile_words(dot_words, tile_rows, 16)
 
 
 @triton.jit
@@ -408,10 +374,13 @@ def tc_supported(w: StripedWeight) -> bool:
 
 def tma_ok(x2: torch.Tensor, w: StripedWeight, cfg: dict) -> bool:
     """Tensor descriptors need contiguous operands with 16-byte aligned rows and base addresses, and boxes
-    of at least 16 bytes along K (BLOCK_K >= 32: four words)."""
+    of at least 16 bytes along K (BLOCK_K >= 32: four words). A TILED tile reads its words by pointer: only the
+    activations go through a descriptor."""
     k = x2.shape[1]
-    return (x2.is_contiguous() and w.canonical.is_contiguous() and k % 32 == 0 and cfg["BLOCK_K"] >= 32
-            and x2.data_ptr() % 16 == 0 and w.canonical.data_ptr() % 16 == 0)
+    ok = x2.is_contiguous() and k % 32 == 0 and cfg["BLOCK_K"] >= 32 and x2.data_ptr() % 16 == 0
+    if cfg.get("TILED"):
+        return ok
+    return ok and w.canonical.is_contiguous() and w.canonical.data_ptr() % 16 == 0
 
 
 def w4a16_tc(x2: torch.Tensor, w: StripedWeight, bias: torch.Tensor | None = None,
@@ -449,7 +418,8 @@ def w4a16_tc(x2: torch.Tensor, w: StripedWeight, bias: torch.Tensor | None = Non
         else:
             from triton.tools.tensor_descriptor import TensorDescriptor
             x_desc = TensorDescriptor.from_tensor(x2, [cfg["BLOCK_M"], bk])
-            w_desc = TensorDescriptor.from_tensor(w.canonical, [cfg["BLOCK_N"], bk // 8])
+            if not cfg.get("TILED"):
+                w_desc = TensorDescriptor.from_tensor(w.canonical, [cfg["BLOCK_N"], bk // 8])
     grid = (triton.cdiv(n, cfg["BLOCK_N"]), triton.cdiv(m, cfg["BLOCK_M"]), split)
     if cfg.get("TILED"):
         words = w.dot_tiled(cfg["TILE_ROWS"])
@@ -460,4 +430,51 @@ def w4a16_tc(x2: torch.Tensor, w: StripedWeight, bias: torch.Tensor | None = Non
                           m, n, k, k // 8, k // w.group_size, x2.stride(0), out.stride(0),
                           GROUP=w.group_size, HAS_ZERO=w.zeros is not None, HAS_BIAS=bias is not None,
                           INTERPRET=INTERPRETING, **cfg)
+    return out
+
+
+# ----------------------------------------------------------------------------- dequantize from the TILED layout
+
+@triton.jit
+def w4a16_dequant_tiled_kernel(w_ptr, s_ptr, z_ptr, out_ptr, N, K, G, GROUP: tl.constexpr, HAS_ZERO: tl.constexpr,
+                               TILE_ROWS: tl.constexpr):
+    """One block of TILE_ROWS rows x one 128-wide K step of a TILED UNPACK=3 weight -> dense [N, K] in out's
+    dtype, (q - zero) * scale rounded once (as ``w4a16_dequant_kernel``). Word ``c = 4t + jp`` holds in nibble
+    ``4e + 2jj + h`` the code of ``k = 32jp + 16jj + 8h + 2t + e`` (``w4a16_layout.dot_layout_words``)."""
+    pid_b = tl.program_id(0)
+    step = tl.program_id(1)
+    steps = K // 128
+    i = tl.arange(0, TILE_ROWS)[:, None, None]
+    t = tl.arange(0, 4)[None, :, None]
+    jp = tl.arange(0, 4)[None, None, :]
+    words = tl.load(w_ptr + (pid_b * steps + step) * (TILE_ROWS * 16) + i * 16 + 4 * t + jp)   # [R, t, jp]
+    a01 = tl.join(words & 0xF, (words >> 4) & 0xF)                                  # nibble 4e + 2jj + h: [.., h]
+    a23 = tl.join((words >> 8) & 0xF, (words >> 12) & 0xF)
+    a45 = tl.join((words >> 16) & 0xF, (words >> 20) & 0xF)
+    a67 = tl.join((words >> 24) & 0xF, (words >> 28) & 0xF)
+    u = tl.join(tl.join(a01, a23), tl.join(a45, a67))                                # [R, t, jp, h, jj, e]
+    u = tl.reshape(tl.permute(u, (0, 2, 4, 3, 1, 5)), (TILE_ROWS, 128))             # k order (jp, jj, h, t, e)
+    rows = pid_b * TILE_ROWS + tl.arange(0, TILE_ROWS)
+    live = rows < N
+    grp = (step * 128) // GROUP
+    s = tl.load(s_ptr + rows * G + grp, mask=live, other=0.0).to(tl.float32)[:, None]
+    q = (u | 0x4B000000).to(tl.float32, bitcast=True) - (8388608.0 + 8.0)
+    if HAS_ZERO:
+        q = q - tl.load(z_ptr + rows * G + grp, mask=live, other=0).to(tl.float32)[:, None]
+    cols = step * 128 + tl.arange(0, 128)
+    tl.store(out_ptr + rows[:, None] * K + cols[None, :], (q * s).to(out_ptr.dtype.element_ty), mask=live[:, None])
+
+
+def w4a16_dequantize_tiled(w: StripedWeight, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+    """Dense ``[N, K]`` weight in ``dtype`` from the TILED UNPACK=3 words (all a kernel-layout-only weight
+    holds; 128-wide groups or wider)."""
+    n, k = w.out_features, w.in_features
+    if k % 128 or w.group_size % 128:
+        raise ValueError(f"the TILED layout needs K and the group size divisible by 128, got {k} and {w.group_size}")
+    words = w.dot_tiled(DOT_TILE_ROWS)
+    out = torch.empty((n, k), dtype=dtype, device=w.scales.device)
+    grid = (triton.cdiv(n, DOT_TILE_ROWS), k // 128)
+    w4a16_dequant_tiled_kernel[grid](words, w.scales, w.scales if w.zeros is None else w.zeros, out, n, k,
+                                     k // w.group_size, GROUP=w.group_size, HAS_ZERO=w.zeros is not None,
+                                     TILE_ROWS=DOT_TILE_ROWS, num_warps=4)
     return out

@@ -143,3 +143,16 @@ def test_rel_err_is_relative_and_nan_for_an_unwritten_output():
     assert kernels.rel_err(torch.tensor([3.0, 4.0], dtype=torch.bfloat16), ref) == 0.0
     assert kernels.rel_err(torch.tensor([3.0, 3.0]), ref) == pytest.approx(0.2)
     assert torch.isnan(torch.tensor(kernels.rel_err(torch.tensor([3.0, float("nan")]), ref)))
+
+
+def test_w4a16_decode_model_in_the_kernel_layout_generates_the_same_tokens():
+    """The decode run's W4A16 switch to the kernel layout (canonical codes dropped) changes no output."""
+    from quantarena import nn as qnn
+
+    model = decode.LeanLlama("tiny", "w4a16", device="cpu", max_len=32, fuse=True, quantize_lm_head=True)
+    check, ref = decode.check_outputs(model, steps=4)
+    assert check["greedy_agree"] == 4 and check["logits_rel_err"] == 0.0   # CPU: fast = reference path
+    assert qnn.to_kernel_layout(model) == 2 * 4 + 1                        # qkv, o, gate_up, down per block; lm_head
+    again = decode._agreement(decode._greedy(model, 4), ref, "kernel_layout_")
+    assert again == {"kernel_layout_logits_rel_err": 0.0, "kernel_layout_greedy_agree": 4,
+                     "kernel_layout_greedy_steps": 4}

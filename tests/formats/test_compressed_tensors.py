@@ -232,3 +232,17 @@ def test_rotated_w8a8_has_no_gguf_form(small_default, tmp_path):
         export.save(lm.model, tmp_path / "g.gguf", format="gguf")
     with pytest.raises(FormatError, match="Hadamard"):
         export.check_scheme("w8a8-sq-rot", "gguf")
+
+
+def test_export_from_the_kernel_layout_is_the_same_checkpoint(small_default, tmp_path):
+    """A model put in the serving layout (canonical codes dropped) exports the same tensors, byte for byte."""
+    from safetensors.torch import load_file
+
+    from quantarena.nn import to_kernel_layout
+
+    lm = small_default()
+    quantize(lm.model, "w4a16-rtn", progress=False)
+    before = load_file(export.save(lm.model, tmp_path / "canonical") / "model.safetensors")
+    assert to_kernel_layout(lm.model) == 2 * 7                    # the truncated model: 2 blocks of 7 linears
+    after = load_file(export.save(lm.model, tmp_path / "kernel") / "model.safetensors")
+    assert set(after) == set(before) and all(torch.equal(after[k], before[k]) for k in before)

@@ -290,6 +290,38 @@ def test_dot_tiled_words_puts_each_block_in_one_piece():
     assert torch.equal(blocks[2, 3, :8], dot[32:40, 48:64]) and not blocks[2, :, 8:].any() and not blocks[3:].any()
 
 
+def kernel_only(n: int, k: int, group: int, symmetric: bool):
+    """A weight held only in the TILED tensor-core layout, and its canonical tensors."""
+    from quantarena.kernels import w4a16_layout as L
+
+    packed, scales, zeros = make_w4(n, k, group, symmetric)
+    tiled = L.dot_tiled_words(L.dot_layout_words(packed))
+    return T4.StripedWeight.from_dot_tiled(tiled, n, scales, zeros, group), tiled, packed, scales, zeros
+
+
+@pytest.mark.parametrize("n,k,group,symmetric", [(40, 384, 128, True), (150, 256, 256, False), (16, 128, 128, False)])
+def test_w4a16_dequant_from_the_tiled_layout_equals_the_canonical_dequant(n, k, group, symmetric):
+    w, _, packed, scales, zeros = kernel_only(n, k, group, symmetric)
+    dense = TC.w4a16_dequantize_tiled(w)
+    assert torch.equal(dense, T4.w4a16_dequantize(T4.StripedWeight(packed, scales, zeros, group)))   # bit for bit
+    assert torch.allclose(dense.float(), R.w4a16_dequant(packed, scales, zeros, group, k), rtol=2 ** -7, atol=0)
+
+
+@pytest.mark.parametrize("m,bias", [(3, True), (300, False)])   # the tensor-core kernel; dequantize + matmul
+def test_w4a16_kernel_only_weight_through_the_op(m, bias):
+    n, k, group = 72, 256, 128
+    w, tiled, packed, scales, zeros = kernel_only(n, k, group, False)
+    x = make_x(m, k)
+    b = torch.randn(n).to(torch.bfloat16).to(DEVICE) if bias else None
+    assert ops.w4a16_tiled_config(m, n, k, group, x)[0] == ("tc" if m == 3 else "dequant")
+    out = ops._w4a16_tiled_op(x, tiled, scales, zeros, group, n, b)
+    assert rel_err(out, R.w4a16_linear(x, packed, scales, zeros, group, b)) < REL_TOL
+    with pytest.raises(RuntimeError, match="only in the tensor-core kernel's layout"):
+        w.canonical
+    with pytest.raises(RuntimeError, match="only in the tensor-core kernel's layout"):   # another block height
+        w.dot_tiled(32)
+
+
 @pytest.mark.parametrize("m", [2, 70])
 def test_w4a16_tc_hopper_default_tile_is_the_tiled_dot_layout(m):
     cfg = TC.tc_config(m, 72, 512, 128, 8, hopper=True)
