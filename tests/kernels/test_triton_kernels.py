@@ -322,6 +322,12 @@ def test_w4a16_kernel_only_weight_through_the_op(m, bias):
         w.dot_tiled(32)
 
 
+def test_w4a16_kernel_layout_custom_op_fake_impl():
+    _, tiled, _, scales, zeros = kernel_only(72, 256, 128, False)
+    torch.library.opcheck(ops._w4a16_tiled_op, (make_x(3, 256), tiled, scales, zeros, 128, 72, None),
+                          test_utils=("test_schema", "test_faketensor"))
+
+
 @pytest.mark.parametrize("m", [2, 70])
 def test_w4a16_tc_hopper_default_tile_is_the_tiled_dot_layout(m):
     cfg = TC.tc_config(m, 72, 512, 128, 8, hopper=True)
