@@ -90,7 +90,8 @@ class W4A16Linear(QuantLinearBase):
         """Hold the weight only in the W4A16 tensor-core kernel's TILED layout (``weight_tiled``, not saved) and
         drop the canonical ``weight_packed``: a server keeps one copy of the 4-bit weights instead of two (the
         canonical codes plus the layout the fast kernels build from them). Lossless: ``packed()``, ``codes()``,
-        ``dequantize()``, ``state_dict()`` and ``to_canonical_layout()`` rebuild the canonical codes bit for bit.
+        ``dequantize()``, ``state_dict()`` and ``to_canonical_layout()`` rebuild the canonical codes bit for bit, and
+        ``load_state_dict`` takes a canonical checkpoint.
         Needs K and the group size divisible by 128 and no act-order ``g_idx``."""
         from .kernels.w4a16_layout import dot_layout_words, dot_tiled_words
 
@@ -127,6 +128,18 @@ class W4A16Linear(QuantLinearBase):
         super()._save_to_state_dict(destination, prefix, keep_vars)
         if self.kernel_layout:   # a checkpoint always holds the canonical codes
             destination[prefix + "weight_packed"] = self.packed()
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        key = prefix + "weight_packed"
+        if self.kernel_layout and key in state_dict:   # a checkpoint's canonical codes, into the kernel layout
+            from .kernels.w4a16_layout import dot_layout_words, dot_tiled_words
+
+            packed = state_dict.pop(key)
+            if packed.shape != (self.out_features, self.in_features // 8):
+                raise RuntimeError(f"{key}: shape {tuple(packed.shape)} does not match "
+                                   f"{(self.out_features, self.in_features // 8)}")
+            self.weight_tiled.copy_(dot_tiled_words(dot_layout_words(packed.to(self.weight_tiled.device))))
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def weight_bytes(self) -> int:
         return super().weight_bytes() + (self.out_features * self.in_features // 2 if self.kernel_layout else 0)

@@ -106,6 +106,9 @@ def test_w4a16_kernel_layout_is_lossless():
     assert mod.weight_bytes() == nbytes and "weight_tiled" not in mod.state_dict()
     assert all(torch.equal(v, state[k]) for k, v in mod.state_dict().items()) and set(mod.state_dict()) == set(state)
     assert torch.equal(mod(x), out)                             # CPU: the reference on the rebuilt codes
+    other = qn.W4A16Linear.from_float(nn.Linear(384, 40, bias=True), 128, symmetric=False).to_kernel_layout()
+    other.load_state_dict(state)                                # a canonical checkpoint into the kernel layout
+    assert torch.equal(other.packed(), packed) and torch.equal(other(x), out)
     assert torch.equal(mod.to_canonical_layout().weight_packed, packed) and not hasattr(mod, "weight_tiled")
 
 
