@@ -199,7 +199,9 @@ def w4a16_tiled_config(m: int, n: int, k: int, group_size: int, x: torch.Tensor)
         return "tc", tuned[1]
     from .triton_w4a16 import _sm_count
 
-    return "tc", TC.tc_config(m, n, k, group_size, _sm_count(x.device), hopper=True)
+    cfg = TC.tc_config(m, n, k, group_size, _sm_count(x.device), hopper=True)
+    cfg["TMA"] = x.device.type == "cuda" and torch.cuda.get_device_capability(x.device)[0] >= 9   # TMA: Hopper on
+    return "tc", cfg
 
 
 @torch.library.custom_op("quantarena::w4a16_linear_tiled", mutates_args=())
