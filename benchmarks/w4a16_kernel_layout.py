@@ -4,7 +4,7 @@ and the cost of dropping the canonical codes, in one run (CUDA graphs, L2 flushe
 Per shape and M, against the canonical module's dispatch (``ops.w4a16_linear``): the kernel-layout op
 (``ops.w4a16_linear_tiled``), and for the large-M path the dense dequantize alone, from the canonical codes
 (``w4a16_dequantize``) and from the TILED words (``w4a16_dequantize_tiled``). Outputs are checked with the
-output poisoned first. Writes $OUT/w4a16-kernel-layout.json.
+output memory poisoned with NaN first (``bench.kernels.poison``). Writes $OUT/w4a16-kernel-layout.json.
 Usage: python benchmarks/w4a16_kernel_layout.py [out_dir]
 """
 from __future__ import annotations
@@ -35,13 +35,6 @@ def log(*a):
     print(f"[{time.time() - started:6.1f}s]", *a, flush=True)
 
 
-def poisoned(fn):
-    """Run fn with the caching allocator's free blocks filled with NaN first, so an unwritten output shows."""
-    junk = torch.full((64 * 2**20,), float("nan"), dtype=torch.bfloat16, device="cuda")
-    del junk
-    return fn()
-
-
 rows = []
 for model in MODELS:
     for label, k, n in BK.SHAPES[model]:
@@ -49,12 +42,13 @@ for model in MODELS:
         q, s, _ = P.quantize_int4(torch.randn(n, k, device="cuda"), 128, True)
         packed, scales = P.pack_int4(q), s.to(torch.bfloat16)
         del q
-        tiled = L.dot_tiled_words(L.dot_layout_words(packed))
+        tiled = L.dot_tiled_from_canonical(packed)
         assert torch.equal(L.canonical_from_dot_tiled(tiled, n), packed)
         w_can = T4.StripedWeight(packed, scales, None, 128)
         w_til = T4.StripedWeight.from_dot_tiled(tiled, n, scales, None, 128)
         dense_can = T4.w4a16_dequantize(w_can)
-        dense_til = poisoned(lambda: TC.w4a16_dequantize_tiled(w_til))
+        BK.poison((n, k))
+        dense_til = TC.w4a16_dequantize_tiled(w_til)
         same = bool(torch.equal(dense_can, dense_til))
         del dense_til
         row = {"model": model, "layer": label, "K": k, "N": n, "dequant_bitexact": same,
@@ -68,7 +62,8 @@ for model in MODELS:
             x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
             ref = R.w4a16_linear(x, packed, scales, None, 128) if m <= 128 else None
             path = ops.w4a16_path(m, n, k)
-            out = poisoned(lambda: ops.w4a16_linear_tiled(x, tiled, scales, None, 128, n))
+            BK.poison((m, n))
+            out = ops.w4a16_linear_tiled(x, tiled, scales, None, 128, n)
             r = {"model": model, "layer": label, "K": k, "N": n, "M": m, "canonical_path": path,
                  "kernel_layout_path": ops.w4a16_tiled_config(m, n, k, 128, x)[0],
                  "canonical_us": round(time_fn(lambda: ops.w4a16_linear(x, packed, scales, None, 128), flush), 2),
@@ -76,7 +71,7 @@ for model in MODELS:
                                                    flush), 2),
                  "finite": bool(torch.isfinite(out).all())}
             if ref is not None:
-                r["rel_err"] = ((out.float() - ref.float()).norm() / ref.float().norm()).item()
+                r["rel_err"] = BK.rel_err(out, ref)
             r["ratio"] = round(r["canonical_us"] / r["kernel_layout_us"], 3)
             log(r)
             rows.append(r)

@@ -93,18 +93,16 @@ class W4A16Linear(QuantLinearBase):
         ``dequantize()``, ``state_dict()`` and ``to_canonical_layout()`` rebuild the canonical codes bit for bit, and
         ``load_state_dict`` takes a canonical checkpoint.
         Needs K and the group size divisible by 128 and no act-order ``g_idx``."""
-        from .kernels.w4a16_layout import dot_layout_words, dot_tiled_words
+        from .kernels.w4a16_layout import dot_tiled_from_canonical
 
         if self.kernel_layout:
             return self
         if self.in_features % 128 or self.group_size % 128:
             raise ValueError(f"the kernel layout needs in_features and group_size divisible by 128, got "
                              f"{self.in_features} and {self.group_size}")
-        if self.weight_g_idx is not None and not torch.equal(
-                self.weight_g_idx.long(), torch.arange(self.in_features, device=self.weight_g_idx.device)
-                // self.group_size):
+        if ops.act_order_perm(self.weight_g_idx, self.group_size, self.in_features) is not None:
             raise ValueError("the kernel layout has no act-order (g_idx) support; keep the canonical layout")
-        tiled = dot_tiled_words(dot_layout_words(self.weight_packed))
+        tiled = dot_tiled_from_canonical(self.weight_packed)
         self._buffers["weight_packed"] = None
         self.register_buffer("weight_tiled", tiled, persistent=False)
         return self
@@ -132,13 +130,13 @@ class W4A16Linear(QuantLinearBase):
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         key = prefix + "weight_packed"
         if self.kernel_layout and key in state_dict:   # a checkpoint's canonical codes, into the kernel layout
-            from .kernels.w4a16_layout import dot_layout_words, dot_tiled_words
+            from .kernels.w4a16_layout import dot_tiled_from_canonical
 
             packed = state_dict.pop(key)
             if packed.shape != (self.out_features, self.in_features // 8):
                 raise RuntimeError(f"{key}: shape {tuple(packed.shape)} does not match "
                                    f"{(self.out_features, self.in_features // 8)}")
-            self.weight_tiled.copy_(dot_tiled_words(dot_layout_words(packed.to(self.weight_tiled.device))))
+            self.weight_tiled.copy_(dot_tiled_from_canonical(packed.to(self.weight_tiled.device)))
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def weight_bytes(self) -> int:

@@ -21,6 +21,7 @@ from torch import nn
 
 from .. import nn as qnn
 from ..kernels import ops, reference
+from .timing import capture
 
 # Llama shapes (hidden, layers, heads, kv heads, head dim, intermediate, vocab, rope theta)
 SHAPES: dict[str, dict] = {
@@ -209,16 +210,12 @@ class DecodeRun:
         return logits
 
     def capture(self) -> torch.cuda.CUDAGraph:
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):
-            for _ in range(2):  # compile kernels, build weight layouts
-                self.step()
-        torch.cuda.current_stream().wait_stream(stream)
-        self.pos.fill_(self.prompt_len)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
+        """The decode step as a graph (two warm-up steps first: compile kernels, build weight layouts); the
+        position is reset after, the captured step's logits kept in ``self.logits``."""
+        def step():
             self.logits = self.step()
+
+        graph = capture(step, warmup=2)
         self.pos.fill_(self.prompt_len)
         return graph
 
@@ -236,14 +233,7 @@ def prefill_graph_ms(run: DecodeRun, reps: int = 5) -> float:
     """Median time of the prefill captured as one CUDA graph (after an eager warm-up of the same shapes), so
     that, as for the decode step, kernels are timed and not the host's launch loop (an eager 8B prefill of a
     few hundred tokens is launch-bound: its time varied 2x between runs of the same code)."""
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        run.prefill()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        run.prefill()
+    graph = capture(run.prefill, warmup=1)
     graph.replay()
     times = sorted(_events_ms(graph.replay) for _ in range(reps))
     del graph

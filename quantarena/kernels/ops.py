@@ -75,7 +75,7 @@ class _Prepared:
 _W4A16_CACHE: dict[int, tuple[weakref.ref, _Prepared]] = {}
 
 
-def _act_order_perm(g_idx: torch.Tensor | None, group_size: int, in_features: int) -> torch.Tensor | None | bool:
+def act_order_perm(g_idx: torch.Tensor | None, group_size: int, in_features: int) -> torch.Tensor | None | bool:
     """None when ``g_idx`` is absent or the plain ``k // group_size``; else the column order that makes
     groups contiguous; False when the groups are not all ``group_size`` columns (no fast kernel)."""
     if g_idx is None:
@@ -99,7 +99,7 @@ def _prepared(packed: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | 
     if hit is not None and hit[0]() is packed and hit[1].version == packed._version:
         return hit[1]
     in_features = packed.shape[1] * 8
-    perm = _act_order_perm(g_idx, group_size, in_features)
+    perm = act_order_perm(g_idx, group_size, in_features)
     if perm is False:
         return None
     if perm is not None:  # act order: permute the columns so that each group is contiguous

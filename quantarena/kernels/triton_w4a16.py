@@ -419,18 +419,23 @@ class StripedWeight:
     def __init__(self, packed: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None, group_size: int,
                  hold_packed: bool = True):
         n, kw = packed.shape
-        self.out_features, self.in_features = n, kw * 8
+        self._setup(n, kw * 8, scales, zeros, group_size)
+        canonical = packed.contiguous()                                            # [N, K/8] int32, tc/dequant
+        # A cache keyed on ``packed`` must not keep it alive: then hold it weakly (the caller passes it on
+        # every call, so it is alive whenever a kernel runs).
+        weak = not hold_packed and canonical is packed
+        self._canonical = weakref.ref(canonical) if weak else (lambda: canonical)
+
+    def _setup(self, out_features: int, in_features: int, scales: torch.Tensor, zeros: torch.Tensor | None,
+               group_size: int) -> None:
+        """Shapes, quantization parameters and the (empty) caches of the derived layouts."""
+        self.out_features, self.in_features = out_features, in_features
         self.group_size = group_size
         self.stripe = stripe_size(group_size)
         self._words: torch.Tensor | None = None                                   # striped, built on first use
         self._tiled: dict[tuple[int, int], torch.Tensor] = {}                     # gemv3 tile layouts, likewise
         self._dot: torch.Tensor | None = None                                      # tc UNPACK=3 layout, likewise
         self._dot_tiled: dict[int, torch.Tensor] = {}                              # ... in row blocks
-        canonical = packed.contiguous()                                            # [N, K/8] int32, tc/dequant
-        # A cache keyed on ``packed`` must not keep it alive: then hold it weakly (the caller passes it on
-        # every call, so it is alive whenever a kernel runs).
-        weak = not hold_packed and canonical is packed
-        self._canonical = weakref.ref(canonical) if weak else (lambda: canonical)
         self.scales = scales.contiguous()                                          # [N, K/g] bf16
         self.zeros = None if zeros is None else zeros.to(torch.int8).contiguous()  # [N, K/g] int8
 
@@ -443,19 +448,10 @@ class StripedWeight:
         from .w4a16_layout import DOT_TILE_ROWS
 
         self = cls.__new__(cls)
-        self.out_features, self.in_features = out_features, tiled.shape[1] * 8
-        self.group_size, self.stripe = group_size, stripe_size(group_size)
-        self._words, self._tiled, self._dot = None, {}, None
-        self._dot_tiled = {DOT_TILE_ROWS: tiled}
+        self._setup(out_features, tiled.shape[1] * 8, scales, zeros, group_size)
+        self._dot_tiled[DOT_TILE_ROWS] = tiled
         self._canonical = None
-        self.scales = scales.contiguous()
-        self.zeros = None if zeros is None else zeros.to(torch.int8).contiguous()
         return self
-
-    @property
-    def kernel_only(self) -> bool:
-        """True when the weight is held only in the TILED tensor-core layout (``from_dot_tiled``)."""
-        return self._canonical is None
 
     @property
     def canonical(self) -> torch.Tensor:

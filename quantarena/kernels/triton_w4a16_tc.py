@@ -444,21 +444,17 @@ def w4a16_dequant_tiled_kernel(w_ptr, s_ptr, z_ptr, out_ptr, N, K, G, GROUP: tl.
     pid_b = tl.program_id(0)
     step = tl.program_id(1)
     steps = K // 128
-    i = tl.arange(0, TILE_ROWS)[:, None, None]
-    t = tl.arange(0, 4)[None, :, None]
-    jp = tl.arange(0, 4)[None, None, :]
-    words = tl.load(w_ptr + (pid_b * steps + step) * (TILE_ROWS * 16) + i * 16 + 4 * t + jp)   # [R, t, jp]
-    a01 = tl.join(words & 0xF, (words >> 4) & 0xF)                                  # nibble 4e + 2jj + h: [.., h]
-    a23 = tl.join((words >> 8) & 0xF, (words >> 12) & 0xF)
-    a45 = tl.join((words >> 16) & 0xF, (words >> 20) & 0xF)
-    a67 = tl.join((words >> 24) & 0xF, (words >> 28) & 0xF)
-    u = tl.join(tl.join(a01, a23), tl.join(a45, a67))                                # [R, t, jp, h, jj, e]
-    u = tl.reshape(tl.permute(u, (0, 2, 4, 3, 1, 5)), (TILE_ROWS, 128))             # k order (jp, jj, h, t, e)
+    i = tl.arange(0, TILE_ROWS)[:, None]
+    c = tl.arange(0, 16)[None, :]
+    words = tl.load(w_ptr + (pid_b * steps + step) * (TILE_ROWS * 16) + i * 16 + c)         # [R, 16]
+    f = _unpack_tile(words, 128)                      # 2^23 + u at 8c + nibble = [t, jp | e, jj, h]
+    f = tl.reshape(f, (TILE_ROWS, 4, 4, 2, 2, 2))
+    f = tl.reshape(tl.permute(f, (0, 2, 4, 5, 1, 3)), (TILE_ROWS, 128))             # k order (jp, jj, h, t, e)
     rows = pid_b * TILE_ROWS + tl.arange(0, TILE_ROWS)
     live = rows < N
     grp = (step * 128) // GROUP
     s = tl.load(s_ptr + rows * G + grp, mask=live, other=0.0).to(tl.float32)[:, None]
-    q = (u | 0x4B000000).to(tl.float32, bitcast=True) - (8388608.0 + 8.0)
+    q = f - (8388608.0 + 8.0)
     if HAS_ZERO:
         q = q - tl.load(z_ptr + rows * G + grp, mask=live, other=0).to(tl.float32)[:, None]
     cols = step * 128 + tl.arange(0, 128)

@@ -80,9 +80,14 @@ def dot_tiled_words(dot_words: torch.Tensor, tile_rows: int = DOT_TILE_ROWS) -> 
     return tile_words(dot_words, tile_rows, 16)
 
 
+def dot_tiled_from_canonical(canonical: torch.Tensor, tile_rows: int = DOT_TILE_ROWS) -> torch.Tensor:
+    """The canonical ``[N, K/8]`` words in the TILED UNPACK=3 order: ``dot_tiled_words(dot_layout_words(.))``."""
+    return dot_tiled_words(dot_layout_words(canonical), tile_rows)
+
+
 def canonical_from_dot_tiled(tiled: torch.Tensor, n: int, tile_rows: int = DOT_TILE_ROWS) -> torch.Tensor:
     """The canonical ``[n, K/8]`` words of a TILED UNPACK=3 weight of ``n`` rows (the inverse of
-    ``dot_tiled_words(dot_layout_words(canonical))``)."""
+    ``dot_tiled_from_canonical``)."""
     rows, kw = tiled.shape
     _check_k(kw)
     if rows % tile_rows or rows < n:

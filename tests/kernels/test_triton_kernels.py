@@ -295,7 +295,7 @@ def kernel_only(n: int, k: int, group: int, symmetric: bool):
     from quantarena.kernels import w4a16_layout as L
 
     packed, scales, zeros = make_w4(n, k, group, symmetric)
-    tiled = L.dot_tiled_words(L.dot_layout_words(packed))
+    tiled = L.dot_tiled_from_canonical(packed)
     return T4.StripedWeight.from_dot_tiled(tiled, n, scales, zeros, group), tiled, packed, scales, zeros
 
 
