@@ -40,7 +40,8 @@ def lookup(m: int, n: int | None, k: int | None) -> tuple[str, dict | None] | No
 
 GEMV_MARGIN = 0.03   # the GEMV is kept at M = 1 only where it beats the best tc tile by more than this
 
-KEEP = ("BLOCK_M", "BLOCK_N", "BLOCK_K", "SPLIT_K", "UNPACK", "SCALE_W", "TMA", "num_warps", "num_stages", "TILED")
+KEEP = ("BLOCK_M", "BLOCK_N", "BLOCK_K", "SPLIT_K", "UNPACK", "SCALE_W", "TMA", "num_warps", "num_stages", "TILED",
+        "ATOMIC")
 
 
 def build(result: dict, source: str) -> str:

@@ -61,22 +61,37 @@ def repack_striped(packed: torch.Tensor, in_features: int, stripe: int) -> torch
 # ----------------------------------------------------------------------------- split-K finish
 
 @triton.jit
-def split_k_reduce(part, ws_ptr, cnt_ptr, rm, rn, M, N, pid_k, tile_id, SPLIT_K):
-    """Split-K in one launch: each program stores its partial ``part`` [BM, BN] (fp32 or int32) to the
-    workspace and counts itself in at the tile's counter. Returns ``(total, last)``: in the last program
-    to arrive, the sum of every split's partial (exact for int32) and True, after resetting the counter to
-    zero so the buffer is reusable across calls and CUDA-graph replays; elsewhere zeros and False.
+def split_k_reduce(part, ws_ptr, cnt_ptr, rm, rn, M, N, pid_k, tile_id, SPLIT_K, ATOMIC: tl.constexpr = False):
+    """Split-K in one launch. Returns ``(total, last)``: in the last program of the tile to arrive (an atomic
+    counter per tile, which that program resets to zero so the buffer is reusable across calls and CUDA-graph
+    replays), the sum of every split's partial and True; elsewhere zeros and False.
+
+    * ``ATOMIC`` False: each program stores its partial ``part`` [BM, BN] (fp32 or int32) in its own slot of
+      a ``[SPLIT_K, M, N]`` workspace; the last program reads the SPLIT_K slots and adds them in split order
+      (deterministic).
+    * ``ATOMIC`` True: each program adds its partial into one ``[M, N]`` workspace that is zero on entry
+      (:func:`split_k_workspace`); the last program reads that one tile and writes zeros back. The last
+      program reads 1 tile instead of SPLIT_K. int32 sums stay exact and deterministic; fp32 sums depend on
+      the arrival order (a last-bit difference between runs).
+
     ``SPLIT_K`` may be a constexpr or a runtime value (the v2 GEMV passes it at run time)."""
     mask = (rm[:, None] < M) & (rn[None, :] < N)
     ws_off = rm[:, None] * N + rn[None, :]
-    tl.store(ws_ptr + pid_k * M * N + ws_off, part, mask=mask)
+    if ATOMIC:
+        tl.atomic_add(ws_ptr + ws_off, part, mask=mask, sem="relaxed", scope="gpu")
+    else:
+        tl.store(ws_ptr + pid_k * M * N + ws_off, part, mask=mask)
     tl.debug_barrier()  # every thread's partial is written before the release below
     arrived = tl.atomic_add(cnt_ptr + tile_id, 1, sem="acq_rel", scope="gpu")
     last = arrived == SPLIT_K - 1
     total = tl.zeros_like(part)
     if last:
-        for s in range(SPLIT_K):
-            total += tl.load(ws_ptr + s * M * N + ws_off, mask=mask, other=0, cache_modifier=".cg")
+        if ATOMIC:
+            total = tl.load(ws_ptr + ws_off, mask=mask, other=0, cache_modifier=".cg")
+            tl.store(ws_ptr + ws_off, tl.zeros_like(part), mask=mask)
+        else:
+            for s in range(SPLIT_K):
+                total += tl.load(ws_ptr + s * M * N + ws_off, mask=mask, other=0, cache_modifier=".cg")
         tl.atomic_xchg(cnt_ptr + tile_id, 0, sem="relaxed", scope="gpu")
     return total, last
 
@@ -91,12 +106,12 @@ def _store_out(total, bias_ptr, out_ptr, rm, rn, M, N, stride_om, HAS_BIAS: tl.c
 
 @triton.jit
 def _split_k_finish(part, ws_ptr, cnt_ptr, bias_ptr, out_ptr, rm, rn, M, N, stride_om,
-                    pid_k, tile_id, SPLIT_K, HAS_BIAS: tl.constexpr):
+                    pid_k, tile_id, SPLIT_K, HAS_BIAS: tl.constexpr, ATOMIC: tl.constexpr = False):
     """part: fp32 [BM, BN] partial sum of this program. Writes out (bf16/fp16) once all splits are in."""
     if SPLIT_K == 1:
         _store_out(part, bias_ptr, out_ptr, rm, rn, M, N, stride_om, HAS_BIAS)
     else:
-        total, last = split_k_reduce(part, ws_ptr, cnt_ptr, rm, rn, M, N, pid_k, tile_id, SPLIT_K)
+        total, last = split_k_reduce(part, ws_ptr, cnt_ptr, rm, rn, M, N, pid_k, tile_id, SPLIT_K, ATOMIC)
         if last:
             _store_out(total, bias_ptr, out_ptr, rm, rn, M, N, stride_om, HAS_BIAS)
 
@@ -511,6 +526,23 @@ def split_k_counters(device: torch.device) -> torch.Tensor:
     if device not in _COUNTERS:
         _COUNTERS[device] = torch.zeros(MAX_TILES, dtype=torch.int32, device=device)
     return _COUNTERS[device]
+
+
+ATOMIC_WS_WORDS = 1 << 20   # the ATOMIC split-K workspace: M * N of at most this many 32-bit sums (4 MB)
+_ATOMIC_WS: dict[torch.device, torch.Tensor] = {}
+
+
+def split_k_workspace(device: torch.device, m: int, n: int, split: int, dtype: torch.dtype,
+                      atomic: bool) -> tuple[torch.Tensor, bool]:
+    """The workspace of one split-K launch, and whether it is the ATOMIC one (see :func:`split_k_reduce`).
+    ATOMIC: the per-device pool, zero between launches (each tile's last program zeroes what it read), viewed
+    as ``dtype`` (fp32 or int32: zero bits either way); only where ``m * n`` fits it. Otherwise a fresh
+    ``[split, m, n]`` buffer (one element without split-K)."""
+    if atomic and split > 1 and m * n <= ATOMIC_WS_WORDS:
+        if device not in _ATOMIC_WS:
+            _ATOMIC_WS[device] = torch.zeros(ATOMIC_WS_WORDS, dtype=torch.int32, device=device)
+        return _ATOMIC_WS[device].view(dtype), True
+    return torch.empty((split, m, n) if split > 1 else (1,), dtype=dtype, device=device), False
 
 
 def _split_for(tiles: int, k_steps: int, target_programs: int) -> int:

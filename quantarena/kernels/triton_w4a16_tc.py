@@ -31,7 +31,7 @@ import triton
 import triton.language as tl
 
 from .triton_w4a16 import (INTERPRETING, MAX_TILES, StripedWeight, _dot, _sm_count, _split_for,
-                           _split_k_finish, split_k_counters)
+                           _split_k_finish, split_k_counters, split_k_workspace)
 from .w4a16_layout import DOT_PAD_ROWS, DOT_TILE_ROWS, dot_layout_words, dot_tiled_words  # noqa: F401 (re-exported)
 
 
@@ -241,13 +241,16 @@ def w4a16_tc_kernel(x_ptr, w_ptr, x_desc, w_desc, s_ptr, z_ptr, bias_ptr, out_pt
                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                     SPLIT_K, UNPACK: tl.constexpr, SCALE_W: tl.constexpr = False,
                     TMA: tl.constexpr = False, INTERPRET: tl.constexpr = False, MMA_WAIT: tl.constexpr = True,
-                    TILED: tl.constexpr = False, TILE_ROWS: tl.constexpr = DOT_TILE_ROWS):
+                    TILED: tl.constexpr = False, TILE_ROWS: tl.constexpr = DOT_TILE_ROWS,
+                    ATOMIC: tl.constexpr = False):
     """Needs GROUP % BLOCK_K == 0 and K % BLOCK_K == 0 (checked by the launcher). ``SPLIT_K`` is a run-time
     value (Triton specialises 1 by itself), so split choices share one compiled kernel. With ``TMA`` the word and
     activation tiles come through tensor descriptors (``w_desc`` [N, K/8] words in [BN, BK/8] boxes,
     ``x_desc`` [M, K] in [BM, BK] boxes), else through pointer loads (``w_ptr``, ``x_ptr``). ``TILED`` (UNPACK 3):
     ``w_ptr`` holds the UNPACK=3 words in blocks of TILE_ROWS rows (``dot_tiled_words``), so each K step of a
-    program reads BN / TILE_ROWS contiguous blocks of TILE_ROWS x 64 bytes instead of BN rows 64 bytes apart."""
+    program reads BN / TILE_ROWS contiguous blocks of TILE_ROWS x 64 bytes instead of BN rows 64 bytes apart.
+    ``ATOMIC``: the split-K partials are added into one zeroed workspace (see :func:`.triton_w4a16.split_k_reduce`:
+    fewer bytes for the tile's last program, fp32 sums in arrival order)."""
     pid_n = tl.program_id(0)
     pid_m = tl.program_id(1)
     pid_k = tl.program_id(2)
@@ -342,7 +345,7 @@ def w4a16_tc_kernel(x_ptr, w_ptr, x_desc, w_desc, s_ptr, z_ptr, bias_ptr, out_pt
                     acc += _dot(q.to(xt.dtype), xt, INTERPRET) * s.to(tl.float32)[:, None]
     tile_id = pid_m * num_n + pid_n
     _split_k_finish(tl.trans(acc), ws_ptr, cnt_ptr, bias_ptr, out_ptr, rm, rn, M, N, stride_om,
-                    pid_k, tile_id, SPLIT_K, HAS_BIAS)
+                    pid_k, tile_id, SPLIT_K, HAS_BIAS, ATOMIC)
 
 
 def tc_config(m: int, n: int, k: int, group: int, sms: int, hopper: bool = False) -> dict:
@@ -409,7 +412,7 @@ def w4a16_tc(x2: torch.Tensor, w: StripedWeight, bias: torch.Tensor | None = Non
         cfg["SPLIT_K"] = 1
     out = torch.empty((m, n), dtype=x2.dtype, device=x2.device)
     split = cfg["SPLIT_K"]
-    ws = torch.empty((split, m, n) if split > 1 else (1,), dtype=torch.float32, device=x2.device)
+    ws, cfg["ATOMIC"] = split_k_workspace(x2.device, m, n, split, torch.float32, bool(cfg.get("ATOMIC")))
     dummy = w.scales
     x_desc = w_desc = None
     if cfg.get("TMA"):

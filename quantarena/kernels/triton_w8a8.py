@@ -14,7 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .triton_w4a16 import MAX_TILES, split_k_counters, split_k_reduce
+from .triton_w4a16 import MAX_TILES, split_k_counters, split_k_reduce, split_k_workspace
 
 
 @triton.jit
@@ -37,13 +37,14 @@ def _epilogue(acc, a_s, w_scale_ptr, bias_ptr, out_ptr, rm, rn, M, N, stride_om,
 
 @triton.jit
 def _finish(acc, a_s, w_scale_ptr, bias_ptr, out_ptr, ws_ptr, cnt_ptr, rm, rn, M, N, stride_om,
-            pid_k, tile_id, SPLIT_K: tl.constexpr, HAS_BIAS: tl.constexpr):
+            pid_k, tile_id, SPLIT_K: tl.constexpr, HAS_BIAS: tl.constexpr, ATOMIC: tl.constexpr = False):
     """acc [BM, BN] (int32 or fp32): the epilogue, at once or, with split-K, by the last program of the tile
-    on the sum of every split's partial (:func:`.triton_w4a16.split_k_reduce`)."""
+    on the sum of every split's partial (:func:`.triton_w4a16.split_k_reduce`; ``ATOMIC``: added into one zeroed
+    workspace, exact and order-free for int32 sums)."""
     if SPLIT_K == 1:
         _epilogue(acc, a_s, w_scale_ptr, bias_ptr, out_ptr, rm, rn, M, N, stride_om, HAS_BIAS)
     else:
-        total, last = split_k_reduce(acc, ws_ptr, cnt_ptr, rm, rn, M, N, pid_k, tile_id, SPLIT_K)
+        total, last = split_k_reduce(acc, ws_ptr, cnt_ptr, rm, rn, M, N, pid_k, tile_id, SPLIT_K, ATOMIC)
         if last:
             _epilogue(total, a_s, w_scale_ptr, bias_ptr, out_ptr, rm, rn, M, N, stride_om, HAS_BIAS)
 
@@ -53,7 +54,7 @@ def int8_gemm_kernel(a_ptr, b_ptr, a_scale_ptr, w_scale_ptr, bias_ptr, out_ptr, 
                      M, N, K, stride_am, stride_bn, stride_as, stride_om,
                      HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                      BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, SPLIT_K: tl.constexpr,
-                     EVEN_K: tl.constexpr):
+                     EVEN_K: tl.constexpr, ATOMIC: tl.constexpr = False):
     """a: int8 [M, K]; b: int8 [N, K] (the weight, row-major); out [M, N]."""
     pid = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -84,14 +85,15 @@ def int8_gemm_kernel(a_ptr, b_ptr, a_scale_ptr, w_scale_ptr, bias_ptr, out_ptr, 
             b = tl.load(b_ptr + rbn[:, None] * stride_bn + k[None, :], mask=k[None, :] < k_end, other=0)
         acc = tl.dot(a, tl.trans(b), acc, out_dtype=tl.int32)
     _finish(acc, _a_scales(a_scale_ptr, rm, M, stride_as), w_scale_ptr, bias_ptr, out_ptr, ws_ptr, cnt_ptr, rm, rn,
-            M, N, stride_om, pid_k, pid_m * num_n + pid_n, SPLIT_K, HAS_BIAS)
+            M, N, stride_om, pid_k, pid_m * num_n + pid_n, SPLIT_K, HAS_BIAS, ATOMIC)
 
 
 @triton.jit
 def a8w8_swap_kernel(a_ptr, b_ptr, a_scale_ptr, w_scale_ptr, bias_ptr, out_ptr, ws_ptr, cnt_ptr,
                      M, N, K, stride_am, stride_bn, stride_as, stride_om,
                      HAS_BIAS: tl.constexpr, FP8: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                     BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr, EVEN_K: tl.constexpr):
+                     BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr, EVEN_K: tl.constexpr,
+                     ATOMIC: tl.constexpr = False):
     """Skinny-M variant ("swap-AB"): the tile is ``W[BN, BK] @ a^T[BK, BM]`` so the wide weight dimension fills
     the tensor cores' M slot and a handful of tokens the N slot. int8 x int8 -> int32 (exact) or
     fp8 e4m3 x fp8 e4m3 -> fp32; same epilogue and split-K finish as :func:`int8_gemm_kernel`."""
@@ -125,7 +127,7 @@ def a8w8_swap_kernel(a_ptr, b_ptr, a_scale_ptr, w_scale_ptr, bias_ptr, out_ptr, 
         else:
             acc = tl.dot(w, at, acc, out_dtype=tl.int32)
     _finish(tl.trans(acc), _a_scales(a_scale_ptr, rm, M, stride_as), w_scale_ptr, bias_ptr, out_ptr, ws_ptr, cnt_ptr,
-            rm, rn, M, N, stride_om, pid_k, pid_m * num_n + pid_n, SPLIT_K, HAS_BIAS)
+            rm, rn, M, N, stride_om, pid_k, pid_m * num_n + pid_n, SPLIT_K, HAS_BIAS, ATOMIC)
 
 
 def codes_are_fp8(a: torch.Tensor, weight: torch.Tensor) -> bool:
@@ -157,8 +159,8 @@ def a8w8_swap_gemm(a: torch.Tensor, a_scale: torch.Tensor, weight: torch.Tensor,
     cfg = dict(cfg or swap_config(m, n, k, _sm_count(a.device)))
     split = cfg["SPLIT_K"]
     out = torch.empty((m, n), dtype=out_dtype, device=a.device)
-    ws = torch.empty((split, m, n) if split > 1 else (1,), dtype=torch.float32 if fp8 else torch.int32,
-                     device=a.device)
+    ws, cfg["ATOMIC"] = split_k_workspace(a.device, m, n, split, torch.float32 if fp8 else torch.int32,
+                                          bool(cfg.get("ATOMIC")))
     grid = (triton.cdiv(n, cfg["BLOCK_N"]), triton.cdiv(m, cfg["BLOCK_M"]), split)
     a8w8_swap_kernel[grid](a, weight, a_scale, w_scale, bias if bias is not None else w_scale, out, ws,
                            split_k_counters(a.device), m, n, k, a.stride(0), weight.stride(0), a_scale.stride(0),
@@ -219,7 +221,7 @@ def int8_gemm(a: torch.Tensor, a_scale: torch.Tensor, weight: torch.Tensor, weig
     cfg = dict(cfg or int8_config(m, n, k, _sm_count(a.device)))
     split = cfg["SPLIT_K"]
     out = torch.empty((m, n), dtype=out_dtype, device=a.device)
-    ws = torch.empty((split, m, n) if split > 1 else (1,), dtype=torch.int32, device=a.device)
+    ws, cfg["ATOMIC"] = split_k_workspace(a.device, m, n, split, torch.int32, bool(cfg.get("ATOMIC")))
     grid = (triton.cdiv(m, cfg["BLOCK_M"]) * triton.cdiv(n, cfg["BLOCK_N"]), split)
     int8_gemm_kernel[grid](a, weight, a_scale, w_scale, bias if bias is not None else w_scale, out, ws,
                            split_k_counters(a.device), m, n, k, a.stride(0), weight.stride(0), a_scale.stride(0),

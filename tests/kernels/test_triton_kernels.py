@@ -92,7 +92,27 @@ def test_w4a16_gemv2_matches_reference(m, n, k, group, symmetric, bias, cfg):
     w = T4.StripedWeight(packed, scales, zeros, group)
     out = T4.w4a16_gemv2(x, w, b, cfg)
     assert rel_err(out, R.w4a16_linear(x, packed, scales, zeros, group, b)) < REL_TOL
-    assert int(T4.split_k_counters(x.device).abs().sum()) == 0
+    assert_split_k_state_clean(x.device)
+
+
+def assert_split_k_state_clean(device: torch.device) -> None:
+    """Between launches every split-K arrival counter and the ATOMIC workspace are zero again."""
+    assert int(T4.split_k_counters(device).abs().sum()) == 0
+    ws = T4._ATOMIC_WS.get(device)
+    assert ws is None or int(ws.abs().sum()) == 0
+
+
+@pytest.mark.parametrize("m,n,split,block_m,block_n,tiled,scale_w", [
+    (3, 72, 2, 16, 32, True, False),      # ragged N, exact codes
+    (17, 48, 3, 16, 16, True, True),      # ragged M across two row tiles, three splits
+    (5, 64, 4, 16, 64, False, True),      # the untiled words, one K step per split
+])
+def test_w4a16_tc_atomic_split_k_matches_reference(m, n, split, block_m, block_n, tiled, scale_w):
+    # partials added into one zeroed workspace; run twice: the first launch must leave it zero for the second
+    cfg = dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=128, SPLIT_K=split, UNPACK=3, SCALE_W=scale_w, TMA=False,
+               TILED=tiled, ATOMIC=True)
+    for _ in range(2):
+        check_tc(m, n, 128, False, True, cfg)
 
 
 @pytest.mark.parametrize("n,k,group,symmetric,bias,cfg", [
@@ -110,7 +130,27 @@ def test_w4a16_gemv3_matches_reference(n, k, group, symmetric, bias, cfg):
     w = T4.StripedWeight(packed, scales, zeros, group)
     out = G3.w4a16_gemv3(x, w, b, cfg)
     assert rel_err(out, R.w4a16_linear(x, packed, scales, zeros, group, b)) < REL_TOL
-    assert int(T4.split_k_counters(x.device).abs().sum()) == 0
+    assert_split_k_state_clean(x.device)
+
+
+def assert_split_k_state_clean(device: torch.device) -> None:
+    """Between launches every split-K arrival counter and the ATOMIC workspace are zero again."""
+    assert int(T4.split_k_counters(device).abs().sum()) == 0
+    ws = T4._ATOMIC_WS.get(device)
+    assert ws is None or int(ws.abs().sum()) == 0
+
+
+@pytest.mark.parametrize("m,n,split,block_m,block_n,tiled,scale_w", [
+    (3, 72, 2, 16, 32, True, False),      # ragged N, exact codes
+    (17, 48, 3, 16, 16, True, True),      # ragged M across two row tiles, three splits
+    (5, 64, 4, 16, 64, False, True),      # the untiled words, one K step per split
+])
+def test_w4a16_tc_atomic_split_k_matches_reference(m, n, split, block_m, block_n, tiled, scale_w):
+    # partials added into one zeroed workspace; run twice: the first launch must leave it zero for the second
+    cfg = dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=128, SPLIT_K=split, UNPACK=3, SCALE_W=scale_w, TMA=False,
+               TILED=tiled, ATOMIC=True)
+    for _ in range(2):
+        check_tc(m, n, 128, False, True, cfg)
 
 
 @pytest.mark.skipif(DEVICE != "cuda", reason="programmatic dependent launch and CUDA graphs need a GPU")
@@ -249,7 +289,27 @@ def check_tc(m: int, n: int, group: int, symmetric: bool, bias: bool, cfg: dict,
     w = T4.StripedWeight(packed, scales, zeros, group)
     out = TC.w4a16_tc(x, w, b, dict(cfg, num_warps=4, num_stages=1))
     assert rel_err(out, R.w4a16_linear(x, packed, scales, zeros, group, b)) < REL_TOL
-    assert int(T4.split_k_counters(x.device).abs().sum()) == 0
+    assert_split_k_state_clean(x.device)
+
+
+def assert_split_k_state_clean(device: torch.device) -> None:
+    """Between launches every split-K arrival counter and the ATOMIC workspace are zero again."""
+    assert int(T4.split_k_counters(device).abs().sum()) == 0
+    ws = T4._ATOMIC_WS.get(device)
+    assert ws is None or int(ws.abs().sum()) == 0
+
+
+@pytest.mark.parametrize("m,n,split,block_m,block_n,tiled,scale_w", [
+    (3, 72, 2, 16, 32, True, False),      # ragged N, exact codes
+    (17, 48, 3, 16, 16, True, True),      # ragged M across two row tiles, three splits
+    (5, 64, 4, 16, 64, False, True),      # the untiled words, one K step per split
+])
+def test_w4a16_tc_atomic_split_k_matches_reference(m, n, split, block_m, block_n, tiled, scale_w):
+    # partials added into one zeroed workspace; run twice: the first launch must leave it zero for the second
+    cfg = dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=128, SPLIT_K=split, UNPACK=3, SCALE_W=scale_w, TMA=False,
+               TILED=tiled, ATOMIC=True)
+    for _ in range(2):
+        check_tc(m, n, 128, False, True, cfg)
 
 
 def test_dot_layout_words_is_the_documented_permutation():
@@ -475,13 +535,15 @@ def _assert_exact_epilogue(out: torch.Tensor, ref: torch.Tensor, has_bias: bool)
         assert torch.equal(out, ref)
 
 
-@pytest.mark.parametrize("m,n,k,split,block_k,bias", [
-    (3, 40, 300, 1, 64, False),     # ragged K (masked loads)
-    (3, 40, 512, 2, 64, True),      # split-K, even K
-    (20, 72, 384, 4, 64, False),    # split-K with a ragged last split
-    (70, 33, 256, 1, 64, True),     # several M tiles, odd N
+@pytest.mark.parametrize("m,n,k,split,block_k,bias,atomic", [
+    (3, 40, 300, 1, 64, False, False),     # ragged K (masked loads)
+    (3, 40, 512, 2, 64, True, False),      # split-K, even K
+    (20, 72, 384, 4, 64, False, False),    # split-K with a ragged last split
+    (70, 33, 256, 1, 64, True, False),     # several M tiles, odd N
+    (3, 40, 512, 2, 64, True, True),       # split-K partials added into one zeroed workspace: still exact
+    (70, 72, 384, 4, 64, False, True),
 ])
-def test_int8_gemm_is_exact(m, n, k, split, block_k, bias):
+def test_int8_gemm_is_exact(m, n, k, split, block_k, bias, atomic):
     gen = torch.Generator().manual_seed(5)
     w = torch.randn(n, k, generator=gen)
     wq, ws = P.quantize_int8(w, "channel")
@@ -490,21 +552,23 @@ def test_int8_gemm_is_exact(m, n, k, split, block_k, bias):
     b = torch.randn(n, generator=gen) if bias else None
     wq, ws, a, a_scale = wq.to(DEVICE), ws.to(DEVICE), a.to(DEVICE), a_scale.to(DEVICE)
     b = None if b is None else b.to(DEVICE)
-    cfg = dict(T8.int8_config(m, n, k, 8), SPLIT_K=split, BLOCK_K=block_k)
-    out = T8.int8_gemm(a, a_scale, wq, ws, b, torch.float32, cfg)
+    cfg = dict(T8.int8_config(m, n, k, 8), SPLIT_K=split, BLOCK_K=block_k, ATOMIC=atomic)
     ref = R.int8_matmul(a, wq).float() * a_scale * ws.reshape(1, -1)
     if b is not None:
         ref = ref + b
-    _assert_exact_epilogue(out, ref, b is not None)
-    assert int(T4.split_k_counters(a.device).abs().sum()) == 0
+    for _ in range(2 if atomic else 1):   # the first launch leaves the workspace zero for the second
+        out = T8.int8_gemm(a, a_scale, wq, ws, b, torch.float32, cfg)
+        _assert_exact_epilogue(out, ref, b is not None)
+        assert_split_k_state_clean(a.device)
 
 
-@pytest.mark.parametrize("m,n,k,split,block_k,bias", [
-    (1, 40, 300, 1, 64, False),     # one token, ragged K and N
-    (5, 72, 512, 2, 64, True),      # split-K, even K
-    (20, 72, 384, 4, 64, False),    # split-K with a ragged last split, two token tiles
+@pytest.mark.parametrize("m,n,k,split,block_k,bias,atomic", [
+    (1, 40, 300, 1, 64, False, False),     # one token, ragged K and N
+    (5, 72, 512, 2, 64, True, False),      # split-K, even K
+    (20, 72, 384, 4, 64, False, False),    # split-K with a ragged last split, two token tiles
+    (20, 72, 384, 4, 64, True, True),      # the same, partials added into one zeroed workspace
 ])
-def test_int8_swap_gemm_is_exact(m, n, k, split, block_k, bias):
+def test_int8_swap_gemm_is_exact(m, n, k, split, block_k, bias, atomic):
     gen = torch.Generator().manual_seed(7)
     wq, ws = P.quantize_int8(torch.randn(n, k, generator=gen), "channel")
     a = torch.randint(-128, 128, (m, k), dtype=torch.int8, generator=gen)
@@ -512,25 +576,26 @@ def test_int8_swap_gemm_is_exact(m, n, k, split, block_k, bias):
     b = torch.randn(n, generator=gen) if bias else None
     wq, ws, a, a_scale = wq.to(DEVICE), ws.to(DEVICE), a.to(DEVICE), a_scale.to(DEVICE)
     b = None if b is None else b.to(DEVICE)
-    cfg = dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=block_k, SPLIT_K=split, num_warps=4, num_stages=1)
+    cfg = dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=block_k, SPLIT_K=split, num_warps=4, num_stages=1, ATOMIC=atomic)
     out = T8.a8w8_swap_gemm(a, a_scale, wq, ws, b, torch.float32, cfg)
     ref = R.int8_matmul(a, wq).float() * a_scale * ws.reshape(1, -1)
     if b is not None:
         ref = ref + b
     _assert_exact_epilogue(out, ref, b is not None)
-    assert int(T4.split_k_counters(a.device).abs().sum()) == 0
+    assert_split_k_state_clean(a.device)
 
 
-@pytest.mark.parametrize("k", [256, 200])   # 200: the masked (uneven K) loads, which must convert 0 to e4m3
-def test_fp8_swap_gemm_matches_the_float_product(k):
+@pytest.mark.parametrize("k,atomic", [(256, False), (200, False), (256, True)])   # 200: the masked (uneven K) loads,
+def test_fp8_swap_gemm_matches_the_float_product(k, atomic):                       # which must convert 0 to e4m3
     gen = torch.Generator().manual_seed(8)
     wq, ws = P.quantize_fp8(torch.randn(40, k, generator=gen), "row")
     xq, xs = P.quantize_fp8(torch.randn(3, k, generator=gen), "row")
     wq, ws, xq, xs = wq.to(DEVICE), ws.to(DEVICE), xq.to(DEVICE), xs.to(DEVICE)
-    cfg = dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=64, SPLIT_K=2, num_warps=4, num_stages=1)
+    cfg = dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=64, SPLIT_K=2, num_warps=4, num_stages=1, ATOMIC=atomic)
     out = T8.a8w8_swap_gemm(xq, xs, wq, ws, None, torch.float32, cfg)
     ref = (xq.float() @ wq.float().t()) * xs * ws.reshape(1, -1)
     assert rel_err(out, ref) < 1e-3   # Hopper's fp8 MMA accumulates with reduced precision
+    assert_split_k_state_clean(xq.device)
 
 
 @pytest.mark.parametrize("m,n,k,bias", [(40, 72, 96, False), (130, 64, 48, True), (5, 200, 160, False)])
@@ -630,3 +695,13 @@ def test_cpu_dispatch_is_the_reference():
     x = make_x(2, 128).cpu()
     assert torch.equal(ops.w4a16_linear(x, packed.cpu(), scales.cpu(), None, 64),
                        R.w4a16_linear(x, packed.cpu(), scales.cpu(), None, 64))
+
+
+def test_atomic_split_k_workspace_falls_back_where_the_output_does_not_fit(monkeypatch):
+    monkeypatch.setattr(T4, "ATOMIC_WS_WORDS", 100)
+    dev = torch.device("cpu")
+    ws, atomic = T4.split_k_workspace(dev, 10, 10, 4, torch.int32, True)
+    assert atomic and ws.dtype == torch.int32 and not ws.any()
+    ws, atomic = T4.split_k_workspace(dev, 11, 10, 4, torch.float32, True)   # 110 sums: one slot per split
+    assert not atomic and ws.shape == (4, 11, 10)
+    assert not T4.split_k_workspace(dev, 10, 10, 1, torch.float32, True)[1]   # no split, no workspace

@@ -1,0 +1,175 @@
+"""Split-K by atomic adds (``ATOMIC`` tiles): tile search at the decode batch sizes, every dispatch choice in the
+same run (CUDA graphs, L2 flushed).
+
+With ordinary split-K the last program of an output tile reads SPLIT_K partial tiles from the workspace; with
+``ATOMIC`` every program adds its partial into one zeroed workspace and the last reads one tile
+(``triton_w4a16.split_k_reduce``). Per (M, N, K) this times, in one run:
+
+* bf16 cuBLAS;
+* W4A16: the current table's choice (``quantarena:tc`` with its tile, or ``quantarena:dequant``), the same tile
+  with ``ATOMIC``, and a grid of ATOMIC tensor-core tiles (BLOCK_N 32/64/128, split 2-16);
+* int8 and fp8 (GEMM only, on quantized activations, as in w8a8_tune.py): the current table's kernel and tile,
+  ``torch._scaled_mm``, and ATOMIC ``swap`` / ``std`` tiles.
+
+Every ATOMIC candidate is checked on poisoned output memory before it may win: W4A16 against the reference
+(relative error <= 8e-3), int8 bit for bit against the table's kernel (exact int32 sums), fp8 to 1e-3 of it (cuBLAS and Triton
+accumulate fp8 products differently).
+Writes $OUT/atomic.json (rows as in benchmarks/results/*-kernels.json, ``config`` naming each tile) after each
+shape; merge it into the dispatch tables with w4a16_tuned_table.py / w8a8_tuned_table.py (a later run's rows
+replace the earlier ones of every (M, N, K) it measured, so each point here carries every earlier winner too).
+Usage: python benchmarks/splitk_atomic_tune.py [out_dir]   (env ATOMIC_MS, ATOMIC_SHAPES=model:layer,...,
+ATOMIC_BUDGET_S: stop starting new shapes after this many seconds)
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+from quantarena.bench import kernels as BK
+from quantarena.bench.timing import L2Flush, time_fn
+from quantarena.kernels import ops, reference as R, triton_w4a16 as T4, triton_w4a16_tc as TC, triton_w8a8 as T8
+from quantarena.kernels import tuned_w4a16
+from quantarena.kernels.triton_act_quant import act_quant
+
+OUT = sys.argv[1] if len(sys.argv) > 1 else os.environ.get("OUT", ".")
+MS = [int(v) for v in os.environ.get("ATOMIC_MS", "8,16,32,64,128,256").split(",")]
+SHAPES = os.environ.get("ATOMIC_SHAPES", "llama-3-8b:kv_proj,llama-3-8b:q_proj,llama-3-8b-decode:qkv,llama-3-8b:down,"
+                        "llama-3-70b:kv_proj,llama-3-70b:q_proj,llama-3-70b-decode:qkv,llama-3-70b:down").split(",")
+BUDGET_S = float(os.environ.get("ATOMIC_BUDGET_S", "500"))
+started = time.time()
+flush = L2Flush()
+
+
+def log(*a):
+    print(f"[{time.time() - started:6.1f}s]", *a, flush=True)
+
+
+def t(fn) -> float:
+    try:
+        return round(time_fn(fn, flush, 15), 2)
+    except Exception as exc:
+        log("fail", type(exc).__name__, str(exc)[:160])
+        return float("inf")
+
+
+def block_m(m: int) -> int:
+    return 16 if m <= 16 else (32 if m <= 32 else (64 if m <= 64 else 128))
+
+
+def splits(m: int, n: int, k: int, bm: int, bn: int, bk: int) -> list[int]:
+    steps = -(-k // bk)
+    return [s for s in (2, 4, 8, 16) if s <= steps and -(-m // bm) * -(-n // bn) * s <= 8 * 132]
+
+
+def w4_candidates(m: int, n: int, k: int, table_cfg: dict | None) -> list[dict]:
+    if m * n > T4.ATOMIC_WS_WORDS:   # the launcher would fall back to the slot-per-split workspace
+        return []
+    out = [] if table_cfg is None or table_cfg.get("SPLIT_K", 1) == 1 else [dict(table_cfg, ATOMIC=True)]
+    bm = block_m(m)
+    for bn in (32, 64, 128):
+        for split in splits(m, n, k, bm, bn, 128):
+            for ns in (3, 4):
+                out.append(dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=128, SPLIT_K=split, UNPACK=3, SCALE_W=m > 64,
+                                TMA=True, num_warps=4, num_stages=ns, TILED=True, ATOMIC=True))
+    return out
+
+
+def a8_candidates(m: int, n: int, k: int) -> list[tuple[str, dict]]:
+    out = []
+    if m * n > T4.ATOMIC_WS_WORDS:
+        return out
+    bm = max(16, min(128, 1 << (m - 1).bit_length()))
+    for bn in (64, 128):
+        for bk in (128, 256):
+            for split in splits(m, n, k, bm, bn, bk):
+                out.append(("swap", dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=split, num_warps=4,
+                                         num_stages=4, ATOMIC=True)))
+    if m >= 32:
+        for bm, bn, bk in ((16, 128, 256), (32, 64, 256), (64, 64, 256), (64, 128, 128)):
+            for split in splits(m, n, k, bm, bn, bk):
+                out.append(("std", dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=split, num_warps=4,
+                                        num_stages=4, GROUP_M=8, ATOMIC=True)))
+    return out
+
+
+def a8_fn(op: str, impl: str, cfg: dict | None, layer, xq, xs):
+    w, ws = (layer.w8, layer.w8_scale) if op == "w8a8" else (layer.wf8, layer.wf8_scale)
+    if impl == "swap":
+        return lambda: T8.a8w8_swap_gemm(xq, xs, w, ws, None, torch.bfloat16, cfg)
+    if impl == "std":
+        return lambda: T8.int8_gemm(xq, xs, w, ws, None, torch.bfloat16, cfg)
+    if impl == "tma":
+        return lambda: T8.a8w8_tma_gemm(xq, xs, w, ws, None, torch.bfloat16, cfg)
+    return lambda: torch._scaled_mm(xq, w.t(), scale_a=xs, scale_b=ws.reshape(1, -1), out_dtype=torch.bfloat16)
+
+
+def poisoned(fn, m: int, n: int) -> torch.Tensor:
+    BK.poison((m, n))
+    return fn()
+
+
+rows: list[dict] = []
+shapes = {(model, label): (k, n) for model in BK.SHAPES for label, k, n in BK.SHAPES[model]}
+for spec in SHAPES:
+    if time.time() - started > BUDGET_S:
+        log("budget spent; not starting", spec)
+        break
+    model, label = spec.split(":")
+    k, n = shapes[(model, label)]
+    layer = BK.make_layer(k, n)
+    sw = ops._prepared(layer.packed, layer.scales, None, BK.GROUP, None).striped
+    for m in MS:
+        base = {"model": model, "layer": label, "K": k, "N": n, "M": m}
+        here: list[dict] = []
+        x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+        here.append(dict(base, op="bf16", impl="cublas", us=t(lambda: F.linear(x, layer.w_bf16))))
+        # W4A16: the table's choice, then ATOMIC tiles, each checked against the reference
+        ref = R.w4a16_linear(x, layer.packed, layer.scales, None, BK.GROUP)
+        entry = tuned_w4a16.lookup(m, n, k)
+        table_cfg = entry[1] if entry and entry[0] == "tc" else None
+        here.append(dict(base, op="w4a16", impl="quantarena:dequant", path="dequant", us=t(
+            lambda: ops.w4a16_linear(x, layer.packed, layer.scales, None, BK.GROUP, path="dequant"))))
+        for cfg in ([table_cfg] if table_cfg else []) + w4_candidates(m, n, k, table_cfg):
+            us = t(lambda: TC.w4a16_tc(x, sw, None, cfg))
+            err = BK.rel_err(poisoned(lambda: TC.w4a16_tc(x, sw, None, cfg), m, n), ref)
+            ok = err <= 8e-3
+            here.append(dict(base, op="w4a16", impl="quantarena:tc" if ok else "quantarena:tc-wrong", path="tc",
+                             config=cfg, us=us if ok else float("inf"), rel_err=err))
+        # int8 / fp8 GEMMs on quantized activations
+        for op in ("w8a8", "fp8"):
+            xq, xs = act_quant(x, fp8=op == "fp8")
+            impl, cfg = ops._a8w8_choice(op, m, n, k)
+            if impl == "gemv":   # not at M >= 8; the defaults
+                impl, cfg = ("std" if op == "w8a8" else "scaled_mm"), None
+            check = poisoned(a8_fn(op, impl, cfg, layer, xq, xs), m, n).float()
+            here.append(dict(base, op=op, impl=impl, config=cfg, us=t(a8_fn(op, impl, cfg, layer, xq, xs)),
+                             table=True))
+            if op == "fp8" and impl != "scaled_mm":
+                here.append(dict(base, op=op, impl="scaled_mm", us=t(a8_fn(op, "scaled_mm", None, layer, xq, xs))))
+            for cimpl, ccfg in a8_candidates(m, n, k):
+                fn = a8_fn(op, cimpl, ccfg, layer, xq, xs)
+                out = poisoned(fn, m, n).float()
+                err = BK.rel_err(out, check)
+                # int8: exact int32 sums, the same epilogue; fp8: Hopper's fp8 MMA accumulates with reduced precision
+                ok = torch.equal(out, check) if op == "w8a8" else err <= 1e-3
+                here.append(dict(base, op=op, impl=cimpl if ok else cimpl + "-wrong", config=ccfg,
+                                 us=t(fn) if ok else float("inf"), rel_err=err))
+        assert int(T4.split_k_counters(x.device).abs().sum()) == 0
+        ws = T4._ATOMIC_WS.get(x.device)
+        assert ws is None or int(ws.abs().sum()) == 0, "the ATOMIC workspace was left dirty"
+        rows += here
+        summary = {}
+        for r in here:
+            key = r["op"] + "/" + r["impl"] + ("+A" if (r.get("config") or {}).get("ATOMIC") else "")
+            summary[key] = min(summary.get(key, float("inf")), r["us"])
+        log(model, label, m, {key: v for key, v in summary.items()})
+    ops._W4A16_CACHE.clear()   # the next shape's layer replaces this one
+    torch.cuda.empty_cache()
+    with open(os.path.join(OUT, "atomic.json"), "w") as f:
+        json.dump(BK._result(rows), f, indent=1)
+log("done")
