@@ -135,11 +135,15 @@ for spec in SHAPES:
         here.append(dict(base, op="w4a16", impl="quantarena:dequant", path="dequant", us=t(
             lambda: ops.w4a16_linear(x, layer.packed, layer.scales, None, BK.GROUP, path="dequant"))))
         for cfg in ([table_cfg] if table_cfg else []) + w4_candidates(m, n, k, table_cfg):
-            us = t(lambda: TC.w4a16_tc(x, sw, None, cfg))
-            err = BK.rel_err(poisoned(lambda: TC.w4a16_tc(x, sw, None, cfg), m, n), ref)
+            try:
+                err = BK.rel_err(poisoned(lambda: TC.w4a16_tc(x, sw, None, cfg), m, n), ref)
+            except Exception as exc:   # a tile this Triton cannot compile
+                log("fail", cfg, type(exc).__name__, str(exc)[:160])
+                continue
             ok = err <= 8e-3
+            us = t(lambda: TC.w4a16_tc(x, sw, None, cfg)) if ok else float("inf")
             here.append(dict(base, op="w4a16", impl="quantarena:tc" if ok else "quantarena:tc-wrong", path="tc",
-                             config=cfg, us=us if ok else float("inf"), rel_err=err))
+                             config=cfg, us=us, rel_err=err))
         # int8 / fp8 GEMMs on quantized activations
         for op in ("w8a8", "fp8"):
             xq, xs = act_quant(x, fp8=op == "fp8")
@@ -153,7 +157,11 @@ for spec in SHAPES:
                 here.append(dict(base, op=op, impl="scaled_mm", us=t(a8_fn(op, "scaled_mm", None, layer, xq, xs))))
             for cimpl, ccfg in a8_candidates(m, n, k):
                 fn = a8_fn(op, cimpl, ccfg, layer, xq, xs)
-                out = poisoned(fn, m, n).float()
+                try:
+                    out = poisoned(fn, m, n).float()
+                except Exception as exc:
+                    log("fail", op, cimpl, ccfg, type(exc).__name__, str(exc)[:160])
+                    continue
                 err = BK.rel_err(out, check)
                 # int8: exact int32 sums, the same epilogue; fp8: Hopper's fp8 MMA accumulates with reduced precision
                 ok = torch.equal(out, check) if op == "w8a8" else err <= 1e-3

@@ -60,6 +60,20 @@ def repack_striped(packed: torch.Tensor, in_features: int, stripe: int) -> torch
 
 # ----------------------------------------------------------------------------- split-K finish
 
+_FENCE = tl.constexpr(not INTERPRETING)   # the interpreter runs programs one after another: nothing to fence
+
+
+@triton.jit
+def _fence_gpu():
+    """Every thread waits until its earlier global writes and atomics are performed at GPU scope
+    (``fence.acq_rel.gpu``). ``tl.debug_barrier`` (bar.sync) does not wait for them: without this fence, a
+    thread's fire-and-forget atomic adds could still be in flight when another thread of the program releases the
+    tile's counter, and the last program would read a sum that misses them (seen on the H100 as zeros)."""
+    if _FENCE:
+        tl.inline_asm_elementwise("fence.acq_rel.gpu;\n mov.b32 $0, $1;", "=r,r", [tl.full([1], 0, tl.int32)],
+                                  dtype=tl.int32, is_pure=False, pack=1)
+
+
 @triton.jit
 def split_k_reduce(part, ws_ptr, cnt_ptr, rm, rn, M, N, pid_k, tile_id, SPLIT_K, ATOMIC: tl.constexpr = False):
     """Split-K in one launch. Returns ``(total, last)``: in the last program of the tile to arrive (an atomic
@@ -81,7 +95,8 @@ def split_k_reduce(part, ws_ptr, cnt_ptr, rm, rn, M, N, pid_k, tile_id, SPLIT_K,
         tl.atomic_add(ws_ptr + ws_off, part, mask=mask, sem="relaxed", scope="gpu")
     else:
         tl.store(ws_ptr + pid_k * M * N + ws_off, part, mask=mask)
-    tl.debug_barrier()  # every thread's partial is written before the release below
+    _fence_gpu()        # each thread's partial is performed at GPU scope ...
+    tl.debug_barrier()  # ... before any thread of the program goes on to the release below
     arrived = tl.atomic_add(cnt_ptr + tile_id, 1, sem="acq_rel", scope="gpu")
     last = arrived == SPLIT_K - 1
     total = tl.zeros_like(part)
