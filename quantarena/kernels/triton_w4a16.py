@@ -60,20 +60,6 @@ def repack_striped(packed: torch.Tensor, in_features: int, stripe: int) -> torch
 
 # ----------------------------------------------------------------------------- split-K finish
 
-_FENCE = tl.constexpr(not INTERPRETING)   # the interpreter runs programs one after another: nothing to fence
-
-
-@triton.jit
-def _fence_gpu():
-    """Every thread waits until its earlier global writes and atomics are performed at GPU scope
-    (``fence.acq_rel.gpu``). ``tl.debug_barrier`` (bar.sync) does not wait for them: without this fence, a
-    thread's fire-and-forget atomic adds could still be in flight when another thread of the program releases the
-    tile's counter, and the last program would read a sum that misses them (seen on the H100 as zeros)."""
-    if _FENCE:
-        tl.inline_asm_elementwise("fence.acq_rel.gpu;\n mov.b32 $0, $1;", "=r,r", [tl.full([1], 0, tl.int32)],
-                                  dtype=tl.int32, is_pure=False, pack=1)
-
-
 @triton.jit
 def split_k_reduce(part, ws_ptr, cnt_ptr, rm, rn, M, N, pid_k, tile_id, SPLIT_K, ATOMIC: tl.constexpr = False):
     """Split-K in one launch. Returns ``(total, last)``: in the last program of the tile to arrive (an atomic
@@ -84,7 +70,7 @@ def split_k_reduce(part, ws_ptr, cnt_ptr, rm, rn, M, N, pid_k, tile_id, SPLIT_K,
       a ``[SPLIT_K, M, N]`` workspace; the last program reads the SPLIT_K slots and adds them in split order
       (deterministic).
     * ``ATOMIC`` True: each program adds its partial into one ``[M, N]`` workspace that is zero on entry
-      (:func:`split_k_workspace`); the last program reads that one tile and writes zeros back. The last
+      (:func:`split_k_workspace`); the last program swaps that one tile for zeros (an atomic exchange). The last
       program reads 1 tile instead of SPLIT_K. int32 sums stay exact and deterministic; fp32 sums depend on
       the arrival order (a last-bit difference between runs).
 
@@ -95,15 +81,18 @@ def split_k_reduce(part, ws_ptr, cnt_ptr, rm, rn, M, N, pid_k, tile_id, SPLIT_K,
         tl.atomic_add(ws_ptr + ws_off, part, mask=mask, sem="relaxed", scope="gpu")
     else:
         tl.store(ws_ptr + pid_k * M * N + ws_off, part, mask=mask)
-    _fence_gpu()        # each thread's partial is performed at GPU scope ...
-    tl.debug_barrier()  # ... before any thread of the program goes on to the release below
+    tl.debug_barrier()  # every thread's partial is written before the release below
     arrived = tl.atomic_add(cnt_ptr + tile_id, 1, sem="acq_rel", scope="gpu")
     last = arrived == SPLIT_K - 1
     total = tl.zeros_like(part)
     if last:
-        if ATOMIC:
-            total = tl.load(ws_ptr + ws_off, mask=mask, other=0, cache_modifier=".cg")
-            tl.store(ws_ptr + ws_off, tl.zeros_like(part), mask=mask)
+        if ATOMIC:   # read and zero in one atomic per element: a load, then a store of zeros, can be done by
+            # two different threads of the program (the compiler picks each one's layout), and a zero written
+            # before the other thread's load was seen on the H100
+            # (on the 32-bit pattern: the interpreter exchanges integers only)
+            bits = tl.atomic_xchg(ws_ptr.to(tl.pointer_type(tl.int32)) + ws_off,
+                                  tl.zeros_like(part).to(tl.int32, bitcast=True), mask=mask, sem="relaxed", scope="gpu")
+            total = bits.to(part.dtype, bitcast=True)
         else:
             for s in range(SPLIT_K):
                 total += tl.load(ws_ptr + s * M * N + ws_off, mask=mask, other=0, cache_modifier=".cg")
