@@ -150,6 +150,8 @@ for spec in SHAPES:
             impl, cfg = ops._a8w8_choice(op, m, n, k)
             if impl == "gemv":   # not at M >= 8; the defaults
                 impl, cfg = ("std" if op == "w8a8" else "scaled_mm"), None
+            if impl == "std" and cfg is None:   # the default tile, named, so that the table records what ran
+                cfg = T8.int8_config(m, n, k, torch.cuda.get_device_properties(0).multi_processor_count)
             check = poisoned(a8_fn(op, impl, cfg, layer, xq, xs), m, n).float()
             here.append(dict(base, op=op, impl=impl, config=cfg, us=t(a8_fn(op, impl, cfg, layer, xq, xs)),
                              table=True))

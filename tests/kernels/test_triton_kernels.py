@@ -228,7 +228,8 @@ def test_w4a16_dispatch_by_m():
     assert ops.w4a16_path(100, 96, 256) == "tc"          # untuned shape: the default by M
     assert ops.w4a16_path(5000, 4096, 4096) == "dequant"
     assert ops.w4a16_path(512, 4096, 4096, tuned_table=False) == "dequant"   # non-Hopper GPUs: defaults only
-    assert ops.w4a16_path(128, 1024, 4096) == "dequant" and ops.w4a16_path(128, 1024, 4096, False) == "tc"
+    assert ops.w4a16_path(512, 4096, 4096) == "tc"          # the table overrides the default by M
+    assert ops.w4a16_path(512, 1024, 4096) == "dequant" and ops.w4a16_path(256, 1024, 4096) == "tc"
 
 
 def test_w4a16_tuned_table_is_consistent():
@@ -241,6 +242,8 @@ def test_w4a16_tuned_table_is_consistent():
             assert 128 % cfg["BLOCK_K"] == 0 and k % cfg["BLOCK_K"] == 0 and cfg["UNPACK"] in (1, 2, 3)
             assert cfg["UNPACK"] != 3 or (cfg["BLOCK_K"] == 128 and cfg["BLOCK_N"] % 16 == 0)
             assert not cfg.get("TILED") or cfg["UNPACK"] == 3
+            # an ATOMIC tile's whole output fits the shared workspace (else it would silently run the slot sums)
+            assert not cfg.get("ATOMIC") or (cfg["SPLIT_K"] > 1 and m * n <= T4.ATOMIC_WS_WORDS)
     assert TW.lookup(3, 4096, 4096) == TW.TABLE.get((4, 4096, 4096)) and TW.lookup(3, None, 4096) is None
 
 
@@ -637,6 +640,7 @@ def test_w8a8_tuned_table_is_consistent():
             assert m <= 4 and {"BLOCK_N", "BLOCK_K", "SPLIT_K"} <= set(cfg)
         elif kernel != "scaled_mm":
             assert {"BLOCK_M", "BLOCK_N", "BLOCK_K", "SPLIT_K"} <= set(cfg)
+            assert not cfg.get("ATOMIC") or (cfg["SPLIT_K"] > 1 and m * n <= T4.ATOMIC_WS_WORDS)
     assert ops._a8w8_choice("w8a8", 3, 96, 256) == ("std", None)          # untuned shape: defaults
     assert ops._a8w8_choice("fp8", 3, 96, 256) == ("scaled_mm", None)
     assert ops._a8w8_choice("w8a8", 3, 4096, 4096) == TW.TABLE[("w8a8", 4, 4096, 4096)]
