@@ -52,7 +52,7 @@ def main(points: list[list]) -> None:
         print(model, label, m, {r["impl"] + "/" + r["op"]: r.get("us") for r in rows[-len(cont):]}, flush=True)
         del layer
         torch.cuda.empty_cache()
-    BK.write(BK._result(rows), os.path.join(os.environ.get("OUT", "."), "recheck.json"))
+        BK.write(BK._result(rows), os.path.join(os.environ.get("OUT", "."), "recheck.json"))   # after each point
 
 
 if __name__ == "__main__":
