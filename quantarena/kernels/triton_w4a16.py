@@ -86,10 +86,10 @@ def split_k_reduce(part, ws_ptr, cnt_ptr, rm, rn, M, N, pid_k, tile_id, SPLIT_K,
     last = arrived == SPLIT_K - 1
     total = tl.zeros_like(part)
     if last:
-        if ATOMIC:   # read and zero in one atomic per element: a load, then a store of zeros, can be done by
-            # two different threads of the program (the compiler picks each one's layout), and a zero written
-            # before the other thread's load was seen on the H100
-            # (on the 32-bit pattern: the interpreter exchanges integers only)
+        if ATOMIC:
+            # read and zero with one atomic exchange per element (on the 32-bit pattern: the interpreter
+            # exchanges integers only). A load, then a store of zeros, can be done by two threads of the program
+            # (the compiler picks each one's layout): the H100 showed zeros read after another thread cleared them
             bits = tl.atomic_xchg(ws_ptr.to(tl.pointer_type(tl.int32)) + ws_off,
                                   tl.zeros_like(part).to(tl.int32, bitcast=True), mask=mask, sem="relaxed", scope="gpu")
             total = bits.to(part.dtype, bitcast=True)
