@@ -95,26 +95,6 @@ def test_w4a16_gemv2_matches_reference(m, n, k, group, symmetric, bias, cfg):
     assert_split_k_state_clean(x.device)
 
 
-def assert_split_k_state_clean(device: torch.device) -> None:
-    """Between launches every split-K arrival counter and the ATOMIC workspace are zero again."""
-    assert int(T4.split_k_counters(device).abs().sum()) == 0
-    ws = T4._ATOMIC_WS.get(device)
-    assert ws is None or int(ws.abs().sum()) == 0
-
-
-@pytest.mark.parametrize("m,n,split,block_m,block_n,tiled,scale_w", [
-    (3, 72, 2, 16, 32, True, False),      # ragged N, exact codes
-    (17, 48, 3, 16, 16, True, True),      # ragged M across two row tiles, three splits
-    (5, 64, 4, 16, 64, False, True),      # the untiled words, one K step per split
-])
-def test_w4a16_tc_atomic_split_k_matches_reference(m, n, split, block_m, block_n, tiled, scale_w):
-    # partials added into one zeroed workspace; run twice: the first launch must leave it zero for the second
-    cfg = dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=128, SPLIT_K=split, UNPACK=3, SCALE_W=scale_w, TMA=False,
-               TILED=tiled, ATOMIC=True)
-    for _ in range(2):
-        check_tc(m, n, 128, False, True, cfg)
-
-
 @pytest.mark.parametrize("n,k,group,symmetric,bias,cfg", [
     (40, 384, 128, True, False, None),   # ragged N, default config (tiled layout)
     (33, 256, 64, False, True, dict(BLOCK_N=16, SUB=4, BLOCK_KW=16, SPLIT_K=3, num_warps=4, PREFETCH=True)),
@@ -131,26 +111,6 @@ def test_w4a16_gemv3_matches_reference(n, k, group, symmetric, bias, cfg):
     out = G3.w4a16_gemv3(x, w, b, cfg)
     assert rel_err(out, R.w4a16_linear(x, packed, scales, zeros, group, b)) < REL_TOL
     assert_split_k_state_clean(x.device)
-
-
-def assert_split_k_state_clean(device: torch.device) -> None:
-    """Between launches every split-K arrival counter and the ATOMIC workspace are zero again."""
-    assert int(T4.split_k_counters(device).abs().sum()) == 0
-    ws = T4._ATOMIC_WS.get(device)
-    assert ws is None or int(ws.abs().sum()) == 0
-
-
-@pytest.mark.parametrize("m,n,split,block_m,block_n,tiled,scale_w", [
-    (3, 72, 2, 16, 32, True, False),      # ragged N, exact codes
-    (17, 48, 3, 16, 16, True, True),      # ragged M across two row tiles, three splits
-    (5, 64, 4, 16, 64, False, True),      # the untiled words, one K step per split
-])
-def test_w4a16_tc_atomic_split_k_matches_reference(m, n, split, block_m, block_n, tiled, scale_w):
-    # partials added into one zeroed workspace; run twice: the first launch must leave it zero for the second
-    cfg = dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=128, SPLIT_K=split, UNPACK=3, SCALE_W=scale_w, TMA=False,
-               TILED=tiled, ATOMIC=True)
-    for _ in range(2):
-        check_tc(m, n, 128, False, True, cfg)
 
 
 @pytest.mark.skipif(DEVICE != "cuda", reason="programmatic dependent launch and CUDA graphs need a GPU")
