@@ -43,6 +43,7 @@ SHAPES = os.environ.get("ATOMIC_SHAPES", "llama-3-8b:kv_proj,llama-3-70b:kv_proj
 BUDGET_S = float(os.environ.get("ATOMIC_BUDGET_S", "500"))
 started = time.time()
 flush = L2Flush()
+SMS = torch.cuda.get_device_properties(0).multi_processor_count
 
 
 def log(*a):
@@ -63,7 +64,7 @@ def block_m(m: int) -> int:
 
 def splits(m: int, n: int, k: int, bm: int, bn: int, bk: int) -> list[int]:
     steps = -(-k // bk)
-    return [s for s in (2, 4, 8, 16) if s <= steps and -(-m // bm) * -(-n // bn) * s <= 8 * 132]
+    return [s for s in (2, 4, 8, 16) if s <= steps and -(-m // bm) * -(-n // bn) * s <= 8 * SMS]
 
 
 def w4_candidates(m: int, n: int, k: int, table_cfg: dict | None) -> list[dict]:
@@ -98,14 +99,9 @@ def a8_candidates(m: int, n: int, k: int) -> list[tuple[str, dict]]:
 
 
 def a8_fn(op: str, impl: str, cfg: dict | None, layer, xq, xs):
-    w, ws = (layer.w8, layer.w8_scale) if op == "w8a8" else (layer.wf8, layer.wf8_scale)
-    if impl == "swap":
-        return lambda: T8.a8w8_swap_gemm(xq, xs, w, ws, None, torch.bfloat16, cfg)
-    if impl == "std":
-        return lambda: T8.int8_gemm(xq, xs, w, ws, None, torch.bfloat16, cfg)
-    if impl == "tma":
-        return lambda: T8.a8w8_tma_gemm(xq, xs, w, ws, None, torch.bfloat16, cfg)
-    return lambda: torch._scaled_mm(xq, w.t(), scale_a=xs, scale_b=ws.reshape(1, -1), out_dtype=torch.bfloat16)
+    """The GEMM of a table row bound to these quantized activations, as a function of nothing."""
+    gemm = BK.a8w8_gemm_fn(op, impl, cfg, layer)
+    return lambda: gemm(xq, xs)
 
 
 def poisoned(fn, m: int, n: int) -> torch.Tensor:
@@ -151,7 +147,7 @@ for spec in SHAPES:
             if impl == "gemv":   # not at M >= 8; the defaults
                 impl, cfg = ("std" if op == "w8a8" else "scaled_mm"), None
             if impl == "std" and cfg is None:   # the default tile, named, so that the table records what ran
-                cfg = T8.int8_config(m, n, k, torch.cuda.get_device_properties(0).multi_processor_count)
+                cfg = T8.int8_config(m, n, k, SMS)
             check = poisoned(a8_fn(op, impl, cfg, layer, xq, xs), m, n).float()
             here.append(dict(base, op=op, impl=impl, config=cfg, us=t(a8_fn(op, impl, cfg, layer, xq, xs)),
                              table=True))

@@ -134,19 +134,6 @@ def t(fn):
         return float("inf")
 
 
-def gemm_of(op, impl, cfg, layer):
-    """The GEMM-only kernel of a row, as a function of the quantized activations (xq, xs)."""
-    w, ws = (layer.w8, layer.w8_scale) if op == "w8a8" else (layer.wf8, layer.wf8_scale)
-    if impl == "gemv":
-        return lambda xq, xs: G8.a8w8_gemv(xq, xs, w, ws, None, torch.bfloat16, cfg)
-    if impl == "swap":
-        return lambda xq, xs: T8.a8w8_swap_gemm(xq, xs, w, ws, None, torch.bfloat16, cfg)
-    if impl == "std":
-        return lambda xq, xs: T8.int8_gemm(xq, xs, w, ws, None, torch.bfloat16, cfg)
-    return lambda xq, xs: torch._scaled_mm(xq, w.t(), scale_a=xs, scale_b=ws.reshape(1, -1),
-                                           out_dtype=torch.bfloat16)
-
-
 def with_quant_rows(base, shape_rows, x, layer):
     """M <= 4, eager path: act_quant alone, and act_quant then the fastest tile of each GEMM-only kernel of
     the shape timed as one graph (ops ``w8a8+quant`` / ``fp8+quant``, the fused GEMV's competitors)."""
@@ -159,7 +146,7 @@ def with_quant_rows(base, shape_rows, x, layer):
             if r["op"] == op and r["us"] < best.get(r["impl"], {"us": float("inf")})["us"]:
                 best[r["impl"]] = r
         for impl, r in best.items():
-            gemm = gemm_of(op, impl, r.get("config"), layer)
+            gemm = BK.a8w8_gemm_fn(op, impl, r.get("config"), layer)
             out.append(dict(base, op=op + "+quant", impl="act_quant+" + impl, config=r.get("config"),
                             us=t(lambda: gemm(*act_quant(x, fp8=fp8)))))
     return out

@@ -97,6 +97,25 @@ def _int_mm(layer: Layer):
     return run
 
 
+def a8w8_gemm_fn(op: str, impl: str, cfg: dict | None, layer: Layer):
+    """The int8 (``op`` ``w8a8``) or fp8 GEMM kernel ``impl`` of a dispatch-table row (``gemv``, ``swap``,
+    ``std``, ``tma``, else ``torch._scaled_mm``) with tile ``cfg``, on ``layer``'s weight, as a function of the
+    quantized activations ``(xq, xs)`` -> bf16: what the tune scripts time and check."""
+    from ..kernels import triton_a8w8_gemv as G8, triton_w8a8 as T8
+
+    w, ws = (layer.w8, layer.w8_scale) if op == "w8a8" else (layer.wf8, layer.wf8_scale)
+    if impl == "gemv":
+        return lambda xq, xs: G8.a8w8_gemv(xq, xs, w, ws, None, torch.bfloat16, cfg)
+    if impl == "swap":
+        return lambda xq, xs: T8.a8w8_swap_gemm(xq, xs, w, ws, None, torch.bfloat16, cfg)
+    if impl == "std":
+        return lambda xq, xs: T8.int8_gemm(xq, xs, w, ws, None, torch.bfloat16, cfg)
+    if impl == "tma":
+        return lambda xq, xs: T8.a8w8_tma_gemm(xq, xs, w, ws, None, torch.bfloat16, cfg)
+    return lambda xq, xs: torch._scaled_mm(xq, w.t(), scale_a=xs, scale_b=ws.reshape(1, -1),
+                                           out_dtype=torch.bfloat16)
+
+
 def _scaled_mm(layer: Layer):
     w_t = layer.wf8.t()
     w_s = layer.wf8_scale.reshape(1, -1)
