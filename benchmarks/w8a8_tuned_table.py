@@ -5,7 +5,11 @@ Per (M, N, K) and op it keeps the fastest kernel and tile: int8 ``std`` (tiled),
 ``tma`` or ``gemv``; at M <= 4 ``gemv_q`` (the GEMV that quantizes its activations) where its ``+quant`` row
 beats every ``act_quant+`` pair of the shape. Rows of other impls are skipped (``ops`` could not dispatch them). Several runs merge:
 a later run's rows replace the earlier runs' rows for every (M, N, K) it measured.
-Usage: python benchmarks/w8a8_tuned_table.py run1.json [run2.json ...] [--out out.py]
+``--pdl RUN`` (a ``pdl_8bit.py`` run, whole-op times of the table's own tiles with programmatic dependent launch
+off and on): each entry whose tile that run timed gets ``PDL`` True where on was faster, else False; a ``gemv_q``
+entry becomes act_quant + the same tile as a plain ``gemv`` with PDL where that pair was faster than the fused
+launch.
+Usage: python benchmarks/w8a8_tuned_table.py run1.json [run2.json ...] [--pdl pdl.json] [--out out.py]
 """
 from __future__ import annotations
 
@@ -20,6 +24,8 @@ int8: ``std`` (tiled, :func:`.triton_w8a8.int8_gemm`), ``swap`` (:func:`.triton_
 ``tma`` (:func:`.triton_w8a8.a8w8_tma_gemm`) or ``gemv`` (M <= 4, :func:`.triton_a8w8_gemv.a8w8_gemv`); fp8:
 ``scaled_mm`` (``torch._scaled_mm``), ``swap``, ``tma`` or ``gemv``; both: ``gemv_q`` (M <= 4,
 :func:`.triton_a8w8_gemv.a8w8_gemv_quant`, the activation quantization in the same launch).
+``PDL`` (where measured, :mod:`.triton_pdl`): launch the GEMM with programmatic dependent launch behind
+act_quant (True) or not (False); entries without it take the launcher's default.
 ``lookup`` maps M to the smallest measured bucket >= M.
 """
 from __future__ import annotations
@@ -52,7 +58,31 @@ def merge(results: list[dict]) -> dict:
 IMPLS = {"w8a8": ("std", "swap", "tma", "gemv"), "fp8": ("scaled_mm", "swap", "tma", "gemv")}
 
 
-def build(result: dict, source: str) -> str:
+def apply_pdl(best: dict[tuple, tuple], pdl: dict) -> None:
+    """Set ``PDL`` on the entries of ``best`` whose kernel and tile the pdl_8bit.py run timed both ways (see the
+    module docstring); switch ``gemv_q`` entries to act_quant + ``gemv`` with PDL where that was faster."""
+    timed: dict[tuple, dict] = {}
+    for r in pdl["rows"]:
+        key = (r["op"], r["M"], r["N"], r["K"])
+        if "pdl" in r and r.get("check", True):
+            timed.setdefault(key, {})[(r["impl"], repr(r.get("config")), r["pdl"])] = r["us"]
+        elif r["impl"] == "gemv_q":
+            timed.setdefault(key, {})[("gemv_q", repr(r.get("config")), None)] = r["us"]
+    for key, (us, impl, cfg) in list(best.items()):
+        here = timed.get(key, {})
+        name = "gemv" if impl == "gemv_q" else impl
+        off, on = here.get((name, repr(cfg), False)), here.get((name, repr(cfg), True))
+        if on is None or off is None or cfg is None:
+            continue
+        if impl == "gemv_q":
+            fused = here.get(("gemv_q", repr(cfg), None), float("inf"))
+            if on < fused:
+                best[key] = (us, "gemv", dict(cfg, PDL=True))
+        else:
+            best[key] = (us, impl, dict(cfg, PDL=on < off))
+
+
+def build(result: dict, source: str, pdl: dict | None = None) -> str:
     best: dict[tuple, tuple] = {}
     for r in result["rows"]:
         if r["impl"] not in IMPLS.get(r["op"], ()) or r.get("us") in (None, float("inf")):
@@ -77,6 +107,8 @@ def build(result: dict, source: str) -> str:
     for key, entry in fused.items():
         if key in best and entry[0] < pairs.get(key, float("inf")):
             best[key] = entry
+    if pdl is not None:
+        apply_pdl(best, pdl)
     buckets = sorted({k[1] for k in best})
     lines = [HEADER.format(source=source, device=result["device"], date=result["date"], buckets=buckets)]
     for key, (us, impl, cfg) in sorted(best.items()):
@@ -91,11 +123,19 @@ if __name__ == "__main__":
         i = args.index("--out")
         out = args[i + 1]
         del args[i:i + 2]
+    pdl = None
+    if "--pdl" in args:
+        i = args.index("--pdl")
+        with open(args[i + 1]) as f:
+            pdl = json.load(f)
+        pdl_name = os.path.basename(args[i + 1])
+        del args[i:i + 2]
     results = []
     for path in args:
         with open(path) as f:
             results.append(json.load(f))
-    text = build(merge(results), " + ".join(os.path.basename(p) for p in args))
+    source = " + ".join(os.path.basename(p) for p in args) + (f" (PDL: {pdl_name})" if pdl is not None else "")
+    text = build(merge(results), source, pdl)
     with open(out, "w") as f:
         f.write(text)
     print(f"wrote {out}")

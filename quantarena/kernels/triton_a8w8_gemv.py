@@ -44,6 +44,7 @@ import triton.language as tl
 
 from .triton_w4a16 import INTERPRETING, MAX_TILES, _sm_count, _split_for, split_k_counters
 from .triton_act_quant import _load_row, _rint
+from .triton_pdl import launch_kwargs, launch_pdl, prefetch_row_bytes, prefetch_rows, wait
 from .triton_w8a8 import _a_scales, _finish, codes_are_fp8
 
 MAX_M = 4
@@ -207,14 +208,17 @@ def a8w8_gemv_kernel(a_ptr, smooth_ptr, w_ptr, a_scale_ptr, w_scale_ptr, bias_pt
                      HAS_BIAS: tl.constexpr, FP8: tl.constexpr, M: tl.constexpr, BLOCK_N: tl.constexpr,
                      BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr, EVEN_K: tl.constexpr,
                      PREFETCH: tl.constexpr = True, STAGES: tl.constexpr = 1, ASM: tl.constexpr = True,
-                     QUANT_X: tl.constexpr = False, HAS_SMOOTH: tl.constexpr = False, STATIC: tl.constexpr = False):
+                     QUANT_X: tl.constexpr = False, HAS_SMOOTH: tl.constexpr = False, STATIC: tl.constexpr = False,
+                     PDL: tl.constexpr = False, pf_bytes=0, LANES: tl.constexpr = 128):
     """out[m, n] = epilogue(sum_k a[m, k] w[n, k]) for M (1..4) rows; w: int32 words [N, KW] (four int8 or e4m3
     codes each). a: int32 words [M, KW] of codes with a_scale [M, 1] at stride_as; or, QUANT_X, the bf16 / fp16
     activations [M, 4 KW] (stride_am in elements), quantized in the kernel as act_quant would: a_scale the
     static scale (STATIC) or, dynamic, each row's scale computed first over the whole row (every program
     does, split-K ones too: the row is in L2); smooth [4 KW] float32 divides x first (HAS_SMOOTH).
     One program per (BLOCK_N rows, K split); grid (cdiv(N, BLOCK_N), SPLIT_K). Rows past N are clamped to row
-    N - 1 (computed, never stored)."""
+    N - 1 (computed, never stored). ``PDL`` (codes given, not QUANT_X): the program asks the L2 for the first
+    ``pf_bytes`` of each of its weight rows' K slice (LANES = 32 x num_warps), then waits for the previous
+    kernel (:mod:`.triton_pdl`)."""
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     BKW: tl.constexpr = BLOCK_K // 4                      # words per step
@@ -224,6 +228,13 @@ def a8w8_gemv_kernel(a_ptr, smooth_ptr, w_ptr, a_scale_ptr, w_scale_ptr, bias_pt
     rk = tl.arange(0, BKW)[None, :]
     w_tile = w_ptr + tl.minimum(rn, N - 1)[:, None] * stride_ww + rk
     xcols = tl.zeros((BLOCK_N, 1), dtype=tl.int32) + rk   # [BLOCK_N, BKW]: see _act_step
+    words_per_split = tl.cdiv(tl.cdiv(KW, BKW), SPLIT_K) * BKW
+    k_start = pid_k * words_per_split
+    k_end = tl.minimum(k_start + words_per_split, KW)
+    if PDL:
+        prefetch_rows((w_ptr + k_start).to(tl.pointer_type(tl.int8)), pid_n * BLOCK_N, N, 4 * stride_ww,
+                      tl.minimum(pf_bytes, 4 * (k_end - k_start)), BLOCK_N, LANES)
+        wait()
     if QUANT_X:   # the rows' scales first: the codes need them
         if STATIC:
             a_s = _a_scales(a_scale_ptr, rm, M, stride_as)
@@ -240,9 +251,6 @@ def a8w8_gemv_kernel(a_ptr, smooth_ptr, w_ptr, a_scale_ptr, w_scale_ptr, bias_pt
     x1 = x0 + stride_am
     x2 = x1 + stride_am
     x3 = x2 + stride_am
-    words_per_split = tl.cdiv(tl.cdiv(KW, BKW), SPLIT_K) * BKW
-    k_start = pid_k * words_per_split
-    k_end = tl.minimum(k_start + words_per_split, KW)
     acc_ty = tl.float32 if FP8 else tl.int32
     acc0 = tl.zeros((BLOCK_N, BKW), dtype=acc_ty)
     acc1 = tl.zeros((BLOCK_N, BKW), dtype=acc_ty)
@@ -336,13 +344,15 @@ def _launch(a: torch.Tensor, a_scale: torch.Tensor | None, smooth: torch.Tensor 
     out = torch.empty((m, n), dtype=out_dtype, device=a.device)
     ws = torch.empty((split, m, n) if split > 1 else (1,), dtype=torch.float32 if fp8 else torch.int32,
                      device=a.device)
+    pdl = launch_pdl(cfg, a, weight) and not quant_x   # the fused form has no quantization kernel before it
     a8w8_gemv_kernel[(grid_n, split)](
         a, smooth if smooth is not None else w_scale, w_words, a_scale if a_scale is not None else w_scale, w_scale,
         bias if bias is not None else w_scale, out, ws, split_k_counters(a.device), n, kw, a.stride(0),
         w_words.stride(0), a_scale.stride(0) if a_scale is not None else 0, out.stride(0),
         HAS_BIAS=bias is not None, FP8=fp8, M=m, SPLIT_K=split, EVEN_K=kw % (cfg["BLOCK_K"] // 4 * split) == 0,
         ASM=not INTERPRETING, QUANT_X=quant_x, HAS_SMOOTH=smooth is not None,
-        STATIC=quant_x and a_scale is not None, **cfg)
+        STATIC=quant_x and a_scale is not None, PDL=pdl, pf_bytes=prefetch_row_bytes(grid_n * split, cfg["BLOCK_N"]),
+        LANES=32 * cfg["num_warps"], **cfg, **launch_kwargs(pdl))
     return out
 
 

@@ -13,6 +13,7 @@ import triton
 import triton.language as tl
 from triton.language.extra import libdevice
 
+from .triton_pdl import pdl_ok, trigger
 from .triton_w4a16 import INTERPRETING
 
 TINY = 1e-12  # the absmax floor of quantarena.primitives
@@ -55,9 +56,12 @@ def _store_codes(y, q_ptr, row, stride_qm, k, K, FP8: tl.constexpr, QMAX: tl.con
 def act_quant_kernel(x_ptr, smooth_ptr, q_ptr, scale_ptr, static_scale_ptr, K, stride_xm, stride_qm,
                      HAS_SMOOTH: tl.constexpr, STATIC: tl.constexpr, FP8: tl.constexpr,
                      QMAX: tl.constexpr, BLOCK_K: tl.constexpr, GATED: tl.constexpr = False,
-                     LIBDEVICE: tl.constexpr = True):
+                     LIBDEVICE: tl.constexpr = True, TRIGGER: tl.constexpr = False):
     """q[row] = round(x[row] / smooth / scale[row]); scale = absmax / QMAX (dynamic) or the static scale.
-    When BLOCK_K >= K the row is read once and kept in registers; otherwise twice (absmax, then codes)."""
+    When BLOCK_K >= K the row is read once and kept in registers; otherwise twice (absmax, then codes).
+    ``TRIGGER``: let a GEMM launched with PDL start now (:mod:`.triton_pdl`); it waits for this kernel's end."""
+    if TRIGGER:
+        trigger()
     row = tl.program_id(0)
     x_row = x_ptr + row * stride_xm
     if BLOCK_K >= K:
@@ -114,5 +118,5 @@ def act_quant(x2: torch.Tensor, fp8: bool = False, input_scale: torch.Tensor | N
                            static if static is not None else scale, k, x2.stride(0), q.stride(0),
                            HAS_SMOOTH=smooth is not None, STATIC=static is not None, FP8=fp8,
                            QMAX=448.0 if fp8 else 127.0, BLOCK_K=block_k, GATED=gated,
-                           LIBDEVICE=not INTERPRETING, num_warps=warps)
+                           LIBDEVICE=not INTERPRETING, TRIGGER=pdl_ok(x2.device), num_warps=warps)
     return q, scale

@@ -34,6 +34,7 @@ import triton.language as tl
 
 from .triton_w4a16 import (INTERPRETING, MAX_TILES, StripedWeight, _block_kw, _nibble_dot, _sm_count, _split_for,
                            _split_k_finish, split_k_counters)
+from .triton_pdl import pdl_ok
 from .w4a16_layout import tile_words  # noqa: F401 (re-exported: the gemv3 TILED layout)
 
 
@@ -324,7 +325,3 @@ def w4a16_gemv3(x2: torch.Tensor, w: StripedWeight, bias: torch.Tensor | None = 
         EVEN_N=n % cfg["BLOCK_N"] == 0, TILED=tiled is not None, ASM=not INTERPRETING, PDL=pdl, **cfg, **launch)
     return out
 
-
-def pdl_ok(device: torch.device) -> bool:
-    """Programmatic dependent launch: compiled kernels on Hopper or newer (not the interpreter)."""
-    return device.type == "cuda" and not INTERPRETING and torch.cuda.get_device_capability(device)[0] >= 9

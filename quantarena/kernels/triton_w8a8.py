@@ -14,6 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .triton_pdl import launch_kwargs, launch_pdl, prefetch_row_bytes, prefetch_rows, wait
 from .triton_w4a16 import MAX_TILES, split_k_counters, split_k_reduce, split_k_workspace
 
 
@@ -54,8 +55,12 @@ def int8_gemm_kernel(a_ptr, b_ptr, a_scale_ptr, w_scale_ptr, bias_ptr, out_ptr, 
                      M, N, K, stride_am, stride_bn, stride_as, stride_om,
                      HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                      BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, SPLIT_K: tl.constexpr,
-                     EVEN_K: tl.constexpr, ATOMIC: tl.constexpr = False):
-    """a: int8 [M, K]; b: int8 [N, K] (the weight, row-major); out [M, N]."""
+                     EVEN_K: tl.constexpr, ATOMIC: tl.constexpr = False, PDL: tl.constexpr = False, pf_bytes=0,
+                     LANES: tl.constexpr = 128):
+    """a: int8 [M, K]; b: int8 [N, K] (the weight, row-major); out [M, N]. ``PDL``: launched with programmatic
+    dependent launch; the programs of the first row tile ask the L2 for the first ``pf_bytes`` of each of their
+    weight rows' K slice (LANES = 32 x num_warps), then every program waits for the previous kernel
+    (:mod:`.triton_pdl`)."""
     pid = tl.program_id(0)
     pid_k = tl.program_id(1)
     num_m = tl.cdiv(M, BLOCK_M)
@@ -73,6 +78,11 @@ def int8_gemm_kernel(a_ptr, b_ptr, a_scale_ptr, w_scale_ptr, bias_ptr, out_ptr, 
     k_per_split = tl.cdiv(tl.cdiv(K, BLOCK_K), SPLIT_K) * BLOCK_K
     k_start = pid_k * k_per_split
     k_end = tl.minimum(k_start + k_per_split, K)
+    if PDL:
+        if pid_m == 0:
+            prefetch_rows(b_ptr + k_start, pid_n * BLOCK_N, N, stride_bn, tl.minimum(pf_bytes, k_end - k_start),
+                          BLOCK_N, LANES)
+        wait()
     rk = tl.arange(0, BLOCK_K)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
     for k0 in range(k_start, k_end, BLOCK_K):
@@ -93,7 +103,8 @@ def a8w8_swap_kernel(a_ptr, b_ptr, a_scale_ptr, w_scale_ptr, bias_ptr, out_ptr, 
                      M, N, K, stride_am, stride_bn, stride_as, stride_om,
                      HAS_BIAS: tl.constexpr, FP8: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                      BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr, EVEN_K: tl.constexpr,
-                     ATOMIC: tl.constexpr = False):
+                     ATOMIC: tl.constexpr = False, PDL: tl.constexpr = False, pf_bytes=0,
+                     LANES: tl.constexpr = 128):
     """Skinny-M variant ("swap-AB"): the tile is ``W[BN, BK] @ a^T[BK, BM]`` so the wide weight dimension fills
     the tensor cores' M slot and a handful of tokens the N slot. int8 x int8 -> int32 (exact) or
     fp8 e4m3 x fp8 e4m3 -> fp32; same epilogue and split-K finish as :func:`int8_gemm_kernel`."""
@@ -108,6 +119,11 @@ def a8w8_swap_kernel(a_ptr, b_ptr, a_scale_ptr, w_scale_ptr, bias_ptr, out_ptr, 
     k_per_split = tl.cdiv(tl.cdiv(K, BLOCK_K), SPLIT_K) * BLOCK_K
     k_start = pid_k * k_per_split
     k_end = tl.minimum(k_start + k_per_split, K)
+    if PDL:   # see int8_gemm_kernel
+        if pid_m == 0:
+            prefetch_rows(b_ptr + k_start, pid_n * BLOCK_N, N, stride_bn, tl.minimum(pf_bytes, k_end - k_start),
+                          BLOCK_N, LANES)
+        wait()
     rk = tl.arange(0, BLOCK_K)
     if FP8:
         acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
@@ -162,10 +178,13 @@ def a8w8_swap_gemm(a: torch.Tensor, a_scale: torch.Tensor, weight: torch.Tensor,
     ws, cfg["ATOMIC"] = split_k_workspace(a.device, m, n, split, torch.float32 if fp8 else torch.int32,
                                           bool(cfg.get("ATOMIC")))
     grid = (triton.cdiv(n, cfg["BLOCK_N"]), triton.cdiv(m, cfg["BLOCK_M"]), split)
+    cfg["PDL"] = launch_pdl(cfg, a, weight)
+    pf = prefetch_row_bytes(grid[0] * split, cfg["BLOCK_N"])
     a8w8_swap_kernel[grid](a, weight, a_scale, w_scale, bias if bias is not None else w_scale, out, ws,
                            split_k_counters(a.device), m, n, k, a.stride(0), weight.stride(0), a_scale.stride(0),
                            out.stride(0), HAS_BIAS=bias is not None, FP8=fp8,
-                           EVEN_K=k % (cfg["BLOCK_K"] * split) == 0, **cfg)
+                           EVEN_K=k % (cfg["BLOCK_K"] * split) == 0, pf_bytes=pf, LANES=32 * cfg["num_warps"],
+                           **cfg, **launch_kwargs(cfg["PDL"]))
     return out
 
 
@@ -223,10 +242,13 @@ def int8_gemm(a: torch.Tensor, a_scale: torch.Tensor, weight: torch.Tensor, weig
     out = torch.empty((m, n), dtype=out_dtype, device=a.device)
     ws, cfg["ATOMIC"] = split_k_workspace(a.device, m, n, split, torch.int32, bool(cfg.get("ATOMIC")))
     grid = (triton.cdiv(m, cfg["BLOCK_M"]) * triton.cdiv(n, cfg["BLOCK_N"]), split)
+    cfg["PDL"] = launch_pdl(cfg, a, weight)
+    pf = prefetch_row_bytes(triton.cdiv(n, cfg["BLOCK_N"]) * split, cfg["BLOCK_N"])
     int8_gemm_kernel[grid](a, weight, a_scale, w_scale, bias if bias is not None else w_scale, out, ws,
                            split_k_counters(a.device), m, n, k, a.stride(0), weight.stride(0), a_scale.stride(0),
                            out.stride(0),
-                           HAS_BIAS=bias is not None, EVEN_K=k % (cfg["BLOCK_K"] * split) == 0, **cfg)
+                           HAS_BIAS=bias is not None, EVEN_K=k % (cfg["BLOCK_K"] * split) == 0, pf_bytes=pf,
+                           LANES=32 * cfg["num_warps"], **cfg, **launch_kwargs(cfg["PDL"]))
     return out
 
 
@@ -235,14 +257,26 @@ def int8_gemm(a: torch.Tensor, a_scale: torch.Tensor, weight: torch.Tensor, weig
 @triton.jit
 def a8w8_tma_kernel(a_desc, b_desc, a_scale_ptr, w_scale_ptr, bias_ptr, out_ptr, M, N, K, stride_as, stride_om,
                     HAS_BIAS: tl.constexpr, FP8: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                    BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, NUM_PROGRAMS: tl.constexpr):
+                    BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, NUM_PROGRAMS: tl.constexpr,
+                    b_ptr=None, stride_bn=0, PDL: tl.constexpr = False, pf_bytes=0, LANES: tl.constexpr = 128):
     """Prefill-sized M: a persistent kernel (one program per SM walks the output tiles in grouped order) whose
     operand tiles come through tensor-memory-access descriptors (``a_desc`` [M, K] and ``b_desc`` [N, K] with
     [BLOCK_M, BLOCK_K] / [BLOCK_N, BLOCK_K] boxes; out-of-range rows and K are zero-filled by the copy engine,
-    so no masks). int8 -> exact int32 or fp8 -> fp32; the epilogue of :func:`int8_gemm_kernel`."""
+    so no masks). int8 -> exact int32 or fp8 -> fp32; the epilogue of :func:`int8_gemm_kernel`.
+    ``PDL``: a program whose first tile is in the first row tile asks the L2 for the first ``pf_bytes`` of
+    that tile's weight rows (``b_ptr``, ``stride_bn`` bytes per row); then every program waits for the previous
+    kernel (:mod:`.triton_pdl`)."""
     num_m = tl.cdiv(M, BLOCK_M)
     num_n = tl.cdiv(N, BLOCK_N)
     k_tiles = tl.cdiv(K, BLOCK_K)
+    if PDL:
+        first = tl.program_id(0)
+        first_group = first // (GROUP_M * num_n)
+        first_size_m = tl.minimum(num_m - first_group * GROUP_M, GROUP_M)
+        if first_group * GROUP_M + (first % (GROUP_M * num_n)) % first_size_m == 0:
+            first_n = (first % (GROUP_M * num_n)) // first_size_m
+            prefetch_rows(b_ptr, first_n * BLOCK_N, N, stride_bn, tl.minimum(pf_bytes, K), BLOCK_N, LANES)
+        wait()
     for tile in tl.range(tl.program_id(0), num_m * num_n, NUM_PROGRAMS):
         group = tile // (GROUP_M * num_n)
         first_m = group * GROUP_M
@@ -291,8 +325,12 @@ def a8w8_tma_gemm(a: torch.Tensor, a_scale: torch.Tensor, weight: torch.Tensor, 
     tiles = triton.cdiv(m, cfg["BLOCK_M"]) * triton.cdiv(n, cfg["BLOCK_N"])
     programs = min(tiles, _sm_count(a.device))
     w_scale = weight_scale.reshape(-1)
+    cfg["PDL"] = launch_pdl(cfg, a, weight)
+    pf = prefetch_row_bytes(min(programs, triton.cdiv(n, cfg["BLOCK_N"])), cfg["BLOCK_N"])
     a8w8_tma_kernel[(programs,)](a_desc, b_desc, a_scale, w_scale, bias if bias is not None else w_scale, out,
                                  m, n, k, a_scale.stride(0), out.stride(0), HAS_BIAS=bias is not None, FP8=fp8,
-                                 NUM_PROGRAMS=programs, **cfg)
+                                 NUM_PROGRAMS=programs, b_ptr=weight, stride_bn=weight.stride(0), pf_bytes=pf,
+                                 LANES=32 * cfg["num_warps"], **cfg,
+                                 **launch_kwargs(cfg["PDL"]))
     return out
 

@@ -16,6 +16,7 @@ triton = pytest.importorskip("triton", reason="triton is not installed: the Trit
 from quantarena import primitives as P  # noqa: E402
 from quantarena.kernels import ops, reference as R  # noqa: E402
 from quantarena.kernels import triton_act_quant as AQ, triton_w4a16 as T4, triton_w8a8 as T8  # noqa: E402
+from quantarena.kernels import triton_a8w8_gemv as GV  # noqa: E402
 from quantarena.kernels import triton_w4a16_gemv as G3, triton_w4a16_tc as TC  # noqa: E402
 
 REL_TOL = 8e-3
@@ -584,6 +585,69 @@ def test_tma_gemm_int8_is_exact_and_fp8_matches(m, n, k, bias):
     assert rel_err(out, ref) < 1e-3   # Hopper's fp8 MMA accumulates with reduced precision
     with pytest.raises(ValueError, match="K % 16"):
         T8.a8w8_tma_gemm(a[:, :40], a_scale, wq[:, :40], ws, None, torch.float32, cfg)
+
+
+_PDL_GEMMS = {   # kernel -> (launcher, tile, M); the tiles split K so that several programs wait per output tile
+    "std": (lambda *a: T8.int8_gemm(*a), dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=256, GROUP_M=8, SPLIT_K=4,
+                                              num_warps=4, num_stages=4, ATOMIC=True), 20),
+    "swap": (lambda *a: T8.a8w8_swap_gemm(*a), dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=256, SPLIT_K=8, num_warps=4,
+                                                    num_stages=4, ATOMIC=True), 20),
+    "tma": (lambda *a: T8.a8w8_tma_gemm(*a), dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=128, GROUP_M=8, num_warps=4,
+                                                  num_stages=3), 130),
+    "gemv": (lambda *a: GV.a8w8_gemv(*a), dict(BLOCK_N=16, BLOCK_K=512, SPLIT_K=4, num_warps=4, num_stages=1,
+                                               PREFETCH=True), 3),
+}
+
+
+@pytest.mark.skipif(DEVICE != "cuda", reason="programmatic dependent launch and CUDA graphs need a GPU")
+@pytest.mark.parametrize("kernel", sorted(_PDL_GEMMS))
+@pytest.mark.parametrize("fp8", [False, True])
+def test_a8w8_pdl_gemm_reads_this_replays_codes(kernel, fp8):
+    """act_quant (which lets the next kernel start at once) and the GEMM launched with PDL (which prefetches
+    its weights, then waits) captured in a CUDA graph right after a kernel that writes the activations: every
+    replay must equal the same launch without PDL on this replay's input (int8 bit for bit)."""
+    if fp8 and (kernel == "std" or torch.cuda.get_device_capability()[0] < 9):
+        pytest.skip("the tiled kernel is int8 only; fp8 Triton kernels need sm_90")
+    launch, tile, m = _PDL_GEMMS[kernel]
+    n, k = 1024, 4096
+    gen = torch.Generator().manual_seed(11)
+    wq, ws = (P.quantize_fp8 if fp8 else P.quantize_int8)(torch.randn(n, k, generator=gen),
+                                                          "row" if fp8 else "channel")
+    wq, ws = wq.to(DEVICE), ws.to(DEVICE)
+    src = torch.randn(6, m, k, generator=gen).to(torch.bfloat16).to(DEVICE)
+    i = torch.zeros((), dtype=torch.long, device=DEVICE)
+    x = torch.empty(m, k, dtype=torch.bfloat16, device=DEVICE)
+
+    def op(inp, pdl):
+        xq, xs = AQ.act_quant(inp, fp8=fp8)
+        return launch(xq, xs, wq, ws, None, torch.float32, dict(tile, PDL=pdl))
+
+    op(x.copy_(src[0]), True)   # compile outside the capture
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        x.copy_(torch.index_select(src, 0, i.view(1))[0] * 2.0)   # a kernel writing x right before act_quant
+        out = op(x, True)
+    for step in range(src.shape[0]):
+        i.fill_(step)
+        graph.replay()
+        ref = op(src[step] * 2.0, False)
+        if fp8:   # split-K fp32 partials add in arrival order
+            assert rel_err(out, ref) < 1e-5, step
+        else:
+            assert torch.equal(out, ref), step
+    assert_split_k_state_clean(x.device)
+
+
+def test_pdl_is_off_where_it_cannot_run():
+    from quantarena.kernels import triton_pdl as PD
+
+    w = torch.zeros(8, 48, dtype=torch.int8)
+    assert PD.prefetch_ok(w) and not PD.prefetch_ok(w[:, 1:]) and not PD.prefetch_ok(torch.zeros(8, 40, dtype=torch.int8)[:, :32])
+    cfg = {"PDL": True, "BLOCK_M": 16}
+    assert not PD.launch_pdl(cfg, w, w) and cfg == {"BLOCK_M": 16}   # CPU / interpreter: off, key consumed
+    assert PD.prefetch_row_bytes(64, 16) == PD.PREFETCH_BUDGET // 1024 and PD.prefetch_row_bytes(10 ** 9, 64) == 0
+    assert PD.prefetch_row_bytes(3, 7) % PD.PREFETCH_ALIGN == 0
+    assert PD.launch_kwargs(True) == {"launch_pdl": True} and PD.launch_kwargs(False) == {}
 
 
 def test_w8a8_tuned_table_is_consistent():
