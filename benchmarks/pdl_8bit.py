@@ -11,11 +11,14 @@ ends and reads its weights from DRAM. Per (shape, M) and op (int8, fp8) this tim
   plain GEMV with PDL (whether two launches now win);
 * ``ops.w8a8_linear`` / ``ops.fp8_linear`` (what the library runs now: PDL on by default).
 
+``PDL_CANDIDATES=1``: at M = 8..256 also other skinny tiles (ATOMIC swap, and tiled int8 from M = 32), whole op
+with PDL, each checked against the table tile's output (int8 bit for bit, fp8 to 5e-3) before it is timed.
 Every PDL output is checked against the same launch without PDL on poisoned output memory: int8 bit for bit,
 fp8 to 1e-5 (split-K fp32 partials add in arrival order). ``torch._scaled_mm`` rows (the fp8 table's cuBLAS
 choice) have no Triton GEMM to launch early; they are timed through the op only.
 Writes $OUT/pdl.json (rows as in benchmarks/results/*-kernels.json plus ``pdl`` and ``check``) after each shape.
-Usage: python benchmarks/pdl_8bit.py [out_dir]   (env PDL_MS, PDL_SHAPES=model:layer,..., PDL_BUDGET_S)
+Usage: python benchmarks/pdl_8bit.py [out_dir]   (env PDL_MS, PDL_SHAPES=model:layer,..., PDL_BUDGET_S,
+PDL_CANDIDATES)
 """
 from __future__ import annotations
 
@@ -37,6 +40,7 @@ MS = [int(v) for v in os.environ.get("PDL_MS", "1,2,4,8,16,32,64,128,256,512").s
 SHAPES = os.environ.get("PDL_SHAPES", "llama-3-8b:kv_proj,llama-3-8b:q_proj,llama-3-70b:kv_proj,llama-3-8b:gate_up,"
                         "llama-3-8b:down,llama-3-70b:q_proj,llama-3-70b:gate_up,llama-3-70b:down").split(",")
 BUDGET_S = float(os.environ.get("PDL_BUDGET_S", "400"))
+CANDIDATES = os.environ.get("PDL_CANDIDATES") == "1"
 started = time.time()
 flush = L2Flush()
 SMS = torch.cuda.get_device_properties(0).multi_processor_count
@@ -58,6 +62,25 @@ def whole(op: str, impl: str, cfg: dict | None, layer, x, pdl: bool):
     """act_quant + the GEMM ``impl`` with tile ``cfg`` and PDL on or off, as a function of nothing."""
     gemm = BK.a8w8_gemm_fn(op, impl, None if cfg is None else dict(cfg, PDL=pdl), layer)
     return lambda: gemm(*act_quant(x, fp8=op == "fp8"))
+
+
+def candidates(op: str, m: int, n: int, k: int) -> list[tuple[str, dict]]:
+    """Skinny tiles to try behind act_quant with PDL: ATOMIC split-K swap tiles (int8 or fp8) and, for int8 at
+    M >= 32, tiled ones; splits that keep the grid within 8 programs per SM."""
+    out = []
+    bm = max(16, min(128, 1 << (m - 1).bit_length()))
+    shapes = [("swap", bm, bn, bk) for bn in (64, 128) for bk in (128, 256)]
+    if op == "w8a8" and m >= 32:
+        shapes += [("std", bm_, bn, 256) for bm_, bn in ((16, 128), (32, 64), (64, 64))]
+    for impl, bm_, bn, bk in shapes:
+        tiles = -(-m // bm_) * -(-n // bn)
+        for split in (2, 4, 8, 16):
+            if split <= -(-k // bk) and tiles * split <= 8 * SMS and m * n <= T4.ATOMIC_WS_WORDS:
+                cfg = dict(BLOCK_M=bm_, BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=split, num_warps=4, num_stages=4, ATOMIC=True)
+                if impl == "std":
+                    cfg["GROUP_M"] = 8
+                out.append((impl, cfg))
+    return out
 
 
 def checked(a, b, op: str) -> bool:
@@ -105,6 +128,21 @@ for spec in SHAPES:
             for pdl in (False, True):
                 here.append(dict(base, op=op, impl=impl, config=cfg, pdl=pdl, check=ok,
                                  us=min(us[pdl]) if ok or not pdl else float("inf")))
+            if CANDIDATES and 8 <= m <= 256:   # other tiles, whole op with PDL, checked against the table's output
+                for cimpl, ccfg in candidates(op, m, n, k):
+                    if ccfg == cfg and cimpl == impl:
+                        continue
+                    try:
+                        BK.poison((m, n))
+                        out = whole(op, cimpl, ccfg, layer, x, True)().float()
+                    except Exception as exc:   # a tile this Triton cannot compile
+                        log("fail", op, cimpl, ccfg, type(exc).__name__, str(exc)[:160])
+                        continue
+                    # int8: exact int32 sums, the same epilogue; fp8: another split sums in another order, and
+                    # Hopper's fp8 MMA accumulates with reduced precision (~1e-3 between tiles)
+                    good = torch.equal(out, off) if op == "w8a8" else BK.rel_err(out, off) <= 5e-3
+                    here.append(dict(base, op=op, impl=cimpl, config=ccfg, pdl=True, check=good, candidate=True,
+                                     us=t(whole(op, cimpl, ccfg, layer, x, True), 2) if good else float("inf")))
         assert int(T4.split_k_counters(x.device).abs().sum()) == 0
         pool = T4._ATOMIC_WS.get(x.device)
         assert pool is None or int(pool.abs().sum()) == 0, "the ATOMIC workspace was left dirty"

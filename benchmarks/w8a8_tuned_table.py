@@ -5,11 +5,11 @@ Per (M, N, K) and op it keeps the fastest kernel and tile: int8 ``std`` (tiled),
 ``tma`` or ``gemv``; at M <= 4 ``gemv_q`` (the GEMV that quantizes its activations) where its ``+quant`` row
 beats every ``act_quant+`` pair of the shape. Rows of other impls are skipped (``ops`` could not dispatch them). Several runs merge:
 a later run's rows replace the earlier runs' rows for every (M, N, K) it measured.
-``--pdl RUN`` (a ``pdl_8bit.py`` run, whole-op times of the table's own tiles with programmatic dependent launch
-off and on): each entry whose tile that run timed gets ``PDL`` True where on was faster, else False; a ``gemv_q``
-entry becomes act_quant + the same tile as a plain ``gemv`` with PDL where that pair was faster than the fused
-launch.
-Usage: python benchmarks/w8a8_tuned_table.py run1.json [run2.json ...] [--pdl pdl.json] [--out out.py]
+``--pdl RUN`` (repeatable; ``pdl_8bit.py`` runs: whole-op times of the table's own tiles with programmatic
+dependent launch off and on, and of candidate tiles with it on): each entry whose tile a run timed both ways
+becomes the fastest whole op of that run for the shape, with ``PDL`` recorded; a ``gemv_q`` entry may become
+act_quant + the same tile as a plain ``gemv`` with PDL.
+Usage: python benchmarks/w8a8_tuned_table.py run1.json [run2.json ...] [--pdl pdl.json ...] [--out out.py]
 """
 from __future__ import annotations
 
@@ -59,27 +59,24 @@ IMPLS = {"w8a8": ("std", "swap", "tma", "gemv"), "fp8": ("scaled_mm", "swap", "t
 
 
 def apply_pdl(best: dict[tuple, tuple], pdl: dict) -> None:
-    """Set ``PDL`` on the entries of ``best`` whose kernel and tile the pdl_8bit.py run timed both ways (see the
-    module docstring); switch ``gemv_q`` entries to act_quant + ``gemv`` with PDL where that was faster."""
-    timed: dict[tuple, dict] = {}
+    """Per entry of ``best`` whose own kernel and tile the pdl_8bit.py run timed as a whole op with PDL off and on:
+    the fastest whole op of that run for the shape, among the entry's tile both ways, the candidate tiles
+    (``PDL_CANDIDATES``) and, where the entry is the fused ``gemv_q``, that launch itself; ``PDL`` recorded."""
+    timed: dict[tuple, list] = {}
     for r in pdl["rows"]:
         key = (r["op"], r["M"], r["N"], r["K"])
-        if "pdl" in r and r.get("check", True):
-            timed.setdefault(key, {})[(r["impl"], repr(r.get("config")), r["pdl"])] = r["us"]
-        elif r["impl"] == "gemv_q":
-            timed.setdefault(key, {})[("gemv_q", repr(r.get("config")), None)] = r["us"]
+        if ("pdl" in r and r.get("check", True)) or r["impl"] == "gemv_q":
+            timed.setdefault(key, []).append(r)
     for key, (us, impl, cfg) in list(best.items()):
-        here = timed.get(key, {})
+        rows = timed.get(key, [])
         name = "gemv" if impl == "gemv_q" else impl
-        off, on = here.get((name, repr(cfg), False)), here.get((name, repr(cfg), True))
-        if on is None or off is None or cfg is None:
+        own = [r for r in rows if r["impl"] == name and r.get("config") == cfg and "pdl" in r]
+        if cfg is None or {r["pdl"] for r in own} != {False, True}:
             continue
-        if impl == "gemv_q":
-            fused = here.get(("gemv_q", repr(cfg), None), float("inf"))
-            if on < fused:
-                best[key] = (us, "gemv", dict(cfg, PDL=True))
-        else:
-            best[key] = (us, impl, dict(cfg, PDL=on < off))
+        choice = min((r for r in rows if r["us"] != float("inf")), key=lambda r: r["us"])
+        if choice["impl"] == "gemv_q":
+            continue   # the fused launch stays
+        best[key] = (us, choice["impl"], dict(choice["config"], PDL=choice["pdl"]))
 
 
 def build(result: dict, source: str, pdl: dict | None = None) -> str:
@@ -123,13 +120,15 @@ if __name__ == "__main__":
         i = args.index("--out")
         out = args[i + 1]
         del args[i:i + 2]
-    pdl = None
-    if "--pdl" in args:
+    pdl_runs, pdl_names = [], []
+    while "--pdl" in args:   # several runs merge as the tune runs do (a later run's shapes replace earlier ones)
         i = args.index("--pdl")
         with open(args[i + 1]) as f:
-            pdl = json.load(f)
-        pdl_name = os.path.basename(args[i + 1])
+            pdl_runs.append(json.load(f))
+        pdl_names.append(os.path.basename(args[i + 1]))
         del args[i:i + 2]
+    pdl = merge(pdl_runs) if pdl_runs else None
+    pdl_name = " + ".join(pdl_names)
     results = []
     for path in args:
         with open(path) as f:
