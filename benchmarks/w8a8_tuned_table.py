@@ -67,16 +67,22 @@ def apply_pdl(best: dict[tuple, tuple], pdl: dict) -> None:
         key = (r["op"], r["M"], r["N"], r["K"])
         if ("pdl" in r and r.get("check", True)) or r["impl"] == "gemv_q":
             timed.setdefault(key, []).append(r)
-    for key, (us, impl, cfg) in list(best.items()):
+    for key, (us, impl, cfg, *_) in list(best.items()):
         rows = timed.get(key, [])
         name = "gemv" if impl == "gemv_q" else impl
-        own = [r for r in rows if r["impl"] == name and r.get("config") == cfg and "pdl" in r]
+        own = [r for r in rows if r["impl"] == name and _tile(r.get("config")) == _tile(cfg) and "pdl" in r]
         if cfg is None or {r["pdl"] for r in own} != {False, True}:
             continue
         choice = min((r for r in rows if r["us"] != float("inf")), key=lambda r: r["us"])
         if choice["impl"] == "gemv_q":
             continue   # the fused launch stays
-        best[key] = (us, choice["impl"], dict(choice["config"], PDL=choice["pdl"]))
+        best[key] = (choice["us"], choice["impl"], dict(_tile(choice["config"]), PDL=choice["pdl"]),
+                     " whole op (act_quant + GEMM), PDL run")
+
+
+def _tile(cfg: dict | None) -> dict | None:
+    """A tile config without its launch mode (a run records the table's config, which may carry ``PDL``)."""
+    return None if cfg is None else {k: v for k, v in cfg.items() if k != "PDL"}
 
 
 def build(result: dict, source: str, pdl: dict | None = None) -> str:
@@ -108,8 +114,8 @@ def build(result: dict, source: str, pdl: dict | None = None) -> str:
         apply_pdl(best, pdl)
     buckets = sorted({k[1] for k in best})
     lines = [HEADER.format(source=source, device=result["device"], date=result["date"], buckets=buckets)]
-    for key, (us, impl, cfg) in sorted(best.items()):
-        lines.append(f"    {key!r}: ({impl!r}, {cfg!r}),  # {us:.2f} us\n")
+    for key, (us, impl, cfg, *note) in sorted(best.items()):
+        lines.append(f"    {key!r}: ({impl!r}, {cfg!r}),  # {us:.2f} us{note[0] if note else ''}\n")
     return "".join(lines) + FOOTER
 
 

@@ -15,126 +15,126 @@ BUCKETS = [1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096]
 
 # (op, M bucket, N, K) -> (kernel, tile config or None)
 TABLE: dict[tuple[str, int, int, int], tuple[str, dict | None]] = {
-    ('fp8', 1, 1024, 4096): ('gemv', {'BLOCK_N': 64, 'BLOCK_K': 512, 'SPLIT_K': 8, 'num_warps': 8, 'num_stages': 1, 'PREFETCH': True, 'PDL': True}),  # 9.73 us
-    ('fp8', 1, 1024, 8192): ('swap', {'BLOCK_M': 16, 'BLOCK_N': 128, 'BLOCK_K': 256, 'SPLIT_K': 16, 'num_warps': 4, 'num_stages': 4, 'PDL': True}),  # 12.00 us
-    ('fp8', 1, 4096, 4096): ('gemv', {'BLOCK_N': 16, 'BLOCK_K': 256, 'SPLIT_K': 2, 'num_warps': 8, 'num_stages': 1, 'PREFETCH': True, 'PDL': True}),  # 11.97 us
-    ('fp8', 1, 4096, 14336): ('swap', {'BLOCK_M': 16, 'BLOCK_N': 64, 'BLOCK_K': 256, 'SPLIT_K': 8, 'num_warps': 4, 'num_stages': 4, 'PDL': True}),  # 34.37 us
+    ('fp8', 1, 1024, 4096): ('gemv', {'BLOCK_N': 64, 'BLOCK_K': 512, 'SPLIT_K': 8, 'num_warps': 8, 'num_stages': 1, 'PREFETCH': True, 'PDL': True}),  # 9.50 us whole op (act_quant + GEMM), PDL run
+    ('fp8', 1, 1024, 8192): ('swap', {'BLOCK_M': 16, 'BLOCK_N': 128, 'BLOCK_K': 256, 'SPLIT_K': 16, 'num_warps': 4, 'num_stages': 4, 'PDL': True}),  # 11.74 us whole op (act_quant + GEMM), PDL run
+    ('fp8', 1, 4096, 4096): ('gemv', {'BLOCK_N': 16, 'BLOCK_K': 256, 'SPLIT_K': 2, 'num_warps': 8, 'num_stages': 1, 'PREFETCH': True, 'PDL': True}),  # 14.43 us whole op (act_quant + GEMM), PDL run
+    ('fp8', 1, 4096, 14336): ('swap', {'BLOCK_M': 16, 'BLOCK_N': 64, 'BLOCK_K': 256, 'SPLIT_K': 8, 'num_warps': 4, 'num_stages': 4, 'PDL': True}),  # 32.13 us whole op (act_quant + GEMM), PDL run
     ('fp8', 1, 6144, 4096): ('swap', {'BLOCK_M': 16, 'BLOCK_N': 64, 'BLOCK_K': 128, 'SPLIT_K': 4, 'num_warps': 4, 'num_stages': 4}),  # 14.40 us
-    ('fp8', 1, 8192, 8192): ('swap', {'BLOCK_M': 16, 'BLOCK_N': 64, 'BLOCK_K': 256, 'SPLIT_K': 4, 'num_warps': 4, 'num_stages': 4, 'PDL': True}),  # 37.34 us
-    ('fp8', 1, 8192, 28672): ('swap', {'BLOCK_M': 16, 'BLOCK_N': 128, 'BLOCK_K': 256, 'SPLIT_K': 8, 'num_warps': 4, 'num_stages': 4, 'PDL': False}),  # 94.40 us
+    ('fp8', 1, 8192, 8192): ('swap', {'BLOCK_M': 16, 'BLOCK_N': 64, 'BLOCK_K': 256, 'SPLIT_K': 4, 'num_warps': 4, 'num_stages': 4, 'PDL': True}),  # 31.74 us whole op (act_quant + GEMM), PDL run
+    ('fp8', 1, 8192, 28672): ('swap', {'BLOCK_M': 16, 'BLOCK_N': 128, 'BLOCK_K': 256, 'SPLIT_K': 8, 'num_warps': 4, 'num_stages': 4, 'PDL': False}),  # 92.29 us whole op (act_quant + GEMM), PDL run
     ('fp8', 1, 10240, 8192): ('gemv', {'BLOCK_N': 16, 'BLOCK_K': 512, 'SPLIT_K': 1, 'num_warps': 8, 'num_stages': 1, 'PREFETCH': True}),  # 33.09 us
-    ('fp8', 1, 14336, 4096): ('swap', {'BLOCK_M': 16, 'BLOCK_N': 64, 'BLOCK_K': 256, 'SPLIT_K': 2, 'num_warps': 4, 'num_stages': 4, 'PDL': False}),  # 33.54 us
+    ('fp8', 1, 14336, 4096): ('swap', {'BLOCK_M': 16, 'BLOCK_N': 64, 'BLOCK_K': 256, 'SPLIT_K': 2, 'num_warps': 4, 'num_stages': 4, 'PDL': False}),  # 31.42 us whole op (act_quant + GEMM), PDL run
     ('fp8', 1, 28672, 4096): ('swap', {'BLOCK_M': 16, 'BLOCK_N': 128, 'BLOCK_K': 256, 'SPLIT_K': 2, 'num_warps': 4, 'num_stages': 4}),  # 47.14 us
-    ('fp8', 1, 28672, 8192): ('swap', {'BLOCK_M': 16, 'BLOCK_N': 128, 'BLOCK_K': 256, 'SPLIT_K': 2, 'num_warps': 4, 'num_stages': 4, 'PDL': False}),  # 93.82 us
+    ('fp8', 1, 28672, 8192): ('swap', {'BLOCK_M': 16, 'BLOCK_N': 128, 'BLOCK_K': 256, 'SPLIT_K': 2, 'num_warps': 4, 'num_stages': 4, 'PDL': False}),  # 87.58 us whole op (act_quant + GEMM), PDL run
     ('fp8', 1, 57344, 8192): ('swap', {'BLOCK_M': 16, 'BLOCK_N': 128, 'BLOCK_K': 256, 'SPLIT_K': 1, 'num_warps': 4, 'num_stages': 4}),  # 158.02 us
     ('fp8', 1, 128256, 4096): ('swap', {'BLOCK_M': 16, 'BLOCK_N': 128, 'BLOCK_K': 256, 'SPLIT_K': 1, 'num_warps': 4, 'num_stages': 4}),  # 174.75 us
     ('fp8', 1, 128256, 8192): ('gemv', {'BLOCK_N': 16, 'BLOCK_K': 1024, 'SPLIT_K': 1, 'num_warps': 8, 'num_stages': 1, 'PREFETCH': True}),  # 342.11 us
-    ('fp8', 2, 1024, 4096): ('swap', {'BLOCK_M': 16, 'BLOCK_N': 64, 'BLOCK_K': 256, 'SPLIT_K': 16, 'num_warps': 4, 'num_stages': 4, 'PDL': True}),  # 9.50 us
-    ('fp8', 2, 1024, 8192): ('swap', {'BLOCK_M': 16, 'BLOCK_N': 64, 'BLOCK_K': 256, 'SPLIT_K': 16, 'num_warps': 4, 'num_stages': 4, 'PDL': True}),  # 11.90 us
-    ('fp8', 2, 4096, 4096): ('swap', {'BLOCK_M': 16, 'BLOCK_N': 64, 'BLOCK_K': 128, 'SPLIT_K': 8, 'num_warps': 4, 'num_stages': 4, 'PDL': True}),  # 15.55 us
-    ('fp8', 2, 4096, 14336): ('swap', {'BLOCK_M': 16, 'BLOCK_N': 64, 'BLOCK_K': 256, 'SPLIT_K': 8, 'num_warps': 4, 'num_stages': 4, 'PDL': True}),  # 34.30 us
-    ('fp8', 2, 8192, 8192): ('swap', {'BLOCK_M': 16, 'BLOCK_N': 64, 'BLOCK_K': 256, 'SPLIT_K': 4, 'num_warps': 4, 'num_stages': 4, 'PDL': True}),  # 37.44 us
-    ('fp8', 2, 8192, 28672): ('swap', {'BLOCK_M': 16, 'BLOCK_N': 64, 'BLOCK_K': 256, 'SPLIT_K': 8, 'num_warps': 4, 'num_stages': 4, 'PDL': False}),  # 95.33 us
-    ('fp8', 2, 14336, 4096): ('swap', {'BLOCK_M': 16, 'BLOCK_N': 64, 'BLOCK_K': 256, 'SPLIT_K': 2, 'num_warps': 4, 'num_stages': 4, 'PDL': False}),  # 33.73 us
-    ('fp8', 2, 28672, 8192): ('swap', {'BLOCK_M': 16, 'BLOCK_N': 64, 'BLOCK_K': 256, 'SPLIT_K': 1, 'num_warps': 4, 'num_stages': 4, 'PDL': True}),  # 94.27 us
-    ('fp8', 4, 1024, 4096): ('gemv', {'BLOCK_N': 32, 'BLOCK_K': 256, 'SPLIT_K': 8, 'num_warps': 8, 'num_stages': 1, 'PREFETCH': True, 'PDL': True}),  # 8.32 us
-    ('fp8', 4, 1024, 8192): ('swap', {'BLOCK_M': 16, 'BLOCK_N': 64, 'BLOCK_K': 256, 'SPLIT_K': 16, 'num_warps': 4, 'num_stages': 4, 'PDL': True}),  # 11.68 us
-    ('fp8', 4, 4096, 4096): ('swap', {'BLOCK_M': 16, 'BLOCK_N': 64, 'BLOCK_K': 128, 'SPLIT_K': 8, 'num_warps': 4, 'num_stages': 4, 'PDL': True}),  # 12.96 us
-    ('fp8', 4, 4096, 14336): ('swap', {'BLOCK_M': 16, 'BLOCK_N': 64, 'BLOCK_K': 256, 'SPLIT_K': 8, 'num_warps': 4, 'num_stages': 4, 'PDL': True}),  # 34.27 us
+    ('fp8', 2, 1024, 4096): ('swap', {'BLOCK_M': 16, 'BLOCK_N': 64, 'BLOCK_K': 256, 'SPLIT_K': 16, 'num_warps': 4, 'num_stages': 4, 'PDL': True}),  # 10.50 us whole op (act_quant + GEMM), PDL run
+    ('fp8', 2, 1024, 8192): ('swap', {'BLOCK_M': 16, 'BLOCK_N': 64, 'BLOCK_K': 256, 'SPLIT_K': 16, 'num_warps': 4, 'num_stages': 4, 'PDL': True}),  # 12.35 us whole op (act_quant + GEMM), PDL run
+    ('fp8', 2, 4096, 4096): ('swap', {'BLOCK_M': 16, 'BLOCK_N': 64, 'BLOCK_K': 128, 'SPLIT_K': 8, 'num_warps': 4, 'num_stages': 4, 'PDL': True}),  # 13.57 us whole op (act_quant + GEMM), PDL run
+    ('fp8', 2, 4096, 14336): ('swap', {'BLOCK_M': 16, 'BLOCK_N': 64, 'BLOCK_K': 256, 'SPLIT_K': 8, 'num_warps': 4, 'num_stages': 4, 'PDL': True}),  # 32.00 us whole op (act_quant + GEMM), PDL run
+    ('fp8', 2, 8192, 8192): ('swap', {'BLOCK_M': 16, 'BLOCK_N': 64, 'BLOCK_K': 256, 'SPLIT_K': 4, 'num_warps': 4, 'num_stages': 4, 'PDL': True}),  # 32.06 us whole op (act_quant + GEMM), PDL run
+    ('fp8', 2, 8192, 28672): ('swap', {'BLOCK_M': 16, 'BLOCK_N': 64, 'BLOCK_K': 256, 'SPLIT_K': 8, 'num_warps': 4, 'num_stages': 4, 'PDL': False}),  # 92.48 us whole op (act_quant + GEMM), PDL run
+    ('fp8', 2, 14336, 4096): ('swap', {'BLOCK_M': 16, 'BLOCK_N': 64, 'BLOCK_K': 256, 'SPLIT_K': 2, 'num_warps': 4, 'num_stages': 4, 'PDL': False}),  # 30.88 us whole op (act_quant + GEMM), PDL run
+    ('fp8', 2, 28672, 8192): ('swap', {'BLOCK_M': 16, 'BLOCK_N': 64, 'BLOCK_K': 256, 'SPLIT_K': 1, 'num_warps': 4, 'num_stages': 4, 'PDL': True}),  # 87.01 us whole op (act_quant + GEMM), PDL run
+    ('fp8', 4, 1024, 4096): ('gemv', {'BLOCK_N': 32, 'BLOCK_K': 256, 'SPLIT_K': 8, 'num_warps': 8, 'num_stages': 1, 'PREFETCH': True, 'PDL': True}),  # 10.18 us whole op (act_quant + GEMM), PDL run
+    ('fp8', 4, 1024, 8192): ('swap', {'BLOCK_M': 16, 'BLOCK_N': 64, 'BLOCK_K': 256, 'SPLIT_K': 16, 'num_warps': 4, 'num_stages': 4, 'PDL': True}),  # 12.26 us whole op (act_quant + GEMM), PDL run
+    ('fp8', 4, 4096, 4096): ('swap', {'BLOCK_M': 16, 'BLOCK_N': 64, 'BLOCK_K': 128, 'SPLIT_K': 8, 'num_warps': 4, 'num_stages': 4, 'PDL': True}),  # 13.86 us whole op (act_quant + GEMM), PDL run
+    ('fp8', 4, 4096, 14336): ('swap', {'BLOCK_M': 16, 'BLOCK_N': 64, 'BLOCK_K': 256, 'SPLIT_K': 8, 'num_warps': 4, 'num_stages': 4, 'PDL': True}),  # 32.06 us whole op (act_quant + GEMM), PDL run
     ('fp8', 4, 6144, 4096): ('swap', {'BLOCK_M': 16, 'BLOCK_N': 64, 'BLOCK_K': 128, 'SPLIT_K': 4, 'num_warps': 4, 'num_stages': 4}),  # 14.43 us
-    ('fp8', 4, 8192, 8192): ('swap', {'BLOCK_M': 16, 'BLOCK_N': 64, 'BLOCK_K': 256, 'SPLIT_K': 4, 'num_warps': 4, 'num_stages': 4, 'PDL': True}),  # 37.25 us
-    ('fp8', 4, 8192, 28672): ('swap', {'BLOCK_M': 16, 'BLOCK_N': 64, 'BLOCK_K': 256, 'SPLIT_K': 4, 'num_warps': 4, 'num_stages': 4, 'PDL': True}),  # 94.78 us
+    ('fp8', 4, 8192, 8192): ('swap', {'BLOCK_M': 16, 'BLOCK_N': 64, 'BLOCK_K': 256, 'SPLIT_K': 4, 'num_warps': 4, 'num_stages': 4, 'PDL': True}),  # 31.97 us whole op (act_quant + GEMM), PDL run
+    ('fp8', 4, 8192, 28672): ('swap', {'BLOCK_M': 16, 'BLOCK_N': 64, 'BLOCK_K': 256, 'SPLIT_K': 4, 'num_warps': 4, 'num_stages': 4, 'PDL': True}),  # 90.56 us whole op (act_quant + GEMM), PDL run
     ('fp8', 4, 10240, 8192): ('swap', {'BLOCK_M': 16, 'BLOCK_N': 64, 'BLOCK_K': 128, 'SPLIT_K': 4, 'num_warps': 4, 'num_stages': 4}),  # 35.36 us
-    ('fp8', 4, 14336, 4096): ('swap', {'BLOCK_M': 16, 'BLOCK_N': 64, 'BLOCK_K': 256, 'SPLIT_K': 2, 'num_warps': 4, 'num_stages': 4, 'PDL': False}),  # 33.38 us
+    ('fp8', 4, 14336, 4096): ('swap', {'BLOCK_M': 16, 'BLOCK_N': 64, 'BLOCK_K': 256, 'SPLIT_K': 2, 'num_warps': 4, 'num_stages': 4, 'PDL': False}),  # 30.08 us whole op (act_quant + GEMM), PDL run
     ('fp8', 4, 28672, 4096): ('swap', {'BLOCK_M': 16, 'BLOCK_N': 64, 'BLOCK_K': 256, 'SPLIT_K': 1, 'num_warps': 4, 'num_stages': 4}),  # 45.66 us
-    ('fp8', 4, 28672, 8192): ('swap', {'BLOCK_M': 16, 'BLOCK_N': 64, 'BLOCK_K': 256, 'SPLIT_K': 1, 'num_warps': 4, 'num_stages': 4, 'PDL': False}),  # 93.76 us
+    ('fp8', 4, 28672, 8192): ('swap', {'BLOCK_M': 16, 'BLOCK_N': 64, 'BLOCK_K': 256, 'SPLIT_K': 1, 'num_warps': 4, 'num_stages': 4, 'PDL': False}),  # 86.59 us whole op (act_quant + GEMM), PDL run
     ('fp8', 4, 57344, 8192): ('swap', {'BLOCK_M': 16, 'BLOCK_N': 128, 'BLOCK_K': 256, 'SPLIT_K': 1, 'num_warps': 4, 'num_stages': 4}),  # 158.24 us
     ('fp8', 4, 128256, 4096): ('swap', {'BLOCK_M': 16, 'BLOCK_N': 128, 'BLOCK_K': 256, 'SPLIT_K': 1, 'num_warps': 4, 'num_stages': 4}),  # 175.49 us
     ('fp8', 4, 128256, 8192): ('swap', {'BLOCK_M': 16, 'BLOCK_N': 128, 'BLOCK_K': 256, 'SPLIT_K': 1, 'num_warps': 4, 'num_stages': 4}),  # 345.25 us
-    ('fp8', 8, 1024, 4096): ('swap', {'BLOCK_M': 16, 'BLOCK_N': 64, 'BLOCK_K': 256, 'SPLIT_K': 8, 'num_warps': 4, 'num_stages': 4, 'ATOMIC': True}),  # 7.65 us
-    ('fp8', 8, 1024, 8192): ('swap', {'BLOCK_M': 16, 'BLOCK_N': 64, 'BLOCK_K': 256, 'SPLIT_K': 8, 'num_warps': 4, 'num_stages': 4, 'ATOMIC': True}),  # 8.93 us
-    ('fp8', 8, 4096, 4096): ('swap', {'BLOCK_M': 16, 'BLOCK_N': 64, 'BLOCK_K': 256, 'SPLIT_K': 2, 'num_warps': 4, 'num_stages': 4, 'ATOMIC': True}),  # 11.55 us
-    ('fp8', 8, 4096, 14336): ('swap', {'BLOCK_M': 16, 'BLOCK_N': 64, 'BLOCK_K': 256, 'SPLIT_K': 2, 'num_warps': 4, 'num_stages': 4, 'ATOMIC': True, 'PDL': True}),  # 25.63 us
+    ('fp8', 8, 1024, 4096): ('swap', {'BLOCK_M': 16, 'BLOCK_N': 128, 'BLOCK_K': 128, 'SPLIT_K': 8, 'num_warps': 4, 'num_stages': 4, 'ATOMIC': True, 'PDL': True}),  # 9.41 us whole op (act_quant + GEMM), PDL run
+    ('fp8', 8, 1024, 8192): ('swap', {'BLOCK_M': 16, 'BLOCK_N': 64, 'BLOCK_K': 128, 'SPLIT_K': 16, 'num_warps': 4, 'num_stages': 4, 'ATOMIC': True, 'PDL': True}),  # 11.36 us whole op (act_quant + GEMM), PDL run
+    ('fp8', 8, 4096, 4096): ('swap', {'BLOCK_M': 16, 'BLOCK_N': 64, 'BLOCK_K': 256, 'SPLIT_K': 4, 'num_warps': 4, 'num_stages': 4, 'ATOMIC': True, 'PDL': True}),  # 13.15 us whole op (act_quant + GEMM), PDL run
+    ('fp8', 8, 4096, 14336): ('swap', {'BLOCK_M': 16, 'BLOCK_N': 64, 'BLOCK_K': 256, 'SPLIT_K': 2, 'num_warps': 4, 'num_stages': 4, 'ATOMIC': True, 'PDL': True}),  # 29.76 us whole op (act_quant + GEMM), PDL run
     ('fp8', 8, 6144, 4096): ('swap', {'BLOCK_M': 16, 'BLOCK_N': 64, 'BLOCK_K': 128, 'SPLIT_K': 2, 'num_warps': 4, 'num_stages': 4, 'ATOMIC': True}),  # 14.82 us
-    ('fp8', 8, 8192, 8192): ('swap', {'BLOCK_M': 16, 'BLOCK_N': 64, 'BLOCK_K': 256, 'SPLIT_K': 2, 'num_warps': 4, 'num_stages': 4, 'ATOMIC': True}),  # 28.54 us
-    ('fp8', 8, 8192, 28672): ('swap', {'BLOCK_M': 16, 'BLOCK_N': 64, 'BLOCK_K': 256, 'SPLIT_K': 2, 'num_warps': 4, 'num_stages': 4, 'ATOMIC': True, 'PDL': True}),  # 83.14 us
+    ('fp8', 8, 8192, 8192): ('swap', {'BLOCK_M': 16, 'BLOCK_N': 64, 'BLOCK_K': 256, 'SPLIT_K': 2, 'num_warps': 4, 'num_stages': 4, 'ATOMIC': True, 'PDL': True}),  # 29.89 us whole op (act_quant + GEMM), PDL run
+    ('fp8', 8, 8192, 28672): ('swap', {'BLOCK_M': 16, 'BLOCK_N': 64, 'BLOCK_K': 256, 'SPLIT_K': 2, 'num_warps': 4, 'num_stages': 4, 'ATOMIC': True, 'PDL': True}),  # 89.02 us whole op (act_quant + GEMM), PDL run
     ('fp8', 8, 10240, 8192): ('swap', {'BLOCK_M': 16, 'BLOCK_N': 64, 'BLOCK_K': 256, 'SPLIT_K': 4, 'num_warps': 4, 'num_stages': 4, 'ATOMIC': True}),  # 35.33 us
-    ('fp8', 8, 14336, 4096): ('swap', {'BLOCK_M': 16, 'BLOCK_N': 64, 'BLOCK_K': 256, 'SPLIT_K': 2, 'num_warps': 4, 'num_stages': 4, 'PDL': True}),  # 33.60 us
-    ('fp8', 8, 28672, 8192): ('swap', {'BLOCK_M': 16, 'BLOCK_N': 64, 'BLOCK_K': 256, 'SPLIT_K': 1, 'num_warps': 4, 'num_stages': 4, 'PDL': False}),  # 92.80 us
-    ('fp8', 16, 1024, 4096): ('swap', {'BLOCK_M': 16, 'BLOCK_N': 64, 'BLOCK_K': 256, 'SPLIT_K': 8, 'num_warps': 4, 'num_stages': 4, 'ATOMIC': True}),  # 8.00 us
-    ('fp8', 16, 1024, 8192): ('swap', {'BLOCK_M': 16, 'BLOCK_N': 64, 'BLOCK_K': 256, 'SPLIT_K': 8, 'num_warps': 4, 'num_stages': 4, 'ATOMIC': True}),  # 9.22 us
-    ('fp8', 16, 4096, 4096): ('swap', {'BLOCK_M': 16, 'BLOCK_N': 64, 'BLOCK_K': 256, 'SPLIT_K': 2, 'num_warps': 4, 'num_stages': 4, 'ATOMIC': True}),  # 12.03 us
-    ('fp8', 16, 4096, 14336): ('swap', {'BLOCK_M': 16, 'BLOCK_N': 64, 'BLOCK_K': 256, 'SPLIT_K': 4, 'num_warps': 4, 'num_stages': 4, 'ATOMIC': True, 'PDL': True}),  # 26.08 us
+    ('fp8', 8, 14336, 4096): ('swap', {'BLOCK_M': 16, 'BLOCK_N': 64, 'BLOCK_K': 256, 'SPLIT_K': 2, 'num_warps': 4, 'num_stages': 4, 'PDL': True}),  # 29.15 us whole op (act_quant + GEMM), PDL run
+    ('fp8', 8, 28672, 8192): ('swap', {'BLOCK_M': 16, 'BLOCK_N': 64, 'BLOCK_K': 256, 'SPLIT_K': 1, 'num_warps': 4, 'num_stages': 4, 'PDL': False}),  # 86.53 us whole op (act_quant + GEMM), PDL run
+    ('fp8', 16, 1024, 4096): ('swap', {'BLOCK_M': 16, 'BLOCK_N': 64, 'BLOCK_K': 256, 'SPLIT_K': 4, 'num_warps': 4, 'num_stages': 4, 'ATOMIC': True, 'PDL': True}),  # 9.54 us whole op (act_quant + GEMM), PDL run
+    ('fp8', 16, 1024, 8192): ('swap', {'BLOCK_M': 16, 'BLOCK_N': 64, 'BLOCK_K': 256, 'SPLIT_K': 4, 'num_warps': 4, 'num_stages': 4, 'ATOMIC': True, 'PDL': True}),  # 11.55 us whole op (act_quant + GEMM), PDL run
+    ('fp8', 16, 4096, 4096): ('swap', {'BLOCK_M': 16, 'BLOCK_N': 64, 'BLOCK_K': 256, 'SPLIT_K': 4, 'num_warps': 4, 'num_stages': 4, 'ATOMIC': True, 'PDL': True}),  # 13.82 us whole op (act_quant + GEMM), PDL run
+    ('fp8', 16, 4096, 14336): ('swap', {'BLOCK_M': 16, 'BLOCK_N': 64, 'BLOCK_K': 256, 'SPLIT_K': 4, 'num_warps': 4, 'num_stages': 4, 'ATOMIC': True, 'PDL': True}),  # 30.53 us whole op (act_quant + GEMM), PDL run
     ('fp8', 16, 6144, 4096): ('swap', {'BLOCK_M': 16, 'BLOCK_N': 64, 'BLOCK_K': 128, 'SPLIT_K': 2, 'num_warps': 4, 'num_stages': 4, 'ATOMIC': True}),  # 15.30 us
-    ('fp8', 16, 8192, 8192): ('swap', {'BLOCK_M': 16, 'BLOCK_N': 64, 'BLOCK_K': 256, 'SPLIT_K': 2, 'num_warps': 4, 'num_stages': 4, 'ATOMIC': True}),  # 29.09 us
-    ('fp8', 16, 8192, 28672): ('swap', {'BLOCK_M': 16, 'BLOCK_N': 128, 'BLOCK_K': 256, 'SPLIT_K': 2, 'num_warps': 4, 'num_stages': 4, 'ATOMIC': True, 'PDL': True}),  # 84.26 us
+    ('fp8', 16, 8192, 8192): ('swap', {'BLOCK_M': 16, 'BLOCK_N': 64, 'BLOCK_K': 256, 'SPLIT_K': 2, 'num_warps': 4, 'num_stages': 4, 'ATOMIC': True, 'PDL': True}),  # 30.98 us whole op (act_quant + GEMM), PDL run
+    ('fp8', 16, 8192, 28672): ('swap', {'BLOCK_M': 16, 'BLOCK_N': 128, 'BLOCK_K': 256, 'SPLIT_K': 2, 'num_warps': 4, 'num_stages': 4, 'ATOMIC': True, 'PDL': True}),  # 90.02 us whole op (act_quant + GEMM), PDL run
     ('fp8', 16, 10240, 8192): ('swap', {'BLOCK_M': 16, 'BLOCK_N': 64, 'BLOCK_K': 256, 'SPLIT_K': 2, 'num_warps': 4, 'num_stages': 4}),  # 34.62 us
-    ('fp8', 16, 14336, 4096): ('swap', {'BLOCK_M': 16, 'BLOCK_N': 64, 'BLOCK_K': 256, 'SPLIT_K': 2, 'num_warps': 4, 'num_stages': 4, 'PDL': True}),  # 33.95 us
+    ('fp8', 16, 14336, 4096): ('swap', {'BLOCK_M': 16, 'BLOCK_N': 64, 'BLOCK_K': 256, 'SPLIT_K': 2, 'num_warps': 4, 'num_stages': 4, 'PDL': True}),  # 29.25 us whole op (act_quant + GEMM), PDL run
     ('fp8', 16, 28672, 4096): ('swap', {'BLOCK_M': 16, 'BLOCK_N': 64, 'BLOCK_K': 256, 'SPLIT_K': 1, 'num_warps': 4, 'num_stages': 4}),  # 44.51 us
-    ('fp8', 16, 28672, 8192): ('swap', {'BLOCK_M': 16, 'BLOCK_N': 64, 'BLOCK_K': 256, 'SPLIT_K': 1, 'num_warps': 4, 'num_stages': 4, 'PDL': True}),  # 93.28 us
+    ('fp8', 16, 28672, 8192): ('swap', {'BLOCK_M': 16, 'BLOCK_N': 64, 'BLOCK_K': 256, 'SPLIT_K': 1, 'num_warps': 4, 'num_stages': 4, 'PDL': True}),  # 85.18 us whole op (act_quant + GEMM), PDL run
     ('fp8', 16, 57344, 8192): ('swap', {'BLOCK_M': 16, 'BLOCK_N': 128, 'BLOCK_K': 256, 'SPLIT_K': 1, 'num_warps': 4, 'num_stages': 4}),  # 160.99 us
     ('fp8', 16, 128256, 4096): ('swap', {'BLOCK_M': 16, 'BLOCK_N': 64, 'BLOCK_K': 256, 'SPLIT_K': 1, 'num_warps': 4, 'num_stages': 4}),  # 178.94 us
     ('fp8', 16, 128256, 8192): ('swap', {'BLOCK_M': 16, 'BLOCK_N': 128, 'BLOCK_K': 256, 'SPLIT_K': 1, 'num_warps': 4, 'num_stages': 4}),  # 350.27 us
-    ('fp8', 32, 1024, 4096): ('swap', {'BLOCK_M': 32, 'BLOCK_N': 64, 'BLOCK_K': 128, 'SPLIT_K': 8, 'num_warps': 4, 'num_stages': 4, 'ATOMIC': True}),  # 8.77 us
-    ('fp8', 32, 1024, 8192): ('swap', {'BLOCK_M': 32, 'BLOCK_N': 64, 'BLOCK_K': 256, 'SPLIT_K': 8, 'num_warps': 4, 'num_stages': 4, 'ATOMIC': True}),  # 10.18 us
-    ('fp8', 32, 4096, 4096): ('swap', {'BLOCK_M': 32, 'BLOCK_N': 64, 'BLOCK_K': 256, 'SPLIT_K': 2, 'num_warps': 4, 'num_stages': 4, 'ATOMIC': True}),  # 12.90 us
-    ('fp8', 32, 4096, 14336): ('swap', {'BLOCK_M': 32, 'BLOCK_N': 64, 'BLOCK_K': 256, 'SPLIT_K': 2, 'num_warps': 4, 'num_stages': 4, 'ATOMIC': True, 'PDL': True}),  # 26.66 us
+    ('fp8', 32, 1024, 4096): ('swap', {'BLOCK_M': 32, 'BLOCK_N': 64, 'BLOCK_K': 256, 'SPLIT_K': 4, 'num_warps': 4, 'num_stages': 4, 'ATOMIC': True, 'PDL': True}),  # 10.24 us whole op (act_quant + GEMM), PDL run
+    ('fp8', 32, 1024, 8192): ('swap', {'BLOCK_M': 32, 'BLOCK_N': 64, 'BLOCK_K': 256, 'SPLIT_K': 4, 'num_warps': 4, 'num_stages': 4, 'ATOMIC': True, 'PDL': True}),  # 12.86 us whole op (act_quant + GEMM), PDL run
+    ('fp8', 32, 4096, 4096): ('swap', {'BLOCK_M': 32, 'BLOCK_N': 64, 'BLOCK_K': 256, 'SPLIT_K': 4, 'num_warps': 4, 'num_stages': 4, 'ATOMIC': True, 'PDL': True}),  # 15.04 us whole op (act_quant + GEMM), PDL run
+    ('fp8', 32, 4096, 14336): ('swap', {'BLOCK_M': 32, 'BLOCK_N': 64, 'BLOCK_K': 256, 'SPLIT_K': 2, 'num_warps': 4, 'num_stages': 4, 'ATOMIC': True, 'PDL': True}),  # 32.06 us whole op (act_quant + GEMM), PDL run
     ('fp8', 32, 6144, 4096): ('swap', {'BLOCK_M': 32, 'BLOCK_N': 64, 'BLOCK_K': 128, 'SPLIT_K': 2, 'num_warps': 4, 'num_stages': 4, 'ATOMIC': True}),  # 16.42 us
-    ('fp8', 32, 8192, 8192): ('swap', {'BLOCK_M': 32, 'BLOCK_N': 64, 'BLOCK_K': 256, 'SPLIT_K': 2, 'num_warps': 4, 'num_stages': 4, 'ATOMIC': True}),  # 30.37 us
-    ('fp8', 32, 8192, 28672): ('swap', {'BLOCK_M': 32, 'BLOCK_N': 64, 'BLOCK_K': 256, 'SPLIT_K': 2, 'num_warps': 4, 'num_stages': 4, 'ATOMIC': True, 'PDL': True}),  # 85.57 us
+    ('fp8', 32, 8192, 8192): ('swap', {'BLOCK_M': 32, 'BLOCK_N': 64, 'BLOCK_K': 256, 'SPLIT_K': 2, 'num_warps': 4, 'num_stages': 4, 'ATOMIC': True, 'PDL': True}),  # 32.93 us whole op (act_quant + GEMM), PDL run
+    ('fp8', 32, 8192, 28672): ('swap', {'BLOCK_M': 32, 'BLOCK_N': 64, 'BLOCK_K': 256, 'SPLIT_K': 2, 'num_warps': 4, 'num_stages': 4, 'ATOMIC': True, 'PDL': True}),  # 92.29 us whole op (act_quant + GEMM), PDL run
     ('fp8', 32, 10240, 8192): ('swap', {'BLOCK_M': 32, 'BLOCK_N': 64, 'BLOCK_K': 256, 'SPLIT_K': 2, 'num_warps': 4, 'num_stages': 4, 'ATOMIC': True}),  # 37.98 us
-    ('fp8', 32, 14336, 4096): ('swap', {'BLOCK_M': 32, 'BLOCK_N': 64, 'BLOCK_K': 256, 'SPLIT_K': 2, 'num_warps': 4, 'num_stages': 4, 'PDL': True}),  # 35.04 us
-    ('fp8', 32, 28672, 8192): ('swap', {'BLOCK_M': 32, 'BLOCK_N': 64, 'BLOCK_K': 256, 'SPLIT_K': 1, 'num_warps': 4, 'num_stages': 4, 'PDL': True}),  # 93.63 us
-    ('fp8', 64, 1024, 4096): ('swap', {'BLOCK_M': 64, 'BLOCK_N': 64, 'BLOCK_K': 256, 'SPLIT_K': 4, 'num_warps': 4, 'num_stages': 4, 'ATOMIC': True}),  # 10.24 us
-    ('fp8', 64, 1024, 8192): ('swap', {'BLOCK_M': 64, 'BLOCK_N': 64, 'BLOCK_K': 256, 'SPLIT_K': 8, 'num_warps': 4, 'num_stages': 4, 'ATOMIC': True}),  # 11.68 us
-    ('fp8', 64, 4096, 4096): ('swap', {'BLOCK_M': 64, 'BLOCK_N': 64, 'BLOCK_K': 256, 'SPLIT_K': 2, 'num_warps': 4, 'num_stages': 4, 'ATOMIC': True}),  # 14.94 us
-    ('fp8', 64, 4096, 14336): ('swap', {'BLOCK_M': 64, 'BLOCK_N': 64, 'BLOCK_K': 256, 'SPLIT_K': 2, 'num_warps': 4, 'num_stages': 4, 'ATOMIC': True, 'PDL': True}),  # 28.70 us
+    ('fp8', 32, 14336, 4096): ('swap', {'BLOCK_M': 32, 'BLOCK_N': 64, 'BLOCK_K': 256, 'SPLIT_K': 2, 'num_warps': 4, 'num_stages': 4, 'PDL': True}),  # 30.30 us whole op (act_quant + GEMM), PDL run
+    ('fp8', 32, 28672, 8192): ('swap', {'BLOCK_M': 32, 'BLOCK_N': 64, 'BLOCK_K': 256, 'SPLIT_K': 1, 'num_warps': 4, 'num_stages': 4, 'PDL': True}),  # 86.18 us whole op (act_quant + GEMM), PDL run
+    ('fp8', 64, 1024, 4096): ('swap', {'BLOCK_M': 64, 'BLOCK_N': 64, 'BLOCK_K': 128, 'SPLIT_K': 4, 'num_warps': 4, 'num_stages': 4, 'ATOMIC': True, 'PDL': True}),  # 11.81 us whole op (act_quant + GEMM), PDL run
+    ('fp8', 64, 1024, 8192): ('swap', {'BLOCK_M': 64, 'BLOCK_N': 64, 'BLOCK_K': 256, 'SPLIT_K': 8, 'num_warps': 4, 'num_stages': 4, 'ATOMIC': True, 'PDL': True}),  # 13.09 us whole op (act_quant + GEMM), PDL run
+    ('fp8', 64, 4096, 4096): ('swap', {'BLOCK_M': 64, 'BLOCK_N': 64, 'BLOCK_K': 256, 'SPLIT_K': 2, 'num_warps': 4, 'num_stages': 4, 'ATOMIC': True, 'PDL': True}),  # 16.10 us whole op (act_quant + GEMM), PDL run
+    ('fp8', 64, 4096, 14336): ('swap', {'BLOCK_M': 64, 'BLOCK_N': 64, 'BLOCK_K': 256, 'SPLIT_K': 2, 'num_warps': 4, 'num_stages': 4, 'ATOMIC': True, 'PDL': True}),  # 32.93 us whole op (act_quant + GEMM), PDL run
     ('fp8', 64, 6144, 4096): ('scaled_mm', None),  # 17.79 us
-    ('fp8', 64, 8192, 8192): ('swap', {'BLOCK_M': 64, 'BLOCK_N': 128, 'BLOCK_K': 256, 'SPLIT_K': 2, 'num_warps': 4, 'num_stages': 4, 'ATOMIC': True}),  # 34.69 us
-    ('fp8', 64, 8192, 28672): ('swap', {'BLOCK_M': 64, 'BLOCK_N': 128, 'BLOCK_K': 256, 'SPLIT_K': 2, 'num_warps': 4, 'num_stages': 4, 'ATOMIC': True, 'PDL': True}),  # 90.14 us
+    ('fp8', 64, 8192, 8192): ('swap', {'BLOCK_M': 64, 'BLOCK_N': 128, 'BLOCK_K': 256, 'SPLIT_K': 2, 'num_warps': 4, 'num_stages': 4, 'ATOMIC': True, 'PDL': True}),  # 36.96 us whole op (act_quant + GEMM), PDL run
+    ('fp8', 64, 8192, 28672): ('swap', {'BLOCK_M': 64, 'BLOCK_N': 128, 'BLOCK_K': 256, 'SPLIT_K': 2, 'num_warps': 4, 'num_stages': 4, 'ATOMIC': True, 'PDL': True}),  # 97.57 us whole op (act_quant + GEMM), PDL run
     ('fp8', 64, 10240, 8192): ('swap', {'BLOCK_M': 64, 'BLOCK_N': 64, 'BLOCK_K': 128, 'SPLIT_K': 2, 'num_warps': 4, 'num_stages': 4}),  # 38.18 us
     ('fp8', 64, 14336, 4096): ('scaled_mm', None),  # 35.49 us
     ('fp8', 64, 28672, 4096): ('swap', {'BLOCK_M': 64, 'BLOCK_N': 64, 'BLOCK_K': 128, 'SPLIT_K': 1, 'num_warps': 4, 'num_stages': 4}),  # 49.57 us
-    ('fp8', 64, 28672, 8192): ('swap', {'BLOCK_M': 64, 'BLOCK_N': 64, 'BLOCK_K': 256, 'SPLIT_K': 1, 'num_warps': 4, 'num_stages': 4, 'PDL': False}),  # 98.40 us
+    ('fp8', 64, 28672, 8192): ('swap', {'BLOCK_M': 64, 'BLOCK_N': 64, 'BLOCK_K': 256, 'SPLIT_K': 1, 'num_warps': 4, 'num_stages': 4, 'PDL': False}),  # 93.06 us whole op (act_quant + GEMM), PDL run
     ('fp8', 64, 57344, 8192): ('swap', {'BLOCK_M': 64, 'BLOCK_N': 128, 'BLOCK_K': 256, 'SPLIT_K': 1, 'num_warps': 4, 'num_stages': 4}),  # 168.03 us
     ('fp8', 64, 128256, 4096): ('swap', {'BLOCK_M': 64, 'BLOCK_N': 128, 'BLOCK_K': 256, 'SPLIT_K': 1, 'num_warps': 4, 'num_stages': 4}),  # 187.52 us
     ('fp8', 64, 128256, 8192): ('swap', {'BLOCK_M': 64, 'BLOCK_N': 128, 'BLOCK_K': 256, 'SPLIT_K': 1, 'num_warps': 4, 'num_stages': 4}),  # 362.37 us
-    ('fp8', 128, 1024, 4096): ('tma', {'BLOCK_M': 64, 'BLOCK_N': 128, 'BLOCK_K': 256, 'GROUP_M': 8, 'num_warps': 4, 'num_stages': 4}),  # 11.49 us
-    ('fp8', 128, 1024, 8192): ('swap', {'BLOCK_M': 128, 'BLOCK_N': 64, 'BLOCK_K': 256, 'SPLIT_K': 8, 'num_warps': 4, 'num_stages': 4, 'ATOMIC': True}),  # 14.94 us
-    ('fp8', 128, 4096, 4096): ('tma', {'BLOCK_M': 64, 'BLOCK_N': 128, 'BLOCK_K': 256, 'GROUP_M': 8, 'num_warps': 4, 'num_stages': 4}),  # 13.06 us
-    ('fp8', 128, 4096, 14336): ('tma', {'BLOCK_M': 64, 'BLOCK_N': 128, 'BLOCK_K': 256, 'GROUP_M': 8, 'num_warps': 4, 'num_stages': 4, 'PDL': False}),  # 30.14 us
+    ('fp8', 128, 1024, 4096): ('tma', {'BLOCK_M': 64, 'BLOCK_N': 128, 'BLOCK_K': 256, 'GROUP_M': 8, 'num_warps': 4, 'num_stages': 4, 'PDL': True}),  # 14.18 us whole op (act_quant + GEMM), PDL run
+    ('fp8', 128, 1024, 8192): ('swap', {'BLOCK_M': 128, 'BLOCK_N': 64, 'BLOCK_K': 256, 'SPLIT_K': 8, 'num_warps': 4, 'num_stages': 4, 'ATOMIC': True, 'PDL': True}),  # 18.18 us whole op (act_quant + GEMM), PDL run
+    ('fp8', 128, 4096, 4096): ('tma', {'BLOCK_M': 64, 'BLOCK_N': 128, 'BLOCK_K': 256, 'GROUP_M': 8, 'num_warps': 4, 'num_stages': 4, 'PDL': False}),  # 16.51 us whole op (act_quant + GEMM), PDL run
+    ('fp8', 128, 4096, 14336): ('tma', {'BLOCK_M': 64, 'BLOCK_N': 128, 'BLOCK_K': 256, 'GROUP_M': 8, 'num_warps': 4, 'num_stages': 4, 'PDL': False}),  # 37.92 us whole op (act_quant + GEMM), PDL run
     ('fp8', 128, 6144, 4096): ('tma', {'BLOCK_M': 64, 'BLOCK_N': 128, 'BLOCK_K': 256, 'GROUP_M': 8, 'num_warps': 4, 'num_stages': 4}),  # 14.82 us
-    ('fp8', 128, 8192, 8192): ('tma', {'BLOCK_M': 64, 'BLOCK_N': 128, 'BLOCK_K': 256, 'GROUP_M': 8, 'num_warps': 4, 'num_stages': 4}),  # 28.64 us
-    ('fp8', 128, 8192, 28672): ('tma', {'BLOCK_M': 64, 'BLOCK_N': 128, 'BLOCK_K': 256, 'GROUP_M': 8, 'num_warps': 4, 'num_stages': 4, 'PDL': False}),  # 87.01 us
+    ('fp8', 128, 8192, 8192): ('tma', {'BLOCK_M': 64, 'BLOCK_N': 128, 'BLOCK_K': 256, 'GROUP_M': 8, 'num_warps': 4, 'num_stages': 4, 'PDL': True}),  # 33.82 us whole op (act_quant + GEMM), PDL run
+    ('fp8', 128, 8192, 28672): ('tma', {'BLOCK_M': 64, 'BLOCK_N': 128, 'BLOCK_K': 256, 'GROUP_M': 8, 'num_warps': 4, 'num_stages': 4, 'PDL': False}),  # 97.66 us whole op (act_quant + GEMM), PDL run
     ('fp8', 128, 10240, 8192): ('scaled_mm', None),  # 36.16 us
     ('fp8', 128, 14336, 4096): ('scaled_mm', None),  # 34.78 us
     ('fp8', 128, 28672, 4096): ('scaled_mm', None),  # 49.38 us
-    ('fp8', 128, 28672, 8192): ('tma', {'BLOCK_M': 128, 'BLOCK_N': 256, 'BLOCK_K': 128, 'GROUP_M': 8, 'num_warps': 8, 'num_stages': 3, 'PDL': True}),  # 101.02 us
+    ('fp8', 128, 28672, 8192): ('tma', {'BLOCK_M': 128, 'BLOCK_N': 256, 'BLOCK_K': 128, 'GROUP_M': 8, 'num_warps': 8, 'num_stages': 3, 'PDL': True}),  # 94.82 us whole op (act_quant + GEMM), PDL run
     ('fp8', 128, 57344, 8192): ('tma', {'BLOCK_M': 128, 'BLOCK_N': 256, 'BLOCK_K': 128, 'GROUP_M': 8, 'num_warps': 8, 'num_stages': 3}),  # 179.30 us
     ('fp8', 128, 128256, 4096): ('scaled_mm', None),  # 201.89 us
     ('fp8', 128, 128256, 8192): ('tma', {'BLOCK_M': 128, 'BLOCK_N': 256, 'BLOCK_K': 128, 'GROUP_M': 8, 'num_warps': 8, 'num_stages': 3}),  # 390.34 us
-    ('fp8', 256, 1024, 4096): ('tma', {'BLOCK_M': 64, 'BLOCK_N': 128, 'BLOCK_K': 256, 'GROUP_M': 8, 'num_warps': 4, 'num_stages': 4, 'PDL': False}),  # 11.33 us
-    ('fp8', 256, 1024, 8192): ('tma', {'BLOCK_M': 64, 'BLOCK_N': 128, 'BLOCK_K': 256, 'GROUP_M': 8, 'num_warps': 4, 'num_stages': 4, 'PDL': False}),  # 16.77 us
-    ('fp8', 256, 4096, 4096): ('tma', {'BLOCK_M': 64, 'BLOCK_N': 128, 'BLOCK_K': 256, 'GROUP_M': 8, 'num_warps': 4, 'num_stages': 4, 'PDL': False}),  # 13.47 us
-    ('fp8', 256, 4096, 14336): ('tma', {'BLOCK_M': 64, 'BLOCK_N': 128, 'BLOCK_K': 256, 'GROUP_M': 8, 'num_warps': 4, 'num_stages': 4, 'PDL': False}),  # 31.23 us
+    ('fp8', 256, 1024, 4096): ('tma', {'BLOCK_M': 64, 'BLOCK_N': 128, 'BLOCK_K': 256, 'GROUP_M': 8, 'num_warps': 4, 'num_stages': 4, 'PDL': False}),  # 14.98 us whole op (act_quant + GEMM), PDL run
+    ('fp8', 256, 1024, 8192): ('tma', {'BLOCK_M': 64, 'BLOCK_N': 128, 'BLOCK_K': 256, 'GROUP_M': 8, 'num_warps': 4, 'num_stages': 4, 'PDL': False}),  # 21.34 us whole op (act_quant + GEMM), PDL run
+    ('fp8', 256, 4096, 4096): ('tma', {'BLOCK_M': 64, 'BLOCK_N': 128, 'BLOCK_K': 256, 'GROUP_M': 8, 'num_warps': 4, 'num_stages': 4, 'PDL': False}),  # 16.80 us whole op (act_quant + GEMM), PDL run
+    ('fp8', 256, 4096, 14336): ('tma', {'BLOCK_M': 64, 'BLOCK_N': 128, 'BLOCK_K': 256, 'GROUP_M': 8, 'num_warps': 4, 'num_stages': 4, 'PDL': False}),  # 41.73 us whole op (act_quant + GEMM), PDL run
     ('fp8', 256, 6144, 4096): ('scaled_mm', None),  # 18.43 us
     ('fp8', 256, 8192, 8192): ('scaled_mm', None),  # 32.42 us
     ('fp8', 256, 8192, 28672): ('scaled_mm', None),  # 105.02 us
     ('fp8', 256, 10240, 8192): ('tma', {'BLOCK_M': 128, 'BLOCK_N': 256, 'BLOCK_K': 128, 'GROUP_M': 8, 'num_warps': 8, 'num_stages': 3}),  # 47.84 us
     ('fp8', 256, 14336, 4096): ('scaled_mm', None),  # 39.65 us
     ('fp8', 256, 28672, 4096): ('scaled_mm', None),  # 62.91 us
-    ('fp8', 256, 28672, 8192): ('tma', {'BLOCK_M': 128, 'BLOCK_N': 256, 'BLOCK_K': 128, 'GROUP_M': 8, 'num_warps': 8, 'num_stages': 3, 'PDL': False}),  # 122.05 us
+    ('fp8', 256, 28672, 8192): ('tma', {'BLOCK_M': 128, 'BLOCK_N': 256, 'BLOCK_K': 128, 'GROUP_M': 8, 'num_warps': 8, 'num_stages': 3, 'PDL': False}),  # 121.31 us whole op (act_quant + GEMM), PDL run
     ('fp8', 256, 57344, 8192): ('scaled_mm', None),  # 213.15 us
     ('fp8', 256, 128256, 4096): ('scaled_mm', None),  # 243.30 us
     ('fp8', 256, 128256, 8192): ('tma', {'BLOCK_M': 128, 'BLOCK_N': 256, 'BLOCK_K': 64, 'GROUP_M': 8, 'num_warps': 8, 'num_stages': 4}),  # 504.67 us
-    ('fp8', 512, 1024, 4096): ('tma', {'BLOCK_M': 64, 'BLOCK_N': 128, 'BLOCK_K': 256, 'GROUP_M': 8, 'num_warps': 4, 'num_stages': 4, 'PDL': False}),  # 12.38 us
-    ('fp8', 512, 1024, 8192): ('tma', {'BLOCK_M': 64, 'BLOCK_N': 128, 'BLOCK_K': 256, 'GROUP_M': 8, 'num_warps': 4, 'num_stages': 4, 'PDL': False}),  # 18.62 us
+    ('fp8', 512, 1024, 4096): ('tma', {'BLOCK_M': 64, 'BLOCK_N': 128, 'BLOCK_K': 256, 'GROUP_M': 8, 'num_warps': 4, 'num_stages': 4, 'PDL': False}),  # 16.19 us whole op (act_quant + GEMM), PDL run
+    ('fp8', 512, 1024, 8192): ('tma', {'BLOCK_M': 64, 'BLOCK_N': 128, 'BLOCK_K': 256, 'GROUP_M': 8, 'num_warps': 4, 'num_stages': 4, 'PDL': False}),  # 23.20 us whole op (act_quant + GEMM), PDL run
     ('fp8', 512, 4096, 4096): ('scaled_mm', None),  # 21.38 us
     ('fp8', 512, 4096, 14336): ('scaled_mm', None),  # 53.02 us
-    ('fp8', 512, 8192, 8192): ('tma', {'BLOCK_M': 128, 'BLOCK_N': 256, 'BLOCK_K': 128, 'GROUP_M': 8, 'num_warps': 8, 'num_stages': 3, 'PDL': False}),  # 57.12 us
-    ('fp8', 512, 8192, 28672): ('tma', {'BLOCK_M': 128, 'BLOCK_N': 256, 'BLOCK_K': 128, 'GROUP_M': 8, 'num_warps': 8, 'num_stages': 3, 'PDL': False}),  # 164.80 us
-    ('fp8', 512, 14336, 4096): ('tma', {'BLOCK_M': 128, 'BLOCK_N': 256, 'BLOCK_K': 128, 'GROUP_M': 8, 'num_warps': 8, 'num_stages': 3, 'PDL': False}),  # 58.98 us
-    ('fp8', 512, 28672, 8192): ('tma', {'BLOCK_M': 128, 'BLOCK_N': 256, 'BLOCK_K': 128, 'GROUP_M': 8, 'num_warps': 8, 'num_stages': 3, 'PDL': False}),  # 197.82 us
+    ('fp8', 512, 8192, 8192): ('tma', {'BLOCK_M': 128, 'BLOCK_N': 256, 'BLOCK_K': 128, 'GROUP_M': 8, 'num_warps': 8, 'num_stages': 3, 'PDL': False}),  # 57.98 us whole op (act_quant + GEMM), PDL run
+    ('fp8', 512, 8192, 28672): ('tma', {'BLOCK_M': 128, 'BLOCK_N': 256, 'BLOCK_K': 128, 'GROUP_M': 8, 'num_warps': 8, 'num_stages': 3, 'PDL': False}),  # 201.73 us whole op (act_quant + GEMM), PDL run
+    ('fp8', 512, 14336, 4096): ('tma', {'BLOCK_M': 128, 'BLOCK_N': 256, 'BLOCK_K': 128, 'GROUP_M': 8, 'num_warps': 8, 'num_stages': 3, 'PDL': False}),  # 57.15 us whole op (act_quant + GEMM), PDL run
+    ('fp8', 512, 28672, 8192): ('tma', {'BLOCK_M': 128, 'BLOCK_N': 256, 'BLOCK_K': 128, 'GROUP_M': 8, 'num_warps': 8, 'num_stages': 3, 'PDL': False}),  # 208.70 us whole op (act_quant + GEMM), PDL run
     ('fp8', 1024, 1024, 4096): ('tma', {'BLOCK_M': 64, 'BLOCK_N': 128, 'BLOCK_K': 256, 'GROUP_M': 8, 'num_warps': 4, 'num_stages': 4}),  # 13.38 us
     ('fp8', 1024, 1024, 8192): ('tma', {'BLOCK_M': 64, 'BLOCK_N': 128, 'BLOCK_K': 256, 'GROUP_M': 8, 'num_warps': 4, 'num_stages': 4}),  # 21.60 us
     ('fp8', 1024, 4096, 4096): ('tma', {'BLOCK_M': 128, 'BLOCK_N': 256, 'BLOCK_K': 128, 'GROUP_M': 8, 'num_warps': 8, 'num_stages': 3}),  # 31.10 us
@@ -160,125 +160,125 @@ TABLE: dict[tuple[str, int, int, int], tuple[str, dict | None]] = {
     ('fp8', 4096, 14336, 4096): ('tma', {'BLOCK_M': 128, 'BLOCK_N': 256, 'BLOCK_K': 128, 'GROUP_M': 8, 'num_warps': 8, 'num_stages': 3}),  # 356.45 us
     ('fp8', 4096, 28672, 8192): ('tma', {'BLOCK_M': 128, 'BLOCK_N': 256, 'BLOCK_K': 128, 'GROUP_M': 8, 'num_warps': 8, 'num_stages': 3}),  # 1405.73 us
     ('w8a8', 1, 1024, 4096): ('gemv_q', {'BLOCK_N': 16, 'BLOCK_K': 1024, 'SPLIT_K': 4, 'num_warps': 8, 'num_stages': 1, 'PREFETCH': True}),  # 8.99 us
-    ('w8a8', 1, 1024, 8192): ('swap', {'BLOCK_M': 16, 'BLOCK_N': 128, 'BLOCK_K': 256, 'SPLIT_K': 16, 'num_warps': 4, 'num_stages': 4, 'PDL': True}),  # 11.94 us
-    ('w8a8', 1, 4096, 4096): ('gemv', {'BLOCK_N': 16, 'BLOCK_K': 512, 'SPLIT_K': 2, 'num_warps': 4, 'num_stages': 1, 'PREFETCH': True, 'PDL': True}),  # 13.15 us
-    ('w8a8', 1, 4096, 14336): ('swap', {'BLOCK_M': 16, 'BLOCK_N': 64, 'BLOCK_K': 128, 'SPLIT_K': 8, 'num_warps': 4, 'num_stages': 4, 'PDL': True}),  # 34.43 us
+    ('w8a8', 1, 1024, 8192): ('swap', {'BLOCK_M': 16, 'BLOCK_N': 128, 'BLOCK_K': 256, 'SPLIT_K': 16, 'num_warps': 4, 'num_stages': 4, 'PDL': True}),  # 11.74 us whole op (act_quant + GEMM), PDL run
+    ('w8a8', 1, 4096, 4096): ('gemv', {'BLOCK_N': 16, 'BLOCK_K': 512, 'SPLIT_K': 2, 'num_warps': 4, 'num_stages': 1, 'PREFETCH': True, 'PDL': True}),  # 12.77 us whole op (act_quant + GEMM), PDL run
+    ('w8a8', 1, 4096, 14336): ('swap', {'BLOCK_M': 16, 'BLOCK_N': 64, 'BLOCK_K': 128, 'SPLIT_K': 8, 'num_warps': 4, 'num_stages': 4, 'PDL': True}),  # 29.95 us whole op (act_quant + GEMM), PDL run
     ('w8a8', 1, 6144, 4096): ('swap', {'BLOCK_M': 16, 'BLOCK_N': 64, 'BLOCK_K': 128, 'SPLIT_K': 4, 'num_warps': 4, 'num_stages': 4}),  # 14.59 us
-    ('w8a8', 1, 8192, 8192): ('swap', {'BLOCK_M': 16, 'BLOCK_N': 64, 'BLOCK_K': 256, 'SPLIT_K': 4, 'num_warps': 4, 'num_stages': 4, 'PDL': True}),  # 37.38 us
-    ('w8a8', 1, 8192, 28672): ('swap', {'BLOCK_M': 16, 'BLOCK_N': 128, 'BLOCK_K': 256, 'SPLIT_K': 8, 'num_warps': 4, 'num_stages': 4, 'PDL': False}),  # 95.33 us
+    ('w8a8', 1, 8192, 8192): ('swap', {'BLOCK_M': 16, 'BLOCK_N': 64, 'BLOCK_K': 256, 'SPLIT_K': 4, 'num_warps': 4, 'num_stages': 4, 'PDL': True}),  # 31.81 us whole op (act_quant + GEMM), PDL run
+    ('w8a8', 1, 8192, 28672): ('swap', {'BLOCK_M': 16, 'BLOCK_N': 128, 'BLOCK_K': 256, 'SPLIT_K': 8, 'num_warps': 4, 'num_stages': 4, 'PDL': False}),  # 94.02 us whole op (act_quant + GEMM), PDL run
     ('w8a8', 1, 10240, 8192): ('gemv_q', {'BLOCK_N': 16, 'BLOCK_K': 512, 'SPLIT_K': 1, 'num_warps': 4, 'num_stages': 1, 'PREFETCH': True}),  # 35.87 us
-    ('w8a8', 1, 14336, 4096): ('swap', {'BLOCK_M': 16, 'BLOCK_N': 64, 'BLOCK_K': 256, 'SPLIT_K': 2, 'num_warps': 4, 'num_stages': 4, 'PDL': False}),  # 34.46 us
+    ('w8a8', 1, 14336, 4096): ('swap', {'BLOCK_M': 16, 'BLOCK_N': 64, 'BLOCK_K': 256, 'SPLIT_K': 2, 'num_warps': 4, 'num_stages': 4, 'PDL': False}),  # 31.68 us whole op (act_quant + GEMM), PDL run
     ('w8a8', 1, 28672, 4096): ('swap', {'BLOCK_M': 16, 'BLOCK_N': 128, 'BLOCK_K': 256, 'SPLIT_K': 2, 'num_warps': 4, 'num_stages': 4}),  # 47.30 us
-    ('w8a8', 1, 28672, 8192): ('swap', {'BLOCK_M': 16, 'BLOCK_N': 128, 'BLOCK_K': 256, 'SPLIT_K': 2, 'num_warps': 4, 'num_stages': 4, 'PDL': False}),  # 93.95 us
+    ('w8a8', 1, 28672, 8192): ('swap', {'BLOCK_M': 16, 'BLOCK_N': 128, 'BLOCK_K': 256, 'SPLIT_K': 2, 'num_warps': 4, 'num_stages': 4, 'PDL': False}),  # 88.99 us whole op (act_quant + GEMM), PDL run
     ('w8a8', 1, 57344, 8192): ('gemv_q', {'BLOCK_N': 16, 'BLOCK_K': 1024, 'SPLIT_K': 1, 'num_warps': 4, 'num_stages': 1, 'PREFETCH': True}),  # 160.83 us
     ('w8a8', 1, 128256, 4096): ('swap', {'BLOCK_M': 16, 'BLOCK_N': 128, 'BLOCK_K': 256, 'SPLIT_K': 1, 'num_warps': 4, 'num_stages': 4}),  # 180.61 us
     ('w8a8', 1, 128256, 8192): ('gemv', {'BLOCK_N': 16, 'BLOCK_K': 1024, 'SPLIT_K': 1, 'num_warps': 8, 'num_stages': 1, 'PREFETCH': True}),  # 338.94 us
-    ('w8a8', 2, 1024, 4096): ('swap', {'BLOCK_M': 16, 'BLOCK_N': 64, 'BLOCK_K': 256, 'SPLIT_K': 16, 'num_warps': 4, 'num_stages': 4, 'PDL': True}),  # 9.44 us
-    ('w8a8', 2, 1024, 8192): ('std', {'BLOCK_M': 16, 'BLOCK_N': 64, 'BLOCK_K': 256, 'num_warps': 4, 'num_stages': 4, 'SPLIT_K': 16, 'GROUP_M': 8, 'PDL': True}),  # 11.90 us
-    ('w8a8', 2, 4096, 4096): ('swap', {'BLOCK_M': 16, 'BLOCK_N': 64, 'BLOCK_K': 128, 'SPLIT_K': 8, 'num_warps': 4, 'num_stages': 4, 'PDL': True}),  # 14.34 us
-    ('w8a8', 2, 4096, 14336): ('swap', {'BLOCK_M': 16, 'BLOCK_N': 64, 'BLOCK_K': 128, 'SPLIT_K': 8, 'num_warps': 4, 'num_stages': 4, 'PDL': True}),  # 34.53 us
-    ('w8a8', 2, 8192, 8192): ('swap', {'BLOCK_M': 16, 'BLOCK_N': 64, 'BLOCK_K': 128, 'SPLIT_K': 4, 'num_warps': 4, 'num_stages': 4, 'PDL': True}),  # 37.92 us
-    ('w8a8', 2, 8192, 28672): ('swap', {'BLOCK_M': 16, 'BLOCK_N': 64, 'BLOCK_K': 256, 'SPLIT_K': 4, 'num_warps': 4, 'num_stages': 4, 'PDL': True}),  # 95.42 us
-    ('w8a8', 2, 14336, 4096): ('swap', {'BLOCK_M': 16, 'BLOCK_N': 64, 'BLOCK_K': 256, 'SPLIT_K': 2, 'num_warps': 4, 'num_stages': 4, 'PDL': False}),  # 34.59 us
-    ('w8a8', 2, 28672, 8192): ('swap', {'BLOCK_M': 16, 'BLOCK_N': 64, 'BLOCK_K': 256, 'SPLIT_K': 2, 'num_warps': 4, 'num_stages': 4, 'PDL': False}),  # 93.89 us
-    ('w8a8', 4, 1024, 4096): ('gemv', {'BLOCK_N': 16, 'BLOCK_K': 512, 'SPLIT_K': 4, 'num_warps': 4, 'num_stages': 1, 'PREFETCH': True, 'PDL': True}),  # 7.42 us
-    ('w8a8', 4, 1024, 8192): ('swap', {'BLOCK_M': 16, 'BLOCK_N': 64, 'BLOCK_K': 256, 'SPLIT_K': 16, 'num_warps': 4, 'num_stages': 4, 'PDL': True}),  # 11.81 us
-    ('w8a8', 4, 4096, 4096): ('gemv', {'BLOCK_N': 16, 'BLOCK_K': 512, 'SPLIT_K': 2, 'num_warps': 4, 'num_stages': 1, 'PREFETCH': True, 'PDL': True}),  # 11.65 us
-    ('w8a8', 4, 4096, 14336): ('swap', {'BLOCK_M': 16, 'BLOCK_N': 64, 'BLOCK_K': 128, 'SPLIT_K': 8, 'num_warps': 4, 'num_stages': 4, 'PDL': True}),  # 34.30 us
+    ('w8a8', 2, 1024, 4096): ('swap', {'BLOCK_M': 16, 'BLOCK_N': 64, 'BLOCK_K': 256, 'SPLIT_K': 16, 'num_warps': 4, 'num_stages': 4, 'PDL': True}),  # 11.01 us whole op (act_quant + GEMM), PDL run
+    ('w8a8', 2, 1024, 8192): ('std', {'BLOCK_M': 16, 'BLOCK_N': 64, 'BLOCK_K': 256, 'num_warps': 4, 'num_stages': 4, 'SPLIT_K': 16, 'GROUP_M': 8, 'PDL': True}),  # 11.97 us whole op (act_quant + GEMM), PDL run
+    ('w8a8', 2, 4096, 4096): ('swap', {'BLOCK_M': 16, 'BLOCK_N': 64, 'BLOCK_K': 128, 'SPLIT_K': 8, 'num_warps': 4, 'num_stages': 4, 'PDL': True}),  # 12.83 us whole op (act_quant + GEMM), PDL run
+    ('w8a8', 2, 4096, 14336): ('swap', {'BLOCK_M': 16, 'BLOCK_N': 64, 'BLOCK_K': 128, 'SPLIT_K': 8, 'num_warps': 4, 'num_stages': 4, 'PDL': True}),  # 29.95 us whole op (act_quant + GEMM), PDL run
+    ('w8a8', 2, 8192, 8192): ('swap', {'BLOCK_M': 16, 'BLOCK_N': 64, 'BLOCK_K': 128, 'SPLIT_K': 4, 'num_warps': 4, 'num_stages': 4, 'PDL': True}),  # 36.19 us whole op (act_quant + GEMM), PDL run
+    ('w8a8', 2, 8192, 28672): ('swap', {'BLOCK_M': 16, 'BLOCK_N': 64, 'BLOCK_K': 256, 'SPLIT_K': 4, 'num_warps': 4, 'num_stages': 4, 'PDL': True}),  # 91.81 us whole op (act_quant + GEMM), PDL run
+    ('w8a8', 2, 14336, 4096): ('swap', {'BLOCK_M': 16, 'BLOCK_N': 64, 'BLOCK_K': 256, 'SPLIT_K': 2, 'num_warps': 4, 'num_stages': 4, 'PDL': False}),  # 30.85 us whole op (act_quant + GEMM), PDL run
+    ('w8a8', 2, 28672, 8192): ('swap', {'BLOCK_M': 16, 'BLOCK_N': 64, 'BLOCK_K': 256, 'SPLIT_K': 2, 'num_warps': 4, 'num_stages': 4, 'PDL': False}),  # 89.18 us whole op (act_quant + GEMM), PDL run
+    ('w8a8', 4, 1024, 4096): ('gemv', {'BLOCK_N': 16, 'BLOCK_K': 512, 'SPLIT_K': 4, 'num_warps': 4, 'num_stages': 1, 'PREFETCH': True, 'PDL': True}),  # 9.31 us whole op (act_quant + GEMM), PDL run
+    ('w8a8', 4, 1024, 8192): ('swap', {'BLOCK_M': 16, 'BLOCK_N': 64, 'BLOCK_K': 256, 'SPLIT_K': 16, 'num_warps': 4, 'num_stages': 4, 'PDL': True}),  # 12.70 us whole op (act_quant + GEMM), PDL run
+    ('w8a8', 4, 4096, 4096): ('gemv', {'BLOCK_N': 16, 'BLOCK_K': 512, 'SPLIT_K': 2, 'num_warps': 4, 'num_stages': 1, 'PREFETCH': True, 'PDL': True}),  # 14.02 us whole op (act_quant + GEMM), PDL run
+    ('w8a8', 4, 4096, 14336): ('swap', {'BLOCK_M': 16, 'BLOCK_N': 64, 'BLOCK_K': 128, 'SPLIT_K': 8, 'num_warps': 4, 'num_stages': 4, 'PDL': True}),  # 29.70 us whole op (act_quant + GEMM), PDL run
     ('w8a8', 4, 6144, 4096): ('swap', {'BLOCK_M': 16, 'BLOCK_N': 64, 'BLOCK_K': 128, 'SPLIT_K': 4, 'num_warps': 4, 'num_stages': 4}),  # 14.62 us
-    ('w8a8', 4, 8192, 8192): ('swap', {'BLOCK_M': 16, 'BLOCK_N': 64, 'BLOCK_K': 256, 'SPLIT_K': 4, 'num_warps': 4, 'num_stages': 4, 'PDL': True}),  # 37.38 us
-    ('w8a8', 4, 8192, 28672): ('swap', {'BLOCK_M': 16, 'BLOCK_N': 64, 'BLOCK_K': 256, 'SPLIT_K': 8, 'num_warps': 4, 'num_stages': 4, 'PDL': False}),  # 95.23 us
+    ('w8a8', 4, 8192, 8192): ('swap', {'BLOCK_M': 16, 'BLOCK_N': 64, 'BLOCK_K': 256, 'SPLIT_K': 4, 'num_warps': 4, 'num_stages': 4, 'PDL': True}),  # 32.22 us whole op (act_quant + GEMM), PDL run
+    ('w8a8', 4, 8192, 28672): ('swap', {'BLOCK_M': 16, 'BLOCK_N': 64, 'BLOCK_K': 256, 'SPLIT_K': 8, 'num_warps': 4, 'num_stages': 4, 'PDL': False}),  # 93.44 us whole op (act_quant + GEMM), PDL run
     ('w8a8', 4, 10240, 8192): ('swap', {'BLOCK_M': 16, 'BLOCK_N': 64, 'BLOCK_K': 128, 'SPLIT_K': 2, 'num_warps': 4, 'num_stages': 4}),  # 34.88 us
-    ('w8a8', 4, 14336, 4096): ('swap', {'BLOCK_M': 16, 'BLOCK_N': 64, 'BLOCK_K': 256, 'SPLIT_K': 2, 'num_warps': 4, 'num_stages': 4, 'PDL': False}),  # 33.50 us
+    ('w8a8', 4, 14336, 4096): ('swap', {'BLOCK_M': 16, 'BLOCK_N': 64, 'BLOCK_K': 256, 'SPLIT_K': 2, 'num_warps': 4, 'num_stages': 4, 'PDL': False}),  # 30.05 us whole op (act_quant + GEMM), PDL run
     ('w8a8', 4, 28672, 4096): ('swap', {'BLOCK_M': 16, 'BLOCK_N': 64, 'BLOCK_K': 256, 'SPLIT_K': 1, 'num_warps': 4, 'num_stages': 4}),  # 46.59 us
-    ('w8a8', 4, 28672, 8192): ('swap', {'BLOCK_M': 16, 'BLOCK_N': 64, 'BLOCK_K': 256, 'SPLIT_K': 2, 'num_warps': 4, 'num_stages': 4, 'PDL': False}),  # 93.92 us
+    ('w8a8', 4, 28672, 8192): ('swap', {'BLOCK_M': 16, 'BLOCK_N': 64, 'BLOCK_K': 256, 'SPLIT_K': 2, 'num_warps': 4, 'num_stages': 4, 'PDL': False}),  # 89.12 us whole op (act_quant + GEMM), PDL run
     ('w8a8', 4, 57344, 8192): ('swap', {'BLOCK_M': 16, 'BLOCK_N': 128, 'BLOCK_K': 256, 'SPLIT_K': 1, 'num_warps': 4, 'num_stages': 4}),  # 158.98 us
     ('w8a8', 4, 128256, 4096): ('swap', {'BLOCK_M': 16, 'BLOCK_N': 64, 'BLOCK_K': 256, 'SPLIT_K': 1, 'num_warps': 4, 'num_stages': 4}),  # 176.58 us
     ('w8a8', 4, 128256, 8192): ('swap', {'BLOCK_M': 16, 'BLOCK_N': 128, 'BLOCK_K': 256, 'SPLIT_K': 1, 'num_warps': 4, 'num_stages': 4}),  # 345.18 us
-    ('w8a8', 8, 1024, 4096): ('swap', {'BLOCK_M': 16, 'BLOCK_N': 64, 'BLOCK_K': 256, 'SPLIT_K': 8, 'num_warps': 4, 'num_stages': 4, 'ATOMIC': True}),  # 7.68 us
-    ('w8a8', 8, 1024, 8192): ('swap', {'BLOCK_M': 16, 'BLOCK_N': 64, 'BLOCK_K': 256, 'SPLIT_K': 8, 'num_warps': 4, 'num_stages': 4, 'ATOMIC': True}),  # 9.18 us
-    ('w8a8', 8, 4096, 4096): ('swap', {'BLOCK_M': 16, 'BLOCK_N': 64, 'BLOCK_K': 256, 'SPLIT_K': 2, 'num_warps': 4, 'num_stages': 4, 'ATOMIC': True}),  # 11.94 us
-    ('w8a8', 8, 4096, 14336): ('swap', {'BLOCK_M': 16, 'BLOCK_N': 64, 'BLOCK_K': 256, 'SPLIT_K': 4, 'num_warps': 4, 'num_stages': 4, 'ATOMIC': True, 'PDL': True}),  # 25.82 us
+    ('w8a8', 8, 1024, 4096): ('swap', {'BLOCK_M': 16, 'BLOCK_N': 64, 'BLOCK_K': 128, 'SPLIT_K': 8, 'num_warps': 4, 'num_stages': 4, 'ATOMIC': True, 'PDL': True}),  # 9.44 us whole op (act_quant + GEMM), PDL run
+    ('w8a8', 8, 1024, 8192): ('swap', {'BLOCK_M': 16, 'BLOCK_N': 64, 'BLOCK_K': 128, 'SPLIT_K': 16, 'num_warps': 4, 'num_stages': 4, 'ATOMIC': True, 'PDL': True}),  # 11.65 us whole op (act_quant + GEMM), PDL run
+    ('w8a8', 8, 4096, 4096): ('swap', {'BLOCK_M': 16, 'BLOCK_N': 64, 'BLOCK_K': 256, 'SPLIT_K': 4, 'num_warps': 4, 'num_stages': 4, 'ATOMIC': True, 'PDL': True}),  # 13.47 us whole op (act_quant + GEMM), PDL run
+    ('w8a8', 8, 4096, 14336): ('swap', {'BLOCK_M': 16, 'BLOCK_N': 64, 'BLOCK_K': 256, 'SPLIT_K': 4, 'num_warps': 4, 'num_stages': 4, 'ATOMIC': True, 'PDL': True}),  # 30.14 us whole op (act_quant + GEMM), PDL run
     ('w8a8', 8, 6144, 4096): ('swap', {'BLOCK_M': 16, 'BLOCK_N': 64, 'BLOCK_K': 128, 'SPLIT_K': 2, 'num_warps': 4, 'num_stages': 4, 'ATOMIC': True}),  # 14.91 us
-    ('w8a8', 8, 8192, 8192): ('swap', {'BLOCK_M': 16, 'BLOCK_N': 64, 'BLOCK_K': 256, 'SPLIT_K': 2, 'num_warps': 4, 'num_stages': 4, 'ATOMIC': True}),  # 28.26 us
-    ('w8a8', 8, 8192, 28672): ('swap', {'BLOCK_M': 16, 'BLOCK_N': 64, 'BLOCK_K': 256, 'SPLIT_K': 2, 'num_warps': 4, 'num_stages': 4, 'ATOMIC': True, 'PDL': True}),  # 84.45 us
+    ('w8a8', 8, 8192, 8192): ('swap', {'BLOCK_M': 16, 'BLOCK_N': 64, 'BLOCK_K': 256, 'SPLIT_K': 2, 'num_warps': 4, 'num_stages': 4, 'ATOMIC': True, 'PDL': True}),  # 30.62 us whole op (act_quant + GEMM), PDL run
+    ('w8a8', 8, 8192, 28672): ('swap', {'BLOCK_M': 16, 'BLOCK_N': 64, 'BLOCK_K': 256, 'SPLIT_K': 2, 'num_warps': 4, 'num_stages': 4, 'ATOMIC': True, 'PDL': True}),  # 90.27 us whole op (act_quant + GEMM), PDL run
     ('w8a8', 8, 10240, 8192): ('swap', {'BLOCK_M': 16, 'BLOCK_N': 64, 'BLOCK_K': 256, 'SPLIT_K': 4, 'num_warps': 4, 'num_stages': 4, 'ATOMIC': True}),  # 35.68 us
-    ('w8a8', 8, 14336, 4096): ('swap', {'BLOCK_M': 16, 'BLOCK_N': 64, 'BLOCK_K': 256, 'SPLIT_K': 2, 'num_warps': 4, 'num_stages': 4, 'PDL': True}),  # 33.86 us
-    ('w8a8', 8, 28672, 8192): ('swap', {'BLOCK_M': 16, 'BLOCK_N': 64, 'BLOCK_K': 256, 'SPLIT_K': 1, 'num_warps': 4, 'num_stages': 4, 'PDL': True}),  # 92.90 us
-    ('w8a8', 16, 1024, 4096): ('swap', {'BLOCK_M': 16, 'BLOCK_N': 64, 'BLOCK_K': 256, 'SPLIT_K': 4, 'num_warps': 4, 'num_stages': 4, 'ATOMIC': True}),  # 8.22 us
-    ('w8a8', 16, 1024, 8192): ('swap', {'BLOCK_M': 16, 'BLOCK_N': 64, 'BLOCK_K': 256, 'SPLIT_K': 8, 'num_warps': 4, 'num_stages': 4, 'ATOMIC': True}),  # 9.70 us
-    ('w8a8', 16, 4096, 4096): ('swap', {'BLOCK_M': 16, 'BLOCK_N': 64, 'BLOCK_K': 256, 'SPLIT_K': 2, 'num_warps': 4, 'num_stages': 4, 'ATOMIC': True}),  # 12.38 us
-    ('w8a8', 16, 4096, 14336): ('swap', {'BLOCK_M': 16, 'BLOCK_N': 64, 'BLOCK_K': 256, 'SPLIT_K': 2, 'num_warps': 4, 'num_stages': 4, 'ATOMIC': True, 'PDL': True}),  # 25.76 us
+    ('w8a8', 8, 14336, 4096): ('swap', {'BLOCK_M': 16, 'BLOCK_N': 64, 'BLOCK_K': 256, 'SPLIT_K': 2, 'num_warps': 4, 'num_stages': 4, 'PDL': True}),  # 28.74 us whole op (act_quant + GEMM), PDL run
+    ('w8a8', 8, 28672, 8192): ('swap', {'BLOCK_M': 16, 'BLOCK_N': 64, 'BLOCK_K': 256, 'SPLIT_K': 1, 'num_warps': 4, 'num_stages': 4, 'PDL': True}),  # 87.39 us whole op (act_quant + GEMM), PDL run
+    ('w8a8', 16, 1024, 4096): ('swap', {'BLOCK_M': 16, 'BLOCK_N': 64, 'BLOCK_K': 256, 'SPLIT_K': 4, 'num_warps': 4, 'num_stages': 4, 'ATOMIC': True, 'PDL': True}),  # 10.02 us whole op (act_quant + GEMM), PDL run
+    ('w8a8', 16, 1024, 8192): ('swap', {'BLOCK_M': 16, 'BLOCK_N': 64, 'BLOCK_K': 256, 'SPLIT_K': 4, 'num_warps': 4, 'num_stages': 4, 'ATOMIC': True, 'PDL': True}),  # 12.26 us whole op (act_quant + GEMM), PDL run
+    ('w8a8', 16, 4096, 4096): ('swap', {'BLOCK_M': 16, 'BLOCK_N': 64, 'BLOCK_K': 256, 'SPLIT_K': 2, 'num_warps': 4, 'num_stages': 4, 'ATOMIC': True, 'PDL': True}),  # 14.91 us whole op (act_quant + GEMM), PDL run
+    ('w8a8', 16, 4096, 14336): ('swap', {'BLOCK_M': 16, 'BLOCK_N': 64, 'BLOCK_K': 256, 'SPLIT_K': 2, 'num_warps': 4, 'num_stages': 4, 'ATOMIC': True, 'PDL': True}),  # 31.17 us whole op (act_quant + GEMM), PDL run
     ('w8a8', 16, 6144, 4096): ('swap', {'BLOCK_M': 16, 'BLOCK_N': 64, 'BLOCK_K': 128, 'SPLIT_K': 4, 'num_warps': 4, 'num_stages': 4}),  # 15.14 us
-    ('w8a8', 16, 8192, 8192): ('swap', {'BLOCK_M': 16, 'BLOCK_N': 64, 'BLOCK_K': 256, 'SPLIT_K': 2, 'num_warps': 4, 'num_stages': 4, 'ATOMIC': True}),  # 29.38 us
-    ('w8a8', 16, 8192, 28672): ('swap', {'BLOCK_M': 16, 'BLOCK_N': 64, 'BLOCK_K': 256, 'SPLIT_K': 2, 'num_warps': 4, 'num_stages': 4, 'ATOMIC': True, 'PDL': True}),  # 84.13 us
+    ('w8a8', 16, 8192, 8192): ('swap', {'BLOCK_M': 16, 'BLOCK_N': 128, 'BLOCK_K': 256, 'SPLIT_K': 2, 'num_warps': 4, 'num_stages': 4, 'ATOMIC': True, 'PDL': True}),  # 31.90 us whole op (act_quant + GEMM), PDL run
+    ('w8a8', 16, 8192, 28672): ('swap', {'BLOCK_M': 16, 'BLOCK_N': 64, 'BLOCK_K': 256, 'SPLIT_K': 2, 'num_warps': 4, 'num_stages': 4, 'ATOMIC': True, 'PDL': True}),  # 91.46 us whole op (act_quant + GEMM), PDL run
     ('w8a8', 16, 10240, 8192): ('swap', {'BLOCK_M': 16, 'BLOCK_N': 64, 'BLOCK_K': 256, 'SPLIT_K': 2, 'num_warps': 4, 'num_stages': 4}),  # 34.85 us
-    ('w8a8', 16, 14336, 4096): ('swap', {'BLOCK_M': 16, 'BLOCK_N': 64, 'BLOCK_K': 128, 'SPLIT_K': 2, 'num_warps': 4, 'num_stages': 4, 'PDL': True}),  # 33.92 us
+    ('w8a8', 16, 14336, 4096): ('swap', {'BLOCK_M': 16, 'BLOCK_N': 64, 'BLOCK_K': 128, 'SPLIT_K': 2, 'num_warps': 4, 'num_stages': 4, 'PDL': True}),  # 28.48 us whole op (act_quant + GEMM), PDL run
     ('w8a8', 16, 28672, 4096): ('swap', {'BLOCK_M': 16, 'BLOCK_N': 64, 'BLOCK_K': 256, 'SPLIT_K': 1, 'num_warps': 4, 'num_stages': 4}),  # 44.19 us
-    ('w8a8', 16, 28672, 8192): ('swap', {'BLOCK_M': 16, 'BLOCK_N': 64, 'BLOCK_K': 256, 'SPLIT_K': 1, 'num_warps': 4, 'num_stages': 4, 'PDL': True}),  # 93.02 us
+    ('w8a8', 16, 28672, 8192): ('swap', {'BLOCK_M': 16, 'BLOCK_N': 64, 'BLOCK_K': 256, 'SPLIT_K': 1, 'num_warps': 4, 'num_stages': 4, 'PDL': True}),  # 85.70 us whole op (act_quant + GEMM), PDL run
     ('w8a8', 16, 57344, 8192): ('swap', {'BLOCK_M': 16, 'BLOCK_N': 64, 'BLOCK_K': 256, 'SPLIT_K': 1, 'num_warps': 4, 'num_stages': 4}),  # 161.09 us
     ('w8a8', 16, 128256, 4096): ('swap', {'BLOCK_M': 16, 'BLOCK_N': 128, 'BLOCK_K': 256, 'SPLIT_K': 1, 'num_warps': 4, 'num_stages': 4}),  # 180.83 us
     ('w8a8', 16, 128256, 8192): ('swap', {'BLOCK_M': 16, 'BLOCK_N': 128, 'BLOCK_K': 256, 'SPLIT_K': 1, 'num_warps': 4, 'num_stages': 4}),  # 349.54 us
-    ('w8a8', 32, 1024, 4096): ('swap', {'BLOCK_M': 32, 'BLOCK_N': 64, 'BLOCK_K': 256, 'SPLIT_K': 4, 'num_warps': 4, 'num_stages': 4, 'ATOMIC': True}),  # 9.38 us
-    ('w8a8', 32, 1024, 8192): ('swap', {'BLOCK_M': 32, 'BLOCK_N': 64, 'BLOCK_K': 256, 'SPLIT_K': 8, 'num_warps': 4, 'num_stages': 4, 'ATOMIC': True}),  # 11.10 us
-    ('w8a8', 32, 4096, 4096): ('swap', {'BLOCK_M': 32, 'BLOCK_N': 64, 'BLOCK_K': 256, 'SPLIT_K': 2, 'num_warps': 4, 'num_stages': 4, 'ATOMIC': True}),  # 13.66 us
-    ('w8a8', 32, 4096, 14336): ('swap', {'BLOCK_M': 32, 'BLOCK_N': 64, 'BLOCK_K': 256, 'SPLIT_K': 2, 'num_warps': 4, 'num_stages': 4, 'ATOMIC': True, 'PDL': True}),  # 27.62 us
+    ('w8a8', 32, 1024, 4096): ('swap', {'BLOCK_M': 32, 'BLOCK_N': 64, 'BLOCK_K': 128, 'SPLIT_K': 4, 'num_warps': 4, 'num_stages': 4, 'ATOMIC': True, 'PDL': True}),  # 10.75 us whole op (act_quant + GEMM), PDL run
+    ('w8a8', 32, 1024, 8192): ('swap', {'BLOCK_M': 32, 'BLOCK_N': 64, 'BLOCK_K': 256, 'SPLIT_K': 4, 'num_warps': 4, 'num_stages': 4, 'ATOMIC': True, 'PDL': True}),  # 13.02 us whole op (act_quant + GEMM), PDL run
+    ('w8a8', 32, 4096, 4096): ('swap', {'BLOCK_M': 32, 'BLOCK_N': 64, 'BLOCK_K': 256, 'SPLIT_K': 2, 'num_warps': 4, 'num_stages': 4, 'ATOMIC': True, 'PDL': False}),  # 16.61 us whole op (act_quant + GEMM), PDL run
+    ('w8a8', 32, 4096, 14336): ('swap', {'BLOCK_M': 32, 'BLOCK_N': 64, 'BLOCK_K': 256, 'SPLIT_K': 2, 'num_warps': 4, 'num_stages': 4, 'ATOMIC': True, 'PDL': True}),  # 33.38 us whole op (act_quant + GEMM), PDL run
     ('w8a8', 32, 6144, 4096): ('std', {'BLOCK_M': 32, 'BLOCK_N': 64, 'BLOCK_K': 256, 'num_warps': 4, 'num_stages': 4, 'SPLIT_K': 4, 'GROUP_M': 8}),  # 17.31 us
-    ('w8a8', 32, 8192, 8192): ('swap', {'BLOCK_M': 32, 'BLOCK_N': 64, 'BLOCK_K': 256, 'SPLIT_K': 4, 'num_warps': 4, 'num_stages': 4}),  # 31.55 us
-    ('w8a8', 32, 8192, 28672): ('swap', {'BLOCK_M': 32, 'BLOCK_N': 64, 'BLOCK_K': 256, 'SPLIT_K': 2, 'num_warps': 4, 'num_stages': 4, 'ATOMIC': True, 'PDL': True}),  # 87.68 us
+    ('w8a8', 32, 8192, 8192): ('swap', {'BLOCK_M': 32, 'BLOCK_N': 64, 'BLOCK_K': 256, 'SPLIT_K': 4, 'num_warps': 4, 'num_stages': 4, 'PDL': True}),  # 34.50 us whole op (act_quant + GEMM), PDL run
+    ('w8a8', 32, 8192, 28672): ('swap', {'BLOCK_M': 32, 'BLOCK_N': 64, 'BLOCK_K': 256, 'SPLIT_K': 2, 'num_warps': 4, 'num_stages': 4, 'ATOMIC': True, 'PDL': True}),  # 94.88 us whole op (act_quant + GEMM), PDL run
     ('w8a8', 32, 10240, 8192): ('std', {'BLOCK_M': 32, 'BLOCK_N': 64, 'BLOCK_K': 256, 'num_warps': 4, 'num_stages': 4, 'SPLIT_K': 2, 'GROUP_M': 8}),  # 38.18 us
-    ('w8a8', 32, 14336, 4096): ('swap', {'BLOCK_M': 32, 'BLOCK_N': 64, 'BLOCK_K': 128, 'SPLIT_K': 2, 'num_warps': 4, 'num_stages': 4, 'PDL': True}),  # 34.91 us
-    ('w8a8', 32, 28672, 8192): ('swap', {'BLOCK_M': 32, 'BLOCK_N': 64, 'BLOCK_K': 256, 'SPLIT_K': 1, 'num_warps': 4, 'num_stages': 4, 'PDL': True}),  # 93.89 us
-    ('w8a8', 64, 1024, 4096): ('std', {'BLOCK_M': 16, 'BLOCK_N': 128, 'BLOCK_K': 256, 'SPLIT_K': 4, 'num_warps': 4, 'num_stages': 4, 'GROUP_M': 8, 'ATOMIC': True}),  # 11.39 us
-    ('w8a8', 64, 1024, 8192): ('std', {'BLOCK_M': 16, 'BLOCK_N': 128, 'BLOCK_K': 256, 'SPLIT_K': 4, 'num_warps': 4, 'num_stages': 4, 'GROUP_M': 8, 'ATOMIC': True}),  # 13.02 us
-    ('w8a8', 64, 4096, 4096): ('swap', {'BLOCK_M': 64, 'BLOCK_N': 64, 'BLOCK_K': 256, 'SPLIT_K': 2, 'num_warps': 4, 'num_stages': 4, 'ATOMIC': True}),  # 16.61 us
-    ('w8a8', 64, 4096, 14336): ('swap', {'BLOCK_M': 64, 'BLOCK_N': 64, 'BLOCK_K': 256, 'SPLIT_K': 2, 'num_warps': 4, 'num_stages': 4, 'ATOMIC': True, 'PDL': True}),  # 30.59 us
+    ('w8a8', 32, 14336, 4096): ('swap', {'BLOCK_M': 32, 'BLOCK_N': 64, 'BLOCK_K': 128, 'SPLIT_K': 2, 'num_warps': 4, 'num_stages': 4, 'PDL': True}),  # 30.30 us whole op (act_quant + GEMM), PDL run
+    ('w8a8', 32, 28672, 8192): ('swap', {'BLOCK_M': 32, 'BLOCK_N': 64, 'BLOCK_K': 256, 'SPLIT_K': 1, 'num_warps': 4, 'num_stages': 4, 'PDL': True}),  # 86.85 us whole op (act_quant + GEMM), PDL run
+    ('w8a8', 64, 1024, 4096): ('std', {'BLOCK_M': 32, 'BLOCK_N': 64, 'BLOCK_K': 256, 'SPLIT_K': 2, 'num_warps': 4, 'num_stages': 4, 'ATOMIC': True, 'GROUP_M': 8, 'PDL': True}),  # 12.93 us whole op (act_quant + GEMM), PDL run
+    ('w8a8', 64, 1024, 8192): ('std', {'BLOCK_M': 64, 'BLOCK_N': 64, 'BLOCK_K': 256, 'SPLIT_K': 4, 'num_warps': 4, 'num_stages': 4, 'ATOMIC': True, 'GROUP_M': 8, 'PDL': True}),  # 15.58 us whole op (act_quant + GEMM), PDL run
+    ('w8a8', 64, 4096, 4096): ('swap', {'BLOCK_M': 64, 'BLOCK_N': 64, 'BLOCK_K': 256, 'SPLIT_K': 2, 'num_warps': 4, 'num_stages': 4, 'ATOMIC': True, 'PDL': True}),  # 18.24 us whole op (act_quant + GEMM), PDL run
+    ('w8a8', 64, 4096, 14336): ('swap', {'BLOCK_M': 64, 'BLOCK_N': 64, 'BLOCK_K': 256, 'SPLIT_K': 2, 'num_warps': 4, 'num_stages': 4, 'ATOMIC': True, 'PDL': True}),  # 35.71 us whole op (act_quant + GEMM), PDL run
     ('w8a8', 64, 6144, 4096): ('std', {'BLOCK_M': 64, 'BLOCK_N': 64, 'BLOCK_K': 256, 'num_warps': 4, 'num_stages': 4, 'SPLIT_K': 2, 'GROUP_M': 8}),  # 19.26 us
-    ('w8a8', 64, 8192, 8192): ('std', {'BLOCK_M': 64, 'BLOCK_N': 64, 'BLOCK_K': 256, 'num_warps': 4, 'num_stages': 4, 'SPLIT_K': 2, 'GROUP_M': 8}),  # 33.02 us
-    ('w8a8', 64, 8192, 28672): ('std', {'BLOCK_M': 64, 'BLOCK_N': 64, 'BLOCK_K': 256, 'num_warps': 4, 'num_stages': 4, 'SPLIT_K': 2, 'GROUP_M': 8, 'PDL': True}),  # 91.55 us
+    ('w8a8', 64, 8192, 8192): ('std', {'BLOCK_M': 64, 'BLOCK_N': 64, 'BLOCK_K': 256, 'num_warps': 4, 'num_stages': 4, 'SPLIT_K': 2, 'GROUP_M': 8, 'PDL': True}),  # 35.97 us whole op (act_quant + GEMM), PDL run
+    ('w8a8', 64, 8192, 28672): ('std', {'BLOCK_M': 64, 'BLOCK_N': 64, 'BLOCK_K': 256, 'num_warps': 4, 'num_stages': 4, 'SPLIT_K': 2, 'GROUP_M': 8, 'PDL': True}),  # 100.00 us whole op (act_quant + GEMM), PDL run
     ('w8a8', 64, 10240, 8192): ('swap', {'BLOCK_M': 64, 'BLOCK_N': 64, 'BLOCK_K': 128, 'SPLIT_K': 2, 'num_warps': 4, 'num_stages': 4}),  # 38.50 us
-    ('w8a8', 64, 14336, 4096): ('std', {'BLOCK_M': 64, 'BLOCK_N': 64, 'BLOCK_K': 256, 'num_warps': 4, 'num_stages': 4, 'SPLIT_K': 1, 'GROUP_M': 8, 'PDL': True}),  # 36.64 us
+    ('w8a8', 64, 14336, 4096): ('std', {'BLOCK_M': 64, 'BLOCK_N': 64, 'BLOCK_K': 256, 'num_warps': 4, 'num_stages': 4, 'SPLIT_K': 1, 'GROUP_M': 8, 'PDL': True}),  # 29.44 us whole op (act_quant + GEMM), PDL run
     ('w8a8', 64, 28672, 4096): ('std', {'BLOCK_M': 64, 'BLOCK_N': 128, 'BLOCK_K': 128, 'num_warps': 4, 'num_stages': 4, 'SPLIT_K': 1, 'GROUP_M': 8}),  # 47.01 us
-    ('w8a8', 64, 28672, 8192): ('std', {'BLOCK_M': 64, 'BLOCK_N': 64, 'BLOCK_K': 256, 'num_warps': 4, 'num_stages': 4, 'SPLIT_K': 1, 'GROUP_M': 8, 'PDL': False}),  # 100.19 us
+    ('w8a8', 64, 28672, 8192): ('std', {'BLOCK_M': 64, 'BLOCK_N': 64, 'BLOCK_K': 256, 'num_warps': 4, 'num_stages': 4, 'SPLIT_K': 1, 'GROUP_M': 8, 'PDL': False}),  # 94.72 us whole op (act_quant + GEMM), PDL run
     ('w8a8', 64, 57344, 8192): ('swap', {'BLOCK_M': 64, 'BLOCK_N': 128, 'BLOCK_K': 256, 'SPLIT_K': 1, 'num_warps': 4, 'num_stages': 4}),  # 168.61 us
     ('w8a8', 64, 128256, 4096): ('swap', {'BLOCK_M': 64, 'BLOCK_N': 128, 'BLOCK_K': 256, 'SPLIT_K': 1, 'num_warps': 4, 'num_stages': 4}),  # 188.51 us
     ('w8a8', 64, 128256, 8192): ('swap', {'BLOCK_M': 64, 'BLOCK_N': 128, 'BLOCK_K': 256, 'SPLIT_K': 1, 'num_warps': 4, 'num_stages': 4}),  # 363.26 us
-    ('w8a8', 128, 1024, 4096): ('std', {'BLOCK_M': 16, 'BLOCK_N': 128, 'BLOCK_K': 256, 'SPLIT_K': 2, 'num_warps': 4, 'num_stages': 4, 'GROUP_M': 8, 'ATOMIC': True}),  # 12.45 us
-    ('w8a8', 128, 1024, 8192): ('std', {'BLOCK_M': 64, 'BLOCK_N': 64, 'BLOCK_K': 256, 'SPLIT_K': 4, 'num_warps': 4, 'num_stages': 4, 'GROUP_M': 8, 'ATOMIC': True}),  # 14.91 us
-    ('w8a8', 128, 4096, 4096): ('tma', {'BLOCK_M': 64, 'BLOCK_N': 128, 'BLOCK_K': 256, 'GROUP_M': 8, 'num_warps': 4, 'num_stages': 4}),  # 14.05 us
-    ('w8a8', 128, 4096, 14336): ('tma', {'BLOCK_M': 64, 'BLOCK_N': 128, 'BLOCK_K': 256, 'GROUP_M': 8, 'num_warps': 4, 'num_stages': 4, 'PDL': False}),  # 33.60 us
+    ('w8a8', 128, 1024, 4096): ('std', {'BLOCK_M': 64, 'BLOCK_N': 64, 'BLOCK_K': 256, 'SPLIT_K': 4, 'num_warps': 4, 'num_stages': 4, 'ATOMIC': True, 'GROUP_M': 8, 'PDL': True}),  # 15.58 us whole op (act_quant + GEMM), PDL run
+    ('w8a8', 128, 1024, 8192): ('std', {'BLOCK_M': 64, 'BLOCK_N': 64, 'BLOCK_K': 256, 'SPLIT_K': 4, 'num_warps': 4, 'num_stages': 4, 'GROUP_M': 8, 'ATOMIC': True, 'PDL': True}),  # 18.43 us whole op (act_quant + GEMM), PDL run
+    ('w8a8', 128, 4096, 4096): ('tma', {'BLOCK_M': 64, 'BLOCK_N': 128, 'BLOCK_K': 256, 'GROUP_M': 8, 'num_warps': 4, 'num_stages': 4, 'PDL': False}),  # 17.41 us whole op (act_quant + GEMM), PDL run
+    ('w8a8', 128, 4096, 14336): ('tma', {'BLOCK_M': 64, 'BLOCK_N': 128, 'BLOCK_K': 256, 'GROUP_M': 8, 'num_warps': 4, 'num_stages': 4, 'PDL': False}),  # 42.05 us whole op (act_quant + GEMM), PDL run
     ('w8a8', 128, 6144, 4096): ('tma', {'BLOCK_M': 64, 'BLOCK_N': 128, 'BLOCK_K': 256, 'GROUP_M': 8, 'num_warps': 4, 'num_stages': 4}),  # 15.84 us
-    ('w8a8', 128, 8192, 8192): ('tma', {'BLOCK_M': 64, 'BLOCK_N': 128, 'BLOCK_K': 256, 'GROUP_M': 8, 'num_warps': 4, 'num_stages': 4}),  # 29.18 us
-    ('w8a8', 128, 8192, 28672): ('tma', {'BLOCK_M': 64, 'BLOCK_N': 128, 'BLOCK_K': 256, 'GROUP_M': 8, 'num_warps': 4, 'num_stages': 4, 'PDL': True}),  # 89.31 us
+    ('w8a8', 128, 8192, 8192): ('tma', {'BLOCK_M': 64, 'BLOCK_N': 128, 'BLOCK_K': 256, 'GROUP_M': 8, 'num_warps': 4, 'num_stages': 4, 'PDL': True}),  # 34.85 us whole op (act_quant + GEMM), PDL run
+    ('w8a8', 128, 8192, 28672): ('tma', {'BLOCK_M': 64, 'BLOCK_N': 128, 'BLOCK_K': 256, 'GROUP_M': 8, 'num_warps': 4, 'num_stages': 4, 'PDL': True}),  # 101.73 us whole op (act_quant + GEMM), PDL run
     ('w8a8', 128, 10240, 8192): ('std', {'BLOCK_M': 64, 'BLOCK_N': 128, 'BLOCK_K': 128, 'num_warps': 4, 'num_stages': 4, 'SPLIT_K': 1, 'GROUP_M': 8}),  # 39.04 us
-    ('w8a8', 128, 14336, 4096): ('std', {'BLOCK_M': 64, 'BLOCK_N': 128, 'BLOCK_K': 128, 'num_warps': 4, 'num_stages': 4, 'SPLIT_K': 1, 'GROUP_M': 8, 'PDL': False}),  # 35.07 us
+    ('w8a8', 128, 14336, 4096): ('std', {'BLOCK_M': 64, 'BLOCK_N': 128, 'BLOCK_K': 128, 'num_warps': 4, 'num_stages': 4, 'SPLIT_K': 1, 'GROUP_M': 8, 'PDL': False}),  # 31.17 us whole op (act_quant + GEMM), PDL run
     ('w8a8', 128, 28672, 4096): ('std', {'BLOCK_M': 128, 'BLOCK_N': 128, 'BLOCK_K': 128, 'num_warps': 8, 'num_stages': 3, 'SPLIT_K': 1, 'GROUP_M': 8}),  # 48.51 us
-    ('w8a8', 128, 28672, 8192): ('std', {'BLOCK_M': 128, 'BLOCK_N': 128, 'BLOCK_K': 128, 'num_warps': 8, 'num_stages': 3, 'SPLIT_K': 1, 'GROUP_M': 8, 'PDL': False}),  # 103.07 us
+    ('w8a8', 128, 28672, 8192): ('std', {'BLOCK_M': 128, 'BLOCK_N': 128, 'BLOCK_K': 128, 'num_warps': 8, 'num_stages': 3, 'SPLIT_K': 1, 'GROUP_M': 8, 'PDL': False}),  # 95.84 us whole op (act_quant + GEMM), PDL run
     ('w8a8', 128, 57344, 8192): ('std', {'BLOCK_M': 128, 'BLOCK_N': 128, 'BLOCK_K': 128, 'num_warps': 8, 'num_stages': 3, 'SPLIT_K': 1, 'GROUP_M': 8}),  # 179.20 us
     ('w8a8', 128, 128256, 4096): ('std', {'BLOCK_M': 128, 'BLOCK_N': 128, 'BLOCK_K': 128, 'num_warps': 8, 'num_stages': 3, 'SPLIT_K': 1, 'GROUP_M': 8}),  # 204.48 us
     ('w8a8', 128, 128256, 8192): ('tma', {'BLOCK_M': 128, 'BLOCK_N': 256, 'BLOCK_K': 128, 'GROUP_M': 8, 'num_warps': 8, 'num_stages': 3}),  # 399.58 us
-    ('w8a8', 256, 1024, 4096): ('tma', {'BLOCK_M': 64, 'BLOCK_N': 128, 'BLOCK_K': 256, 'GROUP_M': 8, 'num_warps': 4, 'num_stages': 4, 'PDL': False}),  # 13.63 us
-    ('w8a8', 256, 1024, 8192): ('std', {'BLOCK_M': 64, 'BLOCK_N': 64, 'BLOCK_K': 256, 'SPLIT_K': 2, 'num_warps': 4, 'num_stages': 4, 'GROUP_M': 8, 'ATOMIC': True, 'PDL': False}),  # 17.38 us
-    ('w8a8', 256, 4096, 4096): ('tma', {'BLOCK_M': 64, 'BLOCK_N': 128, 'BLOCK_K': 256, 'GROUP_M': 8, 'num_warps': 4, 'num_stages': 4, 'PDL': False}),  # 13.95 us
-    ('w8a8', 256, 4096, 14336): ('tma', {'BLOCK_M': 64, 'BLOCK_N': 128, 'BLOCK_K': 256, 'GROUP_M': 8, 'num_warps': 4, 'num_stages': 4, 'PDL': False}),  # 33.89 us
+    ('w8a8', 256, 1024, 4096): ('tma', {'BLOCK_M': 64, 'BLOCK_N': 128, 'BLOCK_K': 256, 'GROUP_M': 8, 'num_warps': 4, 'num_stages': 4, 'PDL': False}),  # 17.09 us whole op (act_quant + GEMM), PDL run
+    ('w8a8', 256, 1024, 8192): ('std', {'BLOCK_M': 64, 'BLOCK_N': 64, 'BLOCK_K': 256, 'SPLIT_K': 2, 'num_warps': 4, 'num_stages': 4, 'GROUP_M': 8, 'ATOMIC': True, 'PDL': False}),  # 22.53 us whole op (act_quant + GEMM), PDL run
+    ('w8a8', 256, 4096, 4096): ('tma', {'BLOCK_M': 64, 'BLOCK_N': 128, 'BLOCK_K': 256, 'GROUP_M': 8, 'num_warps': 4, 'num_stages': 4, 'PDL': False}),  # 17.92 us whole op (act_quant + GEMM), PDL run
+    ('w8a8', 256, 4096, 14336): ('tma', {'BLOCK_M': 64, 'BLOCK_N': 128, 'BLOCK_K': 256, 'GROUP_M': 8, 'num_warps': 4, 'num_stages': 4, 'PDL': False}),  # 45.89 us whole op (act_quant + GEMM), PDL run
     ('w8a8', 256, 6144, 4096): ('std', {'BLOCK_M': 64, 'BLOCK_N': 128, 'BLOCK_K': 128, 'num_warps': 4, 'num_stages': 4, 'SPLIT_K': 1, 'GROUP_M': 8}),  # 19.81 us
-    ('w8a8', 256, 8192, 8192): ('tma', {'BLOCK_M': 128, 'BLOCK_N': 128, 'BLOCK_K': 256, 'GROUP_M': 8, 'num_warps': 8, 'num_stages': 3, 'PDL': True}),  # 37.54 us
-    ('w8a8', 256, 8192, 28672): ('tma', {'BLOCK_M': 128, 'BLOCK_N': 128, 'BLOCK_K': 256, 'GROUP_M': 8, 'num_warps': 8, 'num_stages': 3, 'PDL': False}),  # 118.18 us
+    ('w8a8', 256, 8192, 8192): ('tma', {'BLOCK_M': 128, 'BLOCK_N': 128, 'BLOCK_K': 256, 'GROUP_M': 8, 'num_warps': 8, 'num_stages': 3, 'PDL': True}),  # 44.10 us whole op (act_quant + GEMM), PDL run
+    ('w8a8', 256, 8192, 28672): ('tma', {'BLOCK_M': 128, 'BLOCK_N': 128, 'BLOCK_K': 256, 'GROUP_M': 8, 'num_warps': 8, 'num_stages': 3, 'PDL': False}),  # 135.46 us whole op (act_quant + GEMM), PDL run
     ('w8a8', 256, 10240, 8192): ('std', {'BLOCK_M': 128, 'BLOCK_N': 128, 'BLOCK_K': 128, 'num_warps': 8, 'num_stages': 3, 'SPLIT_K': 1, 'GROUP_M': 8}),  # 51.42 us
-    ('w8a8', 256, 14336, 4096): ('tma', {'BLOCK_M': 128, 'BLOCK_N': 256, 'BLOCK_K': 128, 'GROUP_M': 8, 'num_warps': 8, 'num_stages': 4, 'PDL': True}),  # 39.84 us
+    ('w8a8', 256, 14336, 4096): ('tma', {'BLOCK_M': 128, 'BLOCK_N': 256, 'BLOCK_K': 128, 'GROUP_M': 8, 'num_warps': 8, 'num_stages': 4, 'PDL': True}),  # 38.05 us whole op (act_quant + GEMM), PDL run
     ('w8a8', 256, 28672, 4096): ('std', {'BLOCK_M': 128, 'BLOCK_N': 128, 'BLOCK_K': 128, 'num_warps': 8, 'num_stages': 3, 'SPLIT_K': 1, 'GROUP_M': 8}),  # 65.18 us
-    ('w8a8', 256, 28672, 8192): ('std', {'BLOCK_M': 128, 'BLOCK_N': 128, 'BLOCK_K': 128, 'num_warps': 8, 'num_stages': 3, 'SPLIT_K': 1, 'GROUP_M': 8, 'PDL': False}),  # 125.28 us
+    ('w8a8', 256, 28672, 8192): ('std', {'BLOCK_M': 128, 'BLOCK_N': 128, 'BLOCK_K': 128, 'num_warps': 8, 'num_stages': 3, 'SPLIT_K': 1, 'GROUP_M': 8, 'PDL': False}),  # 124.83 us whole op (act_quant + GEMM), PDL run
     ('w8a8', 256, 57344, 8192): ('std', {'BLOCK_M': 128, 'BLOCK_N': 128, 'BLOCK_K': 128, 'num_warps': 8, 'num_stages': 3, 'SPLIT_K': 1, 'GROUP_M': 8}),  # 239.14 us
     ('w8a8', 256, 128256, 4096): ('std', {'BLOCK_M': 128, 'BLOCK_N': 128, 'BLOCK_K': 128, 'num_warps': 8, 'num_stages': 3, 'SPLIT_K': 1, 'GROUP_M': 8}),  # 266.66 us
     ('w8a8', 256, 128256, 8192): ('std', {'BLOCK_M': 128, 'BLOCK_N': 128, 'BLOCK_K': 128, 'num_warps': 8, 'num_stages': 3, 'SPLIT_K': 1, 'GROUP_M': 8}),  # 539.62 us
-    ('w8a8', 512, 1024, 4096): ('tma', {'BLOCK_M': 64, 'BLOCK_N': 128, 'BLOCK_K': 256, 'GROUP_M': 8, 'num_warps': 4, 'num_stages': 4, 'PDL': True}),  # 14.11 us
-    ('w8a8', 512, 1024, 8192): ('tma', {'BLOCK_M': 64, 'BLOCK_N': 128, 'BLOCK_K': 256, 'GROUP_M': 8, 'num_warps': 4, 'num_stages': 4, 'PDL': False}),  # 21.54 us
-    ('w8a8', 512, 4096, 4096): ('std', {'BLOCK_M': 64, 'BLOCK_N': 128, 'BLOCK_K': 128, 'num_warps': 4, 'num_stages': 4, 'SPLIT_K': 1, 'GROUP_M': 8, 'PDL': False}),  # 22.82 us
-    ('w8a8', 512, 4096, 14336): ('tma', {'BLOCK_M': 128, 'BLOCK_N': 128, 'BLOCK_K': 256, 'GROUP_M': 8, 'num_warps': 8, 'num_stages': 3, 'PDL': True}),  # 61.12 us
-    ('w8a8', 512, 8192, 8192): ('std', {'BLOCK_M': 128, 'BLOCK_N': 128, 'BLOCK_K': 128, 'num_warps': 8, 'num_stages': 3, 'SPLIT_K': 1, 'GROUP_M': 8, 'PDL': False}),  # 59.26 us
-    ('w8a8', 512, 8192, 28672): ('std', {'BLOCK_M': 128, 'BLOCK_N': 128, 'BLOCK_K': 128, 'num_warps': 8, 'num_stages': 3, 'SPLIT_K': 1, 'GROUP_M': 8, 'PDL': False}),  # 178.50 us
-    ('w8a8', 512, 14336, 4096): ('std', {'BLOCK_M': 128, 'BLOCK_N': 128, 'BLOCK_K': 128, 'num_warps': 8, 'num_stages': 3, 'SPLIT_K': 1, 'GROUP_M': 8, 'PDL': False}),  # 62.02 us
-    ('w8a8', 512, 28672, 8192): ('std', {'BLOCK_M': 128, 'BLOCK_N': 128, 'BLOCK_K': 128, 'num_warps': 8, 'num_stages': 3, 'SPLIT_K': 1, 'GROUP_M': 8, 'PDL': False}),  # 218.75 us
+    ('w8a8', 512, 1024, 4096): ('tma', {'BLOCK_M': 64, 'BLOCK_N': 128, 'BLOCK_K': 256, 'GROUP_M': 8, 'num_warps': 4, 'num_stages': 4, 'PDL': True}),  # 18.50 us whole op (act_quant + GEMM), PDL run
+    ('w8a8', 512, 1024, 8192): ('tma', {'BLOCK_M': 64, 'BLOCK_N': 128, 'BLOCK_K': 256, 'GROUP_M': 8, 'num_warps': 4, 'num_stages': 4, 'PDL': False}),  # 28.96 us whole op (act_quant + GEMM), PDL run
+    ('w8a8', 512, 4096, 4096): ('std', {'BLOCK_M': 64, 'BLOCK_N': 128, 'BLOCK_K': 128, 'num_warps': 4, 'num_stages': 4, 'SPLIT_K': 1, 'GROUP_M': 8, 'PDL': False}),  # 24.16 us whole op (act_quant + GEMM), PDL run
+    ('w8a8', 512, 4096, 14336): ('tma', {'BLOCK_M': 128, 'BLOCK_N': 128, 'BLOCK_K': 256, 'GROUP_M': 8, 'num_warps': 8, 'num_stages': 3, 'PDL': True}),  # 71.71 us whole op (act_quant + GEMM), PDL run
+    ('w8a8', 512, 8192, 8192): ('std', {'BLOCK_M': 128, 'BLOCK_N': 128, 'BLOCK_K': 128, 'num_warps': 8, 'num_stages': 3, 'SPLIT_K': 1, 'GROUP_M': 8, 'PDL': False}),  # 62.50 us whole op (act_quant + GEMM), PDL run
+    ('w8a8', 512, 8192, 28672): ('std', {'BLOCK_M': 128, 'BLOCK_N': 128, 'BLOCK_K': 128, 'num_warps': 8, 'num_stages': 3, 'SPLIT_K': 1, 'GROUP_M': 8, 'PDL': False}),  # 211.49 us whole op (act_quant + GEMM), PDL run
+    ('w8a8', 512, 14336, 4096): ('std', {'BLOCK_M': 128, 'BLOCK_N': 128, 'BLOCK_K': 128, 'num_warps': 8, 'num_stages': 3, 'SPLIT_K': 1, 'GROUP_M': 8, 'PDL': False}),  # 61.25 us whole op (act_quant + GEMM), PDL run
+    ('w8a8', 512, 28672, 8192): ('std', {'BLOCK_M': 128, 'BLOCK_N': 128, 'BLOCK_K': 128, 'num_warps': 8, 'num_stages': 3, 'SPLIT_K': 1, 'GROUP_M': 8, 'PDL': False}),  # 219.84 us whole op (act_quant + GEMM), PDL run
     ('w8a8', 1024, 1024, 4096): ('tma', {'BLOCK_M': 64, 'BLOCK_N': 128, 'BLOCK_K': 256, 'GROUP_M': 8, 'num_warps': 4, 'num_stages': 4}),  # 14.66 us
     ('w8a8', 1024, 1024, 8192): ('tma', {'BLOCK_M': 64, 'BLOCK_N': 128, 'BLOCK_K': 256, 'GROUP_M': 8, 'num_warps': 4, 'num_stages': 4}),  # 23.71 us
     ('w8a8', 1024, 4096, 4096): ('std', {'BLOCK_M': 128, 'BLOCK_N': 128, 'BLOCK_K': 128, 'num_warps': 8, 'num_stages': 3, 'SPLIT_K': 1, 'GROUP_M': 8}),  # 32.35 us
