@@ -44,7 +44,7 @@ import triton.language as tl
 
 from .triton_w4a16 import INTERPRETING, MAX_TILES, _sm_count, _split_for, split_k_counters
 from .triton_act_quant import _load_row, _rint
-from .triton_pdl import launch_kwargs, launch_pdl, prefetch_row_bytes, prefetch_rows, wait
+from .triton_pdl import pdl_launch, prefetch_rows, wait
 from .triton_w8a8 import _a_scales, _finish, codes_are_fp8
 
 MAX_M = 4
@@ -344,15 +344,15 @@ def _launch(a: torch.Tensor, a_scale: torch.Tensor | None, smooth: torch.Tensor 
     out = torch.empty((m, n), dtype=out_dtype, device=a.device)
     ws = torch.empty((split, m, n) if split > 1 else (1,), dtype=torch.float32 if fp8 else torch.int32,
                      device=a.device)
-    pdl = launch_pdl(cfg, a, weight) and not quant_x   # the fused form has no quantization kernel before it
+    # the fused form (quant_x) has no quantization kernel before it to overlap
+    pdl = pdl_launch(cfg, a, weight, grid_n * split, allowed=not quant_x)
     a8w8_gemv_kernel[(grid_n, split)](
         a, smooth if smooth is not None else w_scale, w_words, a_scale if a_scale is not None else w_scale, w_scale,
         bias if bias is not None else w_scale, out, ws, split_k_counters(a.device), n, kw, a.stride(0),
         w_words.stride(0), a_scale.stride(0) if a_scale is not None else 0, out.stride(0),
         HAS_BIAS=bias is not None, FP8=fp8, M=m, SPLIT_K=split, EVEN_K=kw % (cfg["BLOCK_K"] // 4 * split) == 0,
         ASM=not INTERPRETING, QUANT_X=quant_x, HAS_SMOOTH=smooth is not None,
-        STATIC=quant_x and a_scale is not None, PDL=pdl, pf_bytes=prefetch_row_bytes(grid_n * split, cfg["BLOCK_N"]),
-        LANES=32 * cfg["num_warps"], **cfg, **launch_kwargs(pdl))
+        STATIC=quant_x and a_scale is not None, **cfg, **pdl)
     return out
 
 

@@ -6,8 +6,9 @@ on their way. With PDL:
 
 * ``act_quant`` calls ``griddepcontrol.launch_dependents`` first thing (:func:`trigger`), so the GEMM's grid
   is scheduled as soon as every quantization program has started, not after the last one has finished.
-* The GEMM, launched with ``launch_pdl=True``, asks the L2 for its own weight slice (:func:`l2_prefetch`,
-  ``cp.async.bulk.prefetch.L2``: one instruction per weight row, no registers, no result), then waits for
+* The GEMM, launched with ``launch_pdl=True``, asks the L2 for the start of its weight slice
+  (:func:`prefetch_rows`, ``cp.async.bulk.prefetch.L2``: one request per thread, no registers, no result; a
+  budget of ``PREFETCH_BUDGET`` bytes over all programs, :func:`prefetch_row_bytes`), then waits for
   the quantization to finish (``griddepcontrol.wait``) before it reads anything a kernel writes: activation
   codes, scales, split-K workspace and counters, output. After the wait the weight loads hit the L2.
 
@@ -33,8 +34,8 @@ DEFAULT_MAX_M = 32
 
 @triton.jit
 def l2_prefetch(ptrs, nbytes):
-    """Prefetch ``nbytes`` (int32, rounded down to a multiple of 16; nothing when <= 0) from each 16-byte aligned address of
-    ``ptrs`` into the L2. Returns a dummy int32 tensor (the asm has a side effect and is kept)."""
+    """Prefetch ``nbytes`` (int32, rounded down to a multiple of 16; nothing when <= 0) from each 16-byte aligned
+    address of ``ptrs`` into the L2. Returns a dummy int32 tensor (the asm has a side effect and is kept)."""
     return tl.inline_asm_elementwise(
         "{ .reg .pred p; setp.gt.s32 p, $2, 0; @p cp.async.bulk.prefetch.L2.global [$1], $2; mov.u32 $0, 0; }",
         "=r,l,r", [ptrs, (nbytes // 16 * 16) + tl.zeros(ptrs.shape, tl.int32)], dtype=tl.int32, is_pure=False, pack=1)
@@ -90,13 +91,15 @@ def prefetch_row_bytes(programs: int, rows: int) -> int:
     return max(0, PREFETCH_BUDGET // max(1, programs * rows)) // PREFETCH_ALIGN * PREFETCH_ALIGN
 
 
-def launch_pdl(cfg: dict, a: torch.Tensor, weight: torch.Tensor) -> bool:
-    """Pops ``cfg["PDL"]`` (the dispatch table's measured choice; without one, on for M <= ``DEFAULT_MAX_M``)
-    and says whether this launch uses PDL with the weight prefetch."""
-    return (bool(cfg.pop("PDL", a.shape[0] <= DEFAULT_MAX_M)) and pdl_ok(a.device) and prefetch_ok(weight))
-
-
-def launch_kwargs(pdl: bool) -> dict:
-    """The Triton launch option for a PDL launch (none otherwise)."""
-    return {"launch_pdl": True} if pdl else {}
+def pdl_launch(cfg: dict, a: torch.Tensor, weight: torch.Tensor, programs: int, allowed: bool = True) -> dict:
+    """The keywords an 8-bit GEMM launch adds for PDL: pops ``cfg["PDL"]`` (the dispatch table's measured choice;
+    without one, on for M <= ``DEFAULT_MAX_M``; never where not ``allowed``, off the GPU or where the weight
+    cannot be bulk-prefetched) and returns the kernel's ``PDL``, ``pf_bytes`` (``programs`` prefetching
+    programs of ``cfg["BLOCK_N"]`` rows, :func:`prefetch_row_bytes`) and ``LANES``, plus Triton's
+    ``launch_pdl`` option when on."""
+    on = bool(cfg.pop("PDL", a.shape[0] <= DEFAULT_MAX_M)) and allowed and pdl_ok(a.device) and prefetch_ok(weight)
+    out = dict(PDL=on, pf_bytes=prefetch_row_bytes(programs, cfg["BLOCK_N"]), LANES=32 * cfg["num_warps"])
+    if on:
+        out["launch_pdl"] = True
+    return out
 

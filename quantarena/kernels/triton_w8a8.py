@@ -14,7 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .triton_pdl import launch_kwargs, launch_pdl, prefetch_row_bytes, prefetch_rows, wait
+from .triton_pdl import pdl_launch, prefetch_rows, wait
 from .triton_w4a16 import MAX_TILES, split_k_counters, split_k_reduce, split_k_workspace
 
 
@@ -51,6 +51,16 @@ def _finish(acc, a_s, w_scale_ptr, bias_ptr, out_ptr, ws_ptr, cnt_ptr, rm, rn, M
 
 
 @triton.jit
+def _grouped(tile, num_m, num_n, GROUP_M: tl.constexpr):
+    """(pid_m, pid_n) of output tile ``tile`` in grouped order: GROUP_M row tiles walk the N tiles together, so
+    neighbouring programs share weight tiles in L2."""
+    group = tile // (GROUP_M * num_n)
+    first_m = group * GROUP_M
+    size_m = tl.minimum(num_m - first_m, GROUP_M)
+    return first_m + (tile % (GROUP_M * num_n)) % size_m, (tile % (GROUP_M * num_n)) // size_m
+
+
+@triton.jit
 def int8_gemm_kernel(a_ptr, b_ptr, a_scale_ptr, w_scale_ptr, bias_ptr, out_ptr, ws_ptr, cnt_ptr,
                      M, N, K, stride_am, stride_bn, stride_as, stride_om,
                      HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -65,12 +75,7 @@ def int8_gemm_kernel(a_ptr, b_ptr, a_scale_ptr, w_scale_ptr, bias_ptr, out_ptr, 
     pid_k = tl.program_id(1)
     num_m = tl.cdiv(M, BLOCK_M)
     num_n = tl.cdiv(N, BLOCK_N)
-    # grouped order: GROUP_M row tiles walk the N tiles together (weight tiles reused from L2)
-    group = pid // (GROUP_M * num_n)
-    first_m = group * GROUP_M
-    size_m = tl.minimum(num_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % (GROUP_M * num_n)) % size_m
-    pid_n = (pid % (GROUP_M * num_n)) // size_m
+    pid_m, pid_n = _grouped(pid, num_m, num_n, GROUP_M)
     rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     ram = tl.max_contiguous(tl.multiple_of(tl.minimum(rm, M - 1), BLOCK_M), BLOCK_M)   # clamped rows, not stored
@@ -178,13 +183,11 @@ def a8w8_swap_gemm(a: torch.Tensor, a_scale: torch.Tensor, weight: torch.Tensor,
     ws, cfg["ATOMIC"] = split_k_workspace(a.device, m, n, split, torch.float32 if fp8 else torch.int32,
                                           bool(cfg.get("ATOMIC")))
     grid = (triton.cdiv(n, cfg["BLOCK_N"]), triton.cdiv(m, cfg["BLOCK_M"]), split)
-    cfg["PDL"] = launch_pdl(cfg, a, weight)
-    pf = prefetch_row_bytes(grid[0] * split, cfg["BLOCK_N"])
+    pdl = pdl_launch(cfg, a, weight, grid[0] * split)
     a8w8_swap_kernel[grid](a, weight, a_scale, w_scale, bias if bias is not None else w_scale, out, ws,
                            split_k_counters(a.device), m, n, k, a.stride(0), weight.stride(0), a_scale.stride(0),
                            out.stride(0), HAS_BIAS=bias is not None, FP8=fp8,
-                           EVEN_K=k % (cfg["BLOCK_K"] * split) == 0, pf_bytes=pf, LANES=32 * cfg["num_warps"],
-                           **cfg, **launch_kwargs(cfg["PDL"]))
+                           EVEN_K=k % (cfg["BLOCK_K"] * split) == 0, **cfg, **pdl)
     return out
 
 
@@ -242,13 +245,11 @@ def int8_gemm(a: torch.Tensor, a_scale: torch.Tensor, weight: torch.Tensor, weig
     out = torch.empty((m, n), dtype=out_dtype, device=a.device)
     ws, cfg["ATOMIC"] = split_k_workspace(a.device, m, n, split, torch.int32, bool(cfg.get("ATOMIC")))
     grid = (triton.cdiv(m, cfg["BLOCK_M"]) * triton.cdiv(n, cfg["BLOCK_N"]), split)
-    cfg["PDL"] = launch_pdl(cfg, a, weight)
-    pf = prefetch_row_bytes(triton.cdiv(n, cfg["BLOCK_N"]) * split, cfg["BLOCK_N"])
+    pdl = pdl_launch(cfg, a, weight, triton.cdiv(n, cfg["BLOCK_N"]) * split)   # the first row tile's programs
     int8_gemm_kernel[grid](a, weight, a_scale, w_scale, bias if bias is not None else w_scale, out, ws,
                            split_k_counters(a.device), m, n, k, a.stride(0), weight.stride(0), a_scale.stride(0),
                            out.stride(0),
-                           HAS_BIAS=bias is not None, EVEN_K=k % (cfg["BLOCK_K"] * split) == 0, pf_bytes=pf,
-                           LANES=32 * cfg["num_warps"], **cfg, **launch_kwargs(cfg["PDL"]))
+                           HAS_BIAS=bias is not None, EVEN_K=k % (cfg["BLOCK_K"] * split) == 0, **cfg, **pdl)
     return out
 
 
@@ -270,19 +271,12 @@ def a8w8_tma_kernel(a_desc, b_desc, a_scale_ptr, w_scale_ptr, bias_ptr, out_ptr,
     num_n = tl.cdiv(N, BLOCK_N)
     k_tiles = tl.cdiv(K, BLOCK_K)
     if PDL:
-        first = tl.program_id(0)
-        first_group = first // (GROUP_M * num_n)
-        first_size_m = tl.minimum(num_m - first_group * GROUP_M, GROUP_M)
-        if first_group * GROUP_M + (first % (GROUP_M * num_n)) % first_size_m == 0:
-            first_n = (first % (GROUP_M * num_n)) // first_size_m
+        first_m, first_n = _grouped(tl.program_id(0), num_m, num_n, GROUP_M)
+        if first_m == 0:
             prefetch_rows(b_ptr, first_n * BLOCK_N, N, stride_bn, tl.minimum(pf_bytes, K), BLOCK_N, LANES)
         wait()
     for tile in tl.range(tl.program_id(0), num_m * num_n, NUM_PROGRAMS):
-        group = tile // (GROUP_M * num_n)
-        first_m = group * GROUP_M
-        size_m = tl.minimum(num_m - first_m, GROUP_M)
-        pid_m = first_m + (tile % (GROUP_M * num_n)) % size_m
-        pid_n = (tile % (GROUP_M * num_n)) // size_m
+        pid_m, pid_n = _grouped(tile, num_m, num_n, GROUP_M)
         if FP8:
             acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         else:
@@ -325,12 +319,9 @@ def a8w8_tma_gemm(a: torch.Tensor, a_scale: torch.Tensor, weight: torch.Tensor, 
     tiles = triton.cdiv(m, cfg["BLOCK_M"]) * triton.cdiv(n, cfg["BLOCK_N"])
     programs = min(tiles, _sm_count(a.device))
     w_scale = weight_scale.reshape(-1)
-    cfg["PDL"] = launch_pdl(cfg, a, weight)
-    pf = prefetch_row_bytes(min(programs, triton.cdiv(n, cfg["BLOCK_N"])), cfg["BLOCK_N"])
+    pdl = pdl_launch(cfg, a, weight, min(programs, triton.cdiv(n, cfg["BLOCK_N"])))
     a8w8_tma_kernel[(programs,)](a_desc, b_desc, a_scale, w_scale, bias if bias is not None else w_scale, out,
                                  m, n, k, a_scale.stride(0), out.stride(0), HAS_BIAS=bias is not None, FP8=fp8,
-                                 NUM_PROGRAMS=programs, b_ptr=weight, stride_bn=weight.stride(0), pf_bytes=pf,
-                                 LANES=32 * cfg["num_warps"], **cfg,
-                                 **launch_kwargs(cfg["PDL"]))
+                                 NUM_PROGRAMS=programs, b_ptr=weight, stride_bn=weight.stride(0), **cfg, **pdl)
     return out
 

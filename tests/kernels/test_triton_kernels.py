@@ -638,16 +638,23 @@ def test_a8w8_pdl_gemm_reads_this_replays_codes(kernel, fp8):
     assert_split_k_state_clean(x.device)
 
 
-def test_pdl_is_off_where_it_cannot_run():
+def test_pdl_is_off_where_it_cannot_run(monkeypatch):
     from quantarena.kernels import triton_pdl as PD
 
     w = torch.zeros(8, 48, dtype=torch.int8)
-    assert PD.prefetch_ok(w) and not PD.prefetch_ok(w[:, 1:]) and not PD.prefetch_ok(torch.zeros(8, 40, dtype=torch.int8)[:, :32])
-    cfg = {"PDL": True, "BLOCK_M": 16}
-    assert not PD.launch_pdl(cfg, w, w) and cfg == {"BLOCK_M": 16}   # CPU / interpreter: off, key consumed
+    assert PD.prefetch_ok(w) and not PD.prefetch_ok(w[:, 1:])
+    assert not PD.prefetch_ok(torch.zeros(8, 40, dtype=torch.int8)[:, :32])   # 40-byte rows
+    cfg = {"PDL": True, "BLOCK_N": 16, "num_warps": 4}
+    kw = PD.pdl_launch(cfg, w, w, 64)
+    assert not kw["PDL"] and cfg == {"BLOCK_N": 16, "num_warps": 4}   # CPU / interpreter: off, key consumed
+    assert "launch_pdl" not in kw and kw["LANES"] == 128 and kw["pf_bytes"] == PD.prefetch_row_bytes(64, 16)
+    monkeypatch.setattr(PD, "pdl_ok", lambda device: True)   # as on a Hopper GPU: on by default at small M
+    assert PD.pdl_launch({"BLOCK_N": 16, "num_warps": 4}, w, w, 64)["launch_pdl"] is True
+    assert not PD.pdl_launch({"BLOCK_N": 16, "num_warps": 4}, w, w, 64, allowed=False)["PDL"]
+    assert not PD.pdl_launch({"PDL": False, "BLOCK_N": 16, "num_warps": 4}, w, w, 64)["PDL"]
+    assert not PD.pdl_launch({"BLOCK_N": 16, "num_warps": 4}, torch.zeros(PD.DEFAULT_MAX_M + 1, 48), w, 64)["PDL"]
     assert PD.prefetch_row_bytes(64, 16) == PD.PREFETCH_BUDGET // 1024 and PD.prefetch_row_bytes(10 ** 9, 64) == 0
     assert PD.prefetch_row_bytes(3, 7) % PD.PREFETCH_ALIGN == 0
-    assert PD.launch_kwargs(True) == {"launch_pdl": True} and PD.launch_kwargs(False) == {}
 
 
 def test_w8a8_tuned_table_is_consistent():
