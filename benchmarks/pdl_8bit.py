@@ -66,21 +66,8 @@ def whole(op: str, impl: str, cfg: dict | None, layer, x, pdl: bool):
 
 def candidates(op: str, m: int, n: int, k: int) -> list[tuple[str, dict]]:
     """Skinny tiles to try behind act_quant with PDL: ATOMIC split-K swap tiles (int8 or fp8) and, for int8 at
-    M >= 32, tiled ones; splits that keep the grid within 8 programs per SM."""
-    out = []
-    bm = max(16, min(128, 1 << (m - 1).bit_length()))
-    shapes = [("swap", bm, bn, bk) for bn in (64, 128) for bk in (128, 256)]
-    if op == "w8a8" and m >= 32:
-        shapes += [("std", bm_, bn, 256) for bm_, bn in ((16, 128), (32, 64), (64, 64))]
-    for impl, bm_, bn, bk in shapes:
-        tiles = -(-m // bm_) * -(-n // bn)
-        for split in (2, 4, 8, 16):
-            if split <= -(-k // bk) and tiles * split <= 8 * SMS and m * n <= T4.ATOMIC_WS_WORDS:
-                cfg = dict(BLOCK_M=bm_, BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=split, num_warps=4, num_stages=4, ATOMIC=True)
-                if impl == "std":
-                    cfg["GROUP_M"] = 8
-                out.append((impl, cfg))
-    return out
+    M >= 32, three tiled ones."""
+    return BK.atomic_a8_tiles(m, n, k, SMS, BK.ATOMIC_STD_TILES[:3] if op == "w8a8" else ())
 
 
 def checked(a, b, op: str) -> bool:

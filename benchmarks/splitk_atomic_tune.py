@@ -62,39 +62,16 @@ def block_m(m: int) -> int:
     return 16 if m <= 16 else (32 if m <= 32 else (64 if m <= 64 else 128))
 
 
-def splits(m: int, n: int, k: int, bm: int, bn: int, bk: int) -> list[int]:
-    steps = -(-k // bk)
-    return [s for s in (2, 4, 8, 16) if s <= steps and -(-m // bm) * -(-n // bn) * s <= 8 * SMS]
-
-
 def w4_candidates(m: int, n: int, k: int, table_cfg: dict | None) -> list[dict]:
     if m * n > T4.ATOMIC_WS_WORDS:   # the launcher would fall back to the slot-per-split workspace
         return []
     out = [] if table_cfg is None or table_cfg.get("SPLIT_K", 1) == 1 else [dict(table_cfg, ATOMIC=True)]
     bm = block_m(m)
     for bn in (32, 64, 128):
-        for split in splits(m, n, k, bm, bn, 128):
+        for split in BK.atomic_splits(m, n, k, bm, bn, 128, SMS):
             for ns in (3, 4):
                 out.append(dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=128, SPLIT_K=split, UNPACK=3, SCALE_W=m > 64,
                                 TMA=True, num_warps=4, num_stages=ns, TILED=True, ATOMIC=True))
-    return out
-
-
-def a8_candidates(m: int, n: int, k: int) -> list[tuple[str, dict]]:
-    out = []
-    if m * n > T4.ATOMIC_WS_WORDS:
-        return out
-    bm = max(16, min(128, 1 << (m - 1).bit_length()))
-    for bn in (64, 128):
-        for bk in (128, 256):
-            for split in splits(m, n, k, bm, bn, bk):
-                out.append(("swap", dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=split, num_warps=4,
-                                         num_stages=4, ATOMIC=True)))
-    if m >= 32:
-        for bm, bn, bk in ((16, 128, 256), (32, 64, 256), (64, 64, 256), (64, 128, 128)):
-            for split in splits(m, n, k, bm, bn, bk):
-                out.append(("std", dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=split, num_warps=4,
-                                        num_stages=4, GROUP_M=8, ATOMIC=True)))
     return out
 
 
@@ -153,7 +130,7 @@ for spec in SHAPES:
                              table=True))
             if op == "fp8" and impl != "scaled_mm":
                 here.append(dict(base, op=op, impl="scaled_mm", us=t(a8_fn(op, "scaled_mm", None, layer, xq, xs))))
-            for cimpl, ccfg in a8_candidates(m, n, k):
+            for cimpl, ccfg in BK.atomic_a8_tiles(m, n, k, SMS):
                 if op == "fp8" and cimpl == "std":   # the tiled kernel is int8 only
                     continue
                 fn = a8_fn(op, cimpl, ccfg, layer, xq, xs)

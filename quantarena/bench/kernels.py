@@ -116,6 +116,34 @@ def a8w8_gemm_fn(op: str, impl: str, cfg: dict | None, layer: Layer):
                                            out_dtype=torch.bfloat16)
 
 
+ATOMIC_STD_TILES = ((16, 128, 256), (32, 64, 256), (64, 64, 256), (64, 128, 128))   # (BLOCK_M, BLOCK_N, BLOCK_K)
+
+
+def atomic_splits(m: int, n: int, k: int, bm: int, bn: int, bk: int, sms: int) -> list[int]:
+    """Split-K factors 2-16 for a [bm, bn, bk] tile that fit K and keep the grid within 8 programs per SM."""
+    tiles = -(-m // bm) * -(-n // bn)
+    return [s for s in (2, 4, 8, 16) if s <= -(-k // bk) and tiles * s <= 8 * sms]
+
+
+def atomic_a8_tiles(m: int, n: int, k: int, sms: int,
+                    std_tiles: tuple = ATOMIC_STD_TILES) -> list[tuple[str, dict]]:
+    """ATOMIC split-K candidate tiles for an 8-bit GEMM at skinny M, as (kernel, config): swap-AB tiles
+    (BLOCK_N 64 / 128, BLOCK_K 128 / 256) and, from M = 32, the tiled int8 kernel's ``std_tiles``; none where the
+    M x N output does not fit the atomic workspace pool (the launcher would fall back to slots)."""
+    from ..kernels.triton_w4a16 import ATOMIC_WS_WORDS
+
+    if m * n > ATOMIC_WS_WORDS:
+        return []
+    bm = max(16, min(128, 1 << (m - 1).bit_length()))
+    out = [("swap", dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=split, num_warps=4, num_stages=4, ATOMIC=True))
+           for bn in (64, 128) for bk in (128, 256) for split in atomic_splits(m, n, k, bm, bn, bk, sms)]
+    if m >= 32:
+        out += [("std", dict(BLOCK_M=sbm, BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=split, num_warps=4, num_stages=4, GROUP_M=8,
+                             ATOMIC=True))
+                for sbm, bn, bk in std_tiles for split in atomic_splits(m, n, k, sbm, bn, bk, sms)]
+    return out
+
+
 def _scaled_mm(layer: Layer):
     w_t = layer.wf8.t()
     w_s = layer.wf8_scale.reshape(1, -1)

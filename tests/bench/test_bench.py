@@ -156,3 +156,18 @@ def test_w4a16_decode_model_in_the_kernel_layout_generates_the_same_tokens():
     again = decode._agreement(decode._greedy(model, 4), ref, "kernel_layout_")
     assert again == {"kernel_layout_logits_rel_err": 0.0, "kernel_layout_greedy_agree": 4,
                      "kernel_layout_greedy_steps": 4}
+
+
+def test_atomic_a8_tiles_fit_the_pool_and_the_grid():
+    from quantarena.kernels.triton_w4a16 import ATOMIC_WS_WORDS
+
+    sms = 132
+    tiles = kernels.atomic_a8_tiles(64, 1024, 4096, sms)
+    assert {impl for impl, _ in tiles} == {"swap", "std"}
+    for impl, cfg in tiles:
+        grid = -(-64 // cfg["BLOCK_M"]) * -(-1024 // cfg["BLOCK_N"]) * cfg["SPLIT_K"]
+        assert cfg["ATOMIC"] and 2 <= cfg["SPLIT_K"] <= 16 and grid <= 8 * sms
+        assert cfg["SPLIT_K"] <= -(-4096 // cfg["BLOCK_K"])
+    assert {impl for impl, _ in kernels.atomic_a8_tiles(16, 1024, 4096, sms)} == {"swap"}   # tiled from M = 32
+    assert {impl for impl, _ in kernels.atomic_a8_tiles(64, 1024, 4096, sms, ())} == {"swap"}
+    assert kernels.atomic_a8_tiles(128, ATOMIC_WS_WORDS // 64, 4096, sms) == []   # the output exceeds the pool
