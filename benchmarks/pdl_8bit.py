@@ -58,9 +58,9 @@ def t(fn, rounds: int = 1) -> float:
         return float("inf")
 
 
-def whole(op: str, impl: str, cfg: dict | None, layer, x, pdl: bool):
+def whole(op: str, impl: str, cfg: dict, layer, x, pdl: bool):
     """act_quant + the GEMM ``impl`` with tile ``cfg`` and PDL on or off, as a function of nothing."""
-    gemm = BK.a8w8_gemm_fn(op, impl, None if cfg is None else dict(cfg, PDL=pdl), layer)
+    gemm = BK.a8w8_gemm_fn(op, impl, dict(cfg, PDL=pdl), layer)
     return lambda: gemm(*act_quant(x, fp8=op == "fp8"))
 
 
@@ -102,7 +102,7 @@ for spec in SHAPES:
                 cfg = T8.int8_config(m, n, k, SMS)   # the default tile, named
             cfg = {key: v for key, v in cfg.items() if key != "PDL"}   # the tile; this run sets the launch mode
             xq, xs = act_quant(x, fp8=op == "fp8")
-            gemm = BK.a8w8_gemm_fn(op, impl, None if cfg is None else dict(cfg, PDL=False), layer)
+            gemm = BK.a8w8_gemm_fn(op, impl, dict(cfg, PDL=False), layer)
             here.append(dict(base, op=op, impl=impl + ":gemm", config=cfg, us=t(lambda: gemm(xq, xs), 2)))
             BK.poison((m, n))
             off = whole(op, impl, cfg, layer, x, False)().float()
