@@ -549,6 +549,17 @@ def split_k_workspace(device: torch.device, m: int, n: int, split: int, dtype: t
     return torch.empty((split, m, n) if split > 1 else (1,), dtype=dtype, device=device), False
 
 
+def split_k_dirty(device: torch.device) -> str | None:
+    """What a split-K launch left non-zero on ``device`` (the arrival counters, the ATOMIC workspace), or None:
+    both must be zero between launches and CUDA-graph replays (tests and tune scripts check it)."""
+    if int(split_k_counters(device).abs().sum()):
+        return "split-K arrival counters"
+    pool = _ATOMIC_WS.get(device)
+    if pool is not None and int(pool.abs().sum()):
+        return "the ATOMIC workspace"
+    return None
+
+
 def _split_for(tiles: int, k_steps: int, target_programs: int) -> int:
     """Smallest power-of-two split of K that gives about ``target_programs`` programs."""
     split = 1
