@@ -72,6 +72,8 @@ class W4A16Linear(QuantLinearBase):
         self.register_buffer("weight_scale", scales.detach().to(torch.bfloat16))   # [out, in/g]
         self.register_buffer("weight_zero_point", None if self.symmetric else zeros.to(torch.int8))
         self.register_buffer("weight_g_idx", None if g_idx is None else g_idx.to(torch.int32))
+        self.register_buffer("l2_next_words", None, persistent=False)   # the next linear's TILED words and
+        self.l2_next_meta = (0, 0, 0)   # its (out_features, group size, L2 budget): see chain_l2_prefetch
 
     @classmethod
     def from_float(cls, linear: nn.Linear, group_size: int = 128, symmetric: bool = True) -> "W4A16Linear":
@@ -108,7 +110,8 @@ class W4A16Linear(QuantLinearBase):
         return self
 
     def to_canonical_layout(self) -> "W4A16Linear":
-        """Undo ``to_kernel_layout``."""
+        """Undo ``to_kernel_layout`` (and drop this linear's L2 chain link, see ``chain_l2_prefetch``)."""
+        self.l2_next_words, self.l2_next_meta = None, (0, 0, 0)
         if self.kernel_layout:
             self._buffers["weight_packed"] = self.packed()
             del self._buffers["weight_tiled"]
@@ -152,13 +155,36 @@ class W4A16Linear(QuantLinearBase):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.kernel_layout:
             return ops.w4a16_linear_tiled(x, self.weight_tiled, self.weight_scale, self.weight_zero_point,
-                                          self.group_size, self.out_features, self.bias)
+                                          self.group_size, self.out_features, self.bias,
+                                          None if self.l2_next_words is None
+                                          else (self.l2_next_words, *self.l2_next_meta))
         return ops.w4a16_linear(x, self.weight_packed, self.weight_scale, self.weight_zero_point,
                                 self.group_size, self.bias, self.weight_g_idx)
 
     def extra_repr(self) -> str:
         layout = ", layout=kernel" if self.kernel_layout else ""
         return super().extra_repr() + f", group_size={self.group_size}, symmetric={self.symmetric}{layout}"
+
+
+def chain_l2_prefetch(linears: list[nn.Module], budget: int) -> int:
+    """In the order the linears run (a decode step; the last one followed by the first, as the step repeats),
+    let each W4A16 linear in the kernel layout ask the L2 for up to ``budget`` bytes of the next one's weight
+    once its kernel is done (:mod:`.kernels.l2_chain`). ``budget`` 0 removes the chain. Values are unchanged.
+    Returns the number of linked pairs. Call it again after changing a linear's layout or moving the model
+    (a move copies each buffer on its own)."""
+    if budget < 0:
+        raise ValueError(f"the L2 prefetch budget must be >= 0 bytes, got {budget}")
+    linked = 0
+    for this, nxt in zip(linears, linears[1:] + linears[:1]):
+        if not isinstance(this, W4A16Linear):
+            continue
+        ok = budget > 0 and isinstance(nxt, W4A16Linear) and this.kernel_layout and nxt.kernel_layout and nxt is not this
+        # the next weight as a non-persistent buffer (shared storage, not saved; a buffer, not a submodule, as the
+        # chain is circular), so one compiled graph serves every block
+        this.l2_next_words = nxt.weight_tiled if ok else None
+        this.l2_next_meta = (nxt.out_features, nxt.group_size, budget) if ok else (0, 0, 0)
+        linked += ok
+    return linked
 
 
 def to_kernel_layout(model: nn.Module) -> int:

@@ -135,6 +135,12 @@ class LeanLlama(nn.Module):
         self.cos, self.sin = emb.cos().to(torch.bfloat16), emb.sin().to(torch.bfloat16)
         self.block_fn = _run_block
 
+    def linears(self) -> list[nn.Module]:
+        """The linears in the order a step runs them, lm_head last (when quantized)."""
+        names = ("qkv", "o", "gate_up", "down") if self.blocks[0].fuse else ("q", "k", "v", "o", "gate", "up", "down")
+        order = [getattr(b, n) for b in self.blocks for n in names]
+        return order + ([self.lm_head_q] if self.lm_head_q is not None else [])
+
     def new_cache(self, batch: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
         s = self.s
         shape = (batch, s["kv_heads"], self.max_len, s["head_dim"])
@@ -278,7 +284,8 @@ def check_outputs(model: LeanLlama, steps: int = 8) -> tuple[dict, tuple[torch.T
 
 def bench_scheme(shape: str, scheme: str, batches: list[int], prompt_len: int, gen_len: int, log=print,
                  compile: bool = True, fuse: bool = False, quantize_lm_head: bool = False,
-                 attention: str = "quantarena", kernel_layout: bool = True) -> tuple[list, dict]:
+                 attention: str = "quantarena", kernel_layout: bool = True,
+                 l2_prefetch_mb: float = 0.0) -> tuple[list, dict]:
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
     t0 = time.time()
@@ -295,6 +302,10 @@ def bench_scheme(shape: str, scheme: str, batches: list[int], prompt_len: int, g
         weights_gb = torch.cuda.memory_allocated() / 1e9
         check.update(_agreement(_greedy(model, len(ref[1])), ref, "kernel_layout_"))
         log(f"{scheme}: kernel layout only, {weights_gb:.1f} GB; check {check}")
+    if l2_prefetch_mb > 0 and scheme == "w4a16" and kernel_layout:
+        check["l2_prefetch_links"] = qnn.chain_l2_prefetch(model.linears(), int(l2_prefetch_mb * 2**20))
+        check.update(_agreement(_greedy(model, len(ref[1])), ref, "l2_prefetch_"))
+        log(f"{scheme}: L2 prefetch chain of {check['l2_prefetch_links']} links, {l2_prefetch_mb} MB each; {check}")
     if compile:
         torch._dynamo.reset()                            # each scheme compiles its own block graphs
         torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
@@ -348,11 +359,11 @@ def crossover(rows: list[dict]) -> dict:
 
 def run(shape: str, schemes: list[str], batches: list[int], prompt_len: int = 128, gen_len: int = 64,
         log=print, compile: bool = True, fuse: bool = False, quantize_lm_head: bool = False,
-        attention: str = "quantarena", kernel_layout: bool = True) -> dict:
+        attention: str = "quantarena", kernel_layout: bool = True, l2_prefetch_mb: float = 0.0) -> dict:
     rows, checks = [], {}
     for scheme in schemes:
         r, c = bench_scheme(shape, scheme, batches, prompt_len, gen_len, log, compile, fuse, quantize_lm_head,
-                            attention, kernel_layout)
+                            attention, kernel_layout, l2_prefetch_mb)
         rows += r
         checks[scheme] = c
     return {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
@@ -368,6 +379,7 @@ def run(shape: str, schemes: list[str], batches: list[int], prompt_len: int = 12
             "w4a16_weights": ("held only in the tensor-core kernel's TILED layout after the output check (the "
                               "canonical packed codes dropped; the GEMVs, which need layouts of their own, unused)"
                               if kernel_layout else "canonical packed codes plus the kernel layouts built from them"),
+            "w4a16_l2_prefetch_mb": l2_prefetch_mb if kernel_layout else 0.0,
             "memory": "gpu_mem_gb: peak allocated while serving that batch (KV cache, prefill, decode graph; "
                       "building, checking and compiling excluded); weights_gb: allocated after building the model "
                       "(for W4A16 in the kernel layout: after the conversion); resident_gb: allocated after that "

@@ -206,7 +206,9 @@ def w4a16_tiled_config(m: int, n: int, k: int, group_size: int, x: torch.Tensor)
 
 @torch.library.custom_op("quantarena::w4a16_linear_tiled", mutates_args=())
 def _w4a16_tiled_op(x2: torch.Tensor, tiled: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None,
-                    group_size: int, out_features: int, bias: torch.Tensor | None) -> torch.Tensor:
+                    group_size: int, out_features: int, bias: torch.Tensor | None,
+                    prefetch: torch.Tensor | None = None, prefetch_n: int = 0, prefetch_group: int = 0,
+                    prefetch_budget: int = 0) -> torch.Tensor:
     from . import triton_w4a16 as T, triton_w4a16_tc as TC
 
     w = T.StripedWeight.from_dot_tiled(tiled, out_features, scales, zeros, group_size)
@@ -214,20 +216,37 @@ def _w4a16_tiled_op(x2: torch.Tensor, tiled: torch.Tensor, scales: torch.Tensor,
     path, cfg = w4a16_tiled_config(x2.shape[0], out_features, w.in_features, group_size, x2)
     if path == "dequant":
         return torch.nn.functional.linear(x2, TC.w4a16_dequantize_tiled(w, x2.dtype), bias)
-    return TC.w4a16_tc(x2, w, bias, cfg)
+    plan = None
+    if prefetch is not None and prefetch_budget > 0:
+        plan = (prefetch, _next_tiled_plan(x2, prefetch, prefetch_n, prefetch_group, prefetch_budget))
+    return TC.w4a16_tc(x2, w, bias, cfg, plan)
+
+
+def _next_tiled_plan(x2: torch.Tensor, tiled: torch.Tensor, n: int, group_size: int, budget: int) -> dict:
+    """The L2 plan for the next linear (TILED words ``tiled`` of ``n`` outputs) at this call's M: its K slices are
+    those of the tile it will run with."""
+    from .l2_chain import tiled_plan
+
+    k = tiled.shape[1] * 8
+    path, cfg = w4a16_tiled_config(x2.shape[0], n, k, group_size, x2)
+    return tiled_plan(tiled.shape[0], k, cfg["SPLIT_K"] if path == "tc" else 1, budget)
 
 
 @_w4a16_tiled_op.register_fake
-def _(x2, tiled, scales, zeros, group_size, out_features, bias):
+def _(x2, tiled, scales, zeros, group_size, out_features, bias, prefetch=None, prefetch_n=0, prefetch_group=0,
+      prefetch_budget=0):
     return x2.new_empty((x2.shape[0], out_features))
 
 
 def w4a16_linear_tiled(x: torch.Tensor, tiled: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None,
-                       group_size: int, out_features: int, bias: torch.Tensor | None = None) -> torch.Tensor:
+                       group_size: int, out_features: int, bias: torch.Tensor | None = None,
+                       prefetch: tuple[torch.Tensor, int, int, int] | None = None) -> torch.Tensor:
     """``x @ dequant(W).T + bias`` for a weight held only in the tensor-core kernel's TILED layout
     (``w4a16_layout.dot_tiled_words``; K and the group size multiples of 128). On CUDA the tensor-core kernel
     or the tiled dequantize + cuBLAS, in bf16 (fp16 activations are computed in bf16 and cast back: the
-    layout's PTX makes bf16); elsewhere the reference on the canonical codes rebuilt for the call."""
+    layout's PTX makes bf16); elsewhere the reference on the canonical codes rebuilt for the call.
+    ``prefetch``: the next linear's TILED words, out_features, group size and an L2 byte budget (see
+    :mod:`.l2_chain`); the tensor-core kernel asks the L2 for them once done. It changes no value."""
     in_features = tiled.shape[1] * 8
     if not _triton_ok(x):
         from .w4a16_layout import canonical_from_dot_tiled
@@ -236,7 +255,8 @@ def w4a16_linear_tiled(x: torch.Tensor, tiled: torch.Tensor, scales: torch.Tenso
                                       bias)
     x2 = x.reshape(-1, in_features).to(torch.bfloat16)
     bias = None if bias is None else bias.to(torch.bfloat16)
-    out = _w4a16_tiled_op(x2, tiled, scales.to(torch.bfloat16), zeros, group_size, out_features, bias)
+    out = _w4a16_tiled_op(x2, tiled, scales.to(torch.bfloat16), zeros, group_size, out_features, bias,
+                          *(prefetch or ()))
     return out.to(x.dtype).reshape(*x.shape[:-1], out_features)
 
 

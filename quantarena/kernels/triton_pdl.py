@@ -60,6 +60,21 @@ def prefetch_rows(base, row0, N, stride, nbytes, ROWS: tl.constexpr, LANES: tl.c
 
 
 @triton.jit
+def prefetch_items(base, p, P, items, chunks, block_bytes, chunk_bytes, nbytes, LANES: tl.constexpr):
+    """Program ``p`` of ``P`` asks the L2 for its share of ``items`` byte ranges of a weight (``base``: a byte
+    pointer, 16-byte aligned): item ``i`` is ``nbytes`` from chunk ``i % chunks`` (``chunk_bytes`` apart) of block
+    ``i // chunks`` (``block_bytes`` apart), cut at the block's end. One request per thread and round of LANES
+    items (see :func:`prefetch_rows`); the sizes are 16-byte multiples (:func:`.l2_chain.tiled_plan`)."""
+    per = tl.cdiv(items, P)
+    lane = tl.arange(0, LANES)
+    for j in range(0, per, LANES):
+        i = p * per + j + lane
+        start = (i % chunks) * chunk_bytes
+        size = tl.where((i < items) & (j + lane < per), tl.minimum(nbytes, block_bytes - start), 0)
+        l2_prefetch(base + (i // chunks).to(tl.int64) * block_bytes + start, size)
+
+
+@triton.jit
 def trigger():
     """Let the next kernel (launched with PDL) start now; it still waits for this one before reading."""
     tl.extra.cuda.gdc_launch_dependents()

@@ -32,6 +32,7 @@ import triton.language as tl
 
 from .triton_w4a16 import (INTERPRETING, MAX_TILES, StripedWeight, _dot, _sm_count, _split_for,
                            _split_k_finish, split_k_counters, split_k_workspace)
+from .triton_pdl import pdl_ok, prefetch_items
 from .w4a16_layout import DOT_PAD_ROWS, DOT_TILE_ROWS, dot_layout_words, dot_tiled_words  # noqa: F401 (re-exported)
 
 
@@ -242,7 +243,8 @@ def w4a16_tc_kernel(x_ptr, w_ptr, x_desc, w_desc, s_ptr, z_ptr, bias_ptr, out_pt
                     SPLIT_K, UNPACK: tl.constexpr, SCALE_W: tl.constexpr = False,
                     TMA: tl.constexpr = False, INTERPRET: tl.constexpr = False, MMA_WAIT: tl.constexpr = True,
                     TILED: tl.constexpr = False, TILE_ROWS: tl.constexpr = DOT_TILE_ROWS,
-                    ATOMIC: tl.constexpr = False):
+                    ATOMIC: tl.constexpr = False, pf_ptr=None, pf_items=0, pf_chunks=1, pf_block_bytes=0,
+                    pf_chunk_bytes=0, pf_bytes=0, PF: tl.constexpr = False, PF_LANES: tl.constexpr = 128):
     """Needs GROUP % BLOCK_K == 0 and K % BLOCK_K == 0 (checked by the launcher). ``SPLIT_K`` is a run-time
     value (Triton specialises 1 by itself), so split choices share one compiled kernel. With ``TMA`` the word and
     activation tiles come through tensor descriptors (``w_desc`` [N, K/8] words in [BN, BK/8] boxes,
@@ -250,7 +252,8 @@ def w4a16_tc_kernel(x_ptr, w_ptr, x_desc, w_desc, s_ptr, z_ptr, bias_ptr, out_pt
     ``w_ptr`` holds the UNPACK=3 words in blocks of TILE_ROWS rows (``dot_tiled_words``), so each K step of a
     program reads BN / TILE_ROWS contiguous blocks of TILE_ROWS x 64 bytes instead of BN rows 64 bytes apart.
     ``ATOMIC``: the split-K partials are added into one zeroed workspace (see :func:`.triton_w4a16.split_k_reduce`:
-    fewer bytes for the tile's last program, fp32 sums in arrival order)."""
+    fewer bytes for the tile's last program, fp32 sums in arrival order). ``PF``: once its work is done, each
+    program asks the L2 for its share of the next linear's weight (``pf_*``, see :mod:`.l2_chain`)."""
     pid_n = tl.program_id(0)
     pid_m = tl.program_id(1)
     pid_k = tl.program_id(2)
@@ -346,6 +349,11 @@ def w4a16_tc_kernel(x_ptr, w_ptr, x_desc, w_desc, s_ptr, z_ptr, bias_ptr, out_pt
     tile_id = pid_m * num_n + pid_n
     _split_k_finish(tl.trans(acc), ws_ptr, cnt_ptr, bias_ptr, out_ptr, rm, rn, M, N, stride_om,
                     pid_k, tile_id, SPLIT_K, HAS_BIAS, ATOMIC)
+    if PF:   # programs start in launch order: n fastest, then m, then k
+        num_m = tl.num_programs(1)
+        prefetch_items(pf_ptr.to(tl.pointer_type(tl.int8)), pid_n + num_n * (pid_m + num_m * pid_k),
+                       num_n * num_m * tl.num_programs(2), pf_items, pf_chunks, pf_block_bytes, pf_chunk_bytes,
+                       pf_bytes, PF_LANES)
 
 
 def tc_config(m: int, n: int, k: int, group: int, sms: int, hopper: bool = False) -> dict:
@@ -387,8 +395,10 @@ def tma_ok(x2: torch.Tensor, w: StripedWeight, cfg: dict) -> bool:
 
 
 def w4a16_tc(x2: torch.Tensor, w: StripedWeight, bias: torch.Tensor | None = None,
-             cfg: dict | None = None) -> torch.Tensor:
-    """x2: [M, K] contiguous -> [M, N] (tensor cores, the weight tile dequantized on the fly)."""
+             cfg: dict | None = None, prefetch: tuple[torch.Tensor, dict] | None = None) -> torch.Tensor:
+    """x2: [M, K] contiguous -> [M, N] (tensor cores, the weight tile dequantized on the fly). ``prefetch``: the
+    next linear's weight words and their plan (:func:`.l2_chain.tiled_plan`), asked of the L2 by each program
+    once its work is done (Hopper, compiled kernels only; ignored elsewhere)."""
     m, n, k = x2.shape[0], w.out_features, w.in_features
     cfg = dict(cfg or tc_config(m, n, k, w.group_size, _sm_count(x2.device), _hopper(x2.device)))
     if (cfg.get("UNPACK") == 2 and INTERPRETING) or (cfg.get("UNPACK") in (2, 3) and x2.dtype != torch.bfloat16):
@@ -428,11 +438,15 @@ def w4a16_tc(x2: torch.Tensor, w: StripedWeight, bias: torch.Tensor | None = Non
         words = w.dot_tiled(cfg["TILE_ROWS"])
     else:
         words = w.dot_words if cfg.get("UNPACK") == 3 else w.canonical
+    pf = {}
+    if prefetch is not None and prefetch[1]["pf_bytes"] > 0 and pdl_ok(x2.device) \
+            and prefetch[0].data_ptr() % 16 == 0:
+        pf = dict(pf_ptr=prefetch[0], PF=True, PF_LANES=32 * cfg["num_warps"], **prefetch[1])
     w4a16_tc_kernel[grid](x2, words, x_desc, w_desc, w.scales, dummy if w.zeros is None else w.zeros,
                           dummy if bias is None else bias, out, ws, split_k_counters(x2.device),
                           m, n, k, k // 8, k // w.group_size, x2.stride(0), out.stride(0),
                           GROUP=w.group_size, HAS_ZERO=w.zeros is not None, HAS_BIAS=bias is not None,
-                          INTERPRET=INTERPRETING, **cfg)
+                          INTERPRET=INTERPRETING, **cfg, **pf)
     return out
 
 
