@@ -21,11 +21,12 @@ ap.add_argument("--fuse", action="store_true")
 ap.add_argument("--quantize-lm-head", action="store_true")
 ap.add_argument("--attention", default="quantarena")
 ap.add_argument("--keep-canonical-w4a16", action="store_true")
+ap.add_argument("--l2-prefetch-mb", type=float, default=decode.DEFAULT_L2_PREFETCH_MB)
 args = ap.parse_args()
 result = decode.run(args.model, args.schemes.split(","), [int(b) for b in args.batch.split(",")],
                     args.prompt_len, args.gen_len, log=lambda s: print(s, flush=True), fuse=args.fuse,
                     quantize_lm_head=args.quantize_lm_head, attention=args.attention,
-                    kernel_layout=not args.keep_canonical_w4a16)
+                    kernel_layout=not args.keep_canonical_w4a16, l2_prefetch_mb=args.l2_prefetch_mb)
 with open(args.out, "w") as f:
     json.dump(result, f, indent=1)
 print(json.dumps(result["crossover"]), json.dumps(result["checks"]))

@@ -4,9 +4,11 @@ Llama-3-8B shapes (random weights), fused q/k/v and gate/up, quantized lm_head, 
 tensor-core kernel's layout, blocks compiled: the decode benchmark's W4A16 setup. For each batch, every budget
 (MB of the next linear's weight each kernel asks the L2 for; 0 = no chain) is captured as a decode-step graph and
 timed over STEPS replays after a fresh prefill, in ROUNDS interleaved rounds (budget order rotated each round);
-the fastest round is kept and every round recorded. Each budget's first step is checked against budget 0's:
-greedy tokens equal and logits within 1e-2 relative (the chain changes no value; split-K fp32 partials of
-ATOMIC tiles add in arrival order, so logits may differ in the last bits between any two runs).
+the fastest round is kept and every round recorded. The check is per linear: each of the first block's linears and
+lm_head, at every batch's M, with and without the chain to its real next linear (eager, fresh inputs), must
+give the same output (``max_rel_err``; 0 unless an ATOMIC split-K tile adds fp32 partials in another order).
+The step's logits are no check here: with random weights the first greedy token and so the step's logits
+change between two runs of the same graph (the prefill's ATOMIC tiles, amplified over 32 random layers).
 Writes $OUT/l2_prefetch.json. Usage: python benchmarks/l2_prefetch_decode.py [out_dir]
 (env L2_BUDGETS_MB=0,8,16,32,64 L2_BATCHES=1,4,16 L2_ROUNDS=3 L2_STEPS=64 L2_SHAPE=llama-3-8b)
 """
@@ -38,6 +40,25 @@ def log(*a):
     print(f"[{time.time() - started:6.1f}s]", *a, flush=True)
 
 
+def check(linears: list, batch: int) -> float:
+    """Largest relative difference, over the first block's linears and lm_head, of the output with the chain to
+    the real next linear vs without."""
+    worst = 0.0
+    picks = linears[:4] + linears[-1:]
+    for lin in picks:
+        nxt = linears[(linears.index(lin) + 1) % len(linears)]
+        x = torch.randn(batch, lin.in_features, dtype=torch.bfloat16, device="cuda")
+        saved = (lin.l2_next_words, lin.l2_next_meta)
+        lin.l2_next_words, lin.l2_next_meta = None, (0, 0, 0)
+        plain = lin(x).float()
+        for budget in BUDGETS:
+            lin.l2_next_words, lin.l2_next_meta = (nxt.weight_tiled, (nxt.out_features, nxt.group_size,
+                                                                      int(budget * 2**20))) if budget else (None, (0, 0, 0))
+            worst = max(worst, ((lin(x).float() - plain).norm() / plain.norm()).item())
+        lin.l2_next_words, lin.l2_next_meta = saved
+    return worst
+
+
 def main() -> None:
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
     model = D.LeanLlama(SHAPE, "w4a16", max_len=PROMPT + STEPS + 8, fuse=True, quantize_lm_head=True)
@@ -52,34 +73,28 @@ def main() -> None:
               "prompt_len": PROMPT, "steps": STEPS, "rounds": ROUNDS, "rows": []}
     for batch in BATCHES:
         run = D.DecodeRun(model, batch, PROMPT)
-        times = {b: [] for b in BUDGETS}
-        first = {}
+        times, links = {b: [] for b in BUDGETS}, {}
+        with torch.no_grad():
+            err = check(linears, batch)
+        log(f"B={batch}: chained vs plain outputs, largest relative difference {err:.2e}")
         for r in range(ROUNDS):
             order = BUDGETS[r % len(BUDGETS):] + BUDGETS[:r % len(BUDGETS)]
             for budget in order:
-                links = qnn.chain_l2_prefetch(linears, int(budget * 2**20))
+                links[budget] = qnn.chain_l2_prefetch(linears, int(budget * 2**20))
                 with torch.no_grad():
                     graph = run.capture()
                     run.prefill()
+                    graph.replay()   # upload
                     graph.replay()
-                    if budget not in first:
-                        first[budget] = (run.logits.float().clone(), run.next.clone(), links)
-                    run.prefill()
-                    graph.replay()   # upload done above; one more warm step
                     run.prefill()
                     ms = D._events_ms(graph.replay, STEPS) / STEPS
                 del graph
                 times[budget].append(round(ms, 4))
-                log(f"B={batch} round {r} budget {budget} MB: {ms:.4f} ms/step ({links} links)")
-        base_logits, base_next, _ = first[BUDGETS[0]]
+                log(f"B={batch} round {r} budget {budget} MB: {ms:.4f} ms/step ({links[budget]} links)")
         for budget in BUDGETS:
-            logits, nxt, links = first[budget]
-            rel = ((logits - base_logits).norm() / base_logits.norm()).item()
-            result["rows"].append({"batch": batch, "budget_mb": budget, "links": links,
+            result["rows"].append({"batch": batch, "budget_mb": budget, "links": links[budget],
                                    "ms_per_step": min(times[budget]), "rounds_ms": times[budget],
-                                   "check": {"logits_rel_err_vs_first": rel,
-                                             "greedy_equal": bool(torch.equal(nxt, base_next)),
-                                             "ok": rel < 1e-2 and bool(torch.equal(nxt, base_next))}})
+                                   "check": {"max_rel_err": err, "ok": err < 1e-5}})
         del run
         torch.cuda.empty_cache()
         with open(os.path.join(OUT, "l2_prefetch.json"), "w") as f:

@@ -20,6 +20,8 @@ for run in runs[1:]:
 merged = {k: v for k, v in first.items() if k not in ("rows", "checks", "crossover")}
 merged["method"] = first["method"] + "; each scheme in its own process, one after another on one machine"
 merged["rows"] = [row for run in runs for row in run["rows"]]
+if any("w4a16_l2_prefetch_mb" in run for run in runs):   # recorded by each run; only the W4A16 one has a chain
+    merged["w4a16_l2_prefetch_mb"] = max(run.get("w4a16_l2_prefetch_mb", 0.0) for run in runs)
 merged["checks"] = {k: v for run in runs for k, v in run["checks"].items()}
 merged["crossover"] = decode.crossover(merged["rows"])
 with open(out_path, "w") as f:

@@ -37,9 +37,9 @@ def add_bench_parser(subparsers) -> argparse.ArgumentParser:
     d.add_argument("--keep-canonical-w4a16", action="store_true",
                    help="keep W4A16's canonical packed codes next to the kernel layouts (default: serve from the "
                         "tensor-core kernel's layout alone, one copy of the 4-bit weights)")
-    d.add_argument("--l2-prefetch-mb", type=float, default=0.0, metavar="MB",
+    d.add_argument("--l2-prefetch-mb", type=float, default=None, metavar="MB",
                    help="W4A16 (kernel layout): each linear's kernel, once done, asks the L2 for up to MB of the next "
-                        "linear's weight (default 0: off)")
+                        "linear's weight (default 4, the H100's best; 0: off)")
     d.add_argument("--json", default=None, metavar="OUT", help="write the results object to OUT")
     d.add_argument("--plot", default=None, metavar="PNG", help="also draw tokens/s and speed-up vs batch to PNG")
     g = bench_sub.add_parser("greedy", help="greedy generations of a real model: our kernels vs the reference kernels")
@@ -53,6 +53,9 @@ def add_bench_parser(subparsers) -> argparse.ArgumentParser:
 def run_bench(args) -> int:
     import torch
 
+    if getattr(args, "l2_prefetch_mb", None) is not None and args.l2_prefetch_mb < 0:
+        print(f"error: --l2-prefetch-mb must be >= 0, got {args.l2_prefetch_mb}", file=sys.stderr)
+        return 2
     if not torch.cuda.is_available():
         print("error: quantarena bench needs a CUDA GPU; run it on a GPU machine", file=sys.stderr)
         return 2
@@ -81,16 +84,14 @@ def run_bench(args) -> int:
     else:
         from . import decode
         shape = args.model.removeprefix("preset:")
-        if args.l2_prefetch_mb < 0:
-            print(f"error: --l2-prefetch-mb must be >= 0, got {args.l2_prefetch_mb}", file=sys.stderr)
-            return 2
+        l2_mb = decode.DEFAULT_L2_PREFETCH_MB if args.l2_prefetch_mb is None else args.l2_prefetch_mb
         if shape not in decode.SHAPES:
             print(f"error: unknown model {args.model!r}; use preset:{', preset:'.join(decode.SHAPES)}", file=sys.stderr)
             return 2
         result = decode.run(shape, args.schemes.split(","), batches, args.prompt_len, args.gen_len, log=log,
                             compile=not args.no_compile, fuse=args.fuse_linears,
                             quantize_lm_head=args.quantize_lm_head, attention=args.attention,
-                            kernel_layout=not args.keep_canonical_w4a16, l2_prefetch_mb=args.l2_prefetch_mb)
+                            kernel_layout=not args.keep_canonical_w4a16, l2_prefetch_mb=l2_mb)
         if args.plot:
             from .plots import plot_decode
             plot_decode(result, args.plot)

@@ -93,6 +93,9 @@ def test_bench_cli_arguments_and_missing_gpu_error(capsys):
     if not torch.cuda.is_available():
         assert cli_args.run_bench(args) == 2
         assert "needs a CUDA GPU" in capsys.readouterr().err
+    bad = parser.parse_args(["bench", "decode", "--l2-prefetch-mb", "-1"])
+    assert cli_args.run_bench(bad) == 2                             # before any GPU is looked for
+    assert "--l2-prefetch-mb must be >= 0" in capsys.readouterr().err
 
 
 @pytest.mark.slow
