@@ -15,6 +15,9 @@ on their way. With PDL:
 Correctness does not depend on the prefetch: it only moves lines into the L2, the point of coherence of the
 GPU's global memory, and every load the kernel computes with is issued after the wait. A GEMM launched with
 PDL behind any other kernel (one that never triggers) simply starts when that kernel ends, as without PDL.
+
+:func:`prefetch_items` serves the W4A16 L2 chain (:mod:`.l2_chain`): a kernel, once done, asks the L2 for the
+start of the next linear's weight slices.
 """
 from __future__ import annotations
 
