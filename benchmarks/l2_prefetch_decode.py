@@ -6,7 +6,8 @@ tensor-core kernel's layout, blocks compiled: the decode benchmark's W4A16 setup
 timed over STEPS replays after a fresh prefill, in ROUNDS interleaved rounds (budget order rotated each round);
 the fastest round is kept and every round recorded. The check is per linear: each of the first block's linears and
 lm_head, at every batch's M, with and without the chain to its real next linear (eager, fresh inputs), must
-give the same output (``max_rel_err``; 0 unless an ATOMIC split-K tile adds fp32 partials in another order).
+give the same output (``max_rel_err``: 0, except where an ATOMIC split-K tile adds fp32 partials in another order,
+as it may between any two launches; ``ok`` below 1e-3).
 The step's logits are no check here: with random weights the first greedy token and so the step's logits
 change between two runs of the same graph (the prefill's ATOMIC tiles, amplified over 32 random layers).
 Writes $OUT/l2_prefetch.json. Usage: python benchmarks/l2_prefetch_decode.py [out_dir]
@@ -94,7 +95,7 @@ def main() -> None:
         for budget in BUDGETS:
             result["rows"].append({"batch": batch, "budget_mb": budget, "links": links[budget],
                                    "ms_per_step": min(times[budget]), "rounds_ms": times[budget],
-                                   "check": {"max_rel_err": err, "ok": err < 1e-5}})
+                                   "check": {"max_rel_err": err, "ok": err < 1e-3}})
         del run
         torch.cuda.empty_cache()
         with open(os.path.join(OUT, "l2_prefetch.json"), "w") as f:
