@@ -88,10 +88,15 @@ class Block(nn.Module):
         self.norm1 = nn.Parameter(torch.ones(h, device=device, dtype=torch.bfloat16), requires_grad=False)
         self.norm2 = nn.Parameter(torch.ones(h, device=device, dtype=torch.bfloat16), requires_grad=False)
 
-    def forward(self, x, cos, sin, k_cache, v_cache, pos, mask, length=None):
-        """x: [B, T, H]. Writes this step's keys/values at positions pos[0] .. pos[0]+T-1 of the caches.
+    def forward(self, x, delta, cos, sin, k_cache, v_cache, pos, mask, length=None, defer: bool = False):
+        """x: [B, T, H] residual stream, ``delta`` (or None) the previous block's MLP output still to be added.
+        Writes this step's keys/values at positions pos[0] .. pos[0]+T-1 of the caches.
         Attention: ``length`` (decode, a 1-element device tensor) -> quantarena's split-KV kernel over the
-        cache positions < length; else ``mask`` (decode) -> SDPA over the whole cache; neither -> causal prefill."""
+        cache positions < length; else ``mask`` (decode) -> SDPA over the whole cache; neither -> causal prefill.
+        Returns ``(x, mlp_out)`` with ``defer`` (the next block adds it, where inductor fuses the add into its norm:
+        one kernel fewer per block), else ``(x + mlp_out, None)``."""
+        if delta is not None:
+            x = x + delta
         b, t, _ = x.shape
         y = rms_norm(x, self.norm1)
         q, k, v = self.qkv(y).split(self.splits, -1) if self.fuse else (self.q(y), self.k(y), self.v(y))
@@ -110,19 +115,22 @@ class Block(nn.Module):
         x = x + self.o(attn.transpose(1, 2).reshape(b, t, -1))
         y = rms_norm(x, self.norm2)
         if self.fuse and hasattr(self.down, "forward_silu_mul"):  # 8-bit: SiLU-mul inside the activation quant
-            return x + self.down.forward_silu_mul(self.gate_up(y))
-        gate, up = self.gate_up(y).chunk(2, -1) if self.fuse else (self.gate(y), self.up(y))
-        return x + self.down(F.silu(gate) * up)
+            out = self.down.forward_silu_mul(self.gate_up(y))
+        else:
+            gate, up = self.gate_up(y).chunk(2, -1) if self.fuse else (self.gate(y), self.up(y))
+            out = self.down(F.silu(gate) * up)
+        return (x, out) if defer else (x + out, None)
 
 
 class LeanLlama(nn.Module):
     def __init__(self, shape: str, scheme: str, device: str = "cuda", max_len: int = 512, fuse: bool = False,
-                 quantize_lm_head: bool = False, attention: str = "quantarena"):
+                 quantize_lm_head: bool = False, attention: str = "quantarena", defer_residual: bool = True):
         super().__init__()
         if attention not in ATTENTION:
             raise ValueError(f"unknown attention {attention!r}; use one of {', '.join(ATTENTION)}")
         s = SHAPES[shape]
         self.s, self.max_len, self.attention = s, max_len, attention
+        self.defer_residual = defer_residual   # each block's MLP residual added by the next block (Block.forward)
         torch.manual_seed(0)
         self.embed = torch.randn(s["vocab"], s["hidden"], device=device, dtype=torch.bfloat16)
         self.blocks = nn.ModuleList(Block(s, scheme, device, fuse) for _ in range(s["layers"]))
@@ -167,14 +175,16 @@ class LeanLlama(nn.Module):
             length = pos[-1:] + 1
         elif decode:
             mask = (torch.arange(self.max_len, device=tokens.device) <= pos[-1]).view(1, 1, 1, -1)
+        delta = None
         for block, (kc, vc) in zip(self.blocks, cache):
-            x = self.block_fn(block, x, cos, sin, kc, vc, pos, mask, length)
-        y = rms_norm(x[:, -1], self.norm)
+            x, delta = self.block_fn(block, x, delta, cos, sin, kc, vc, pos, mask, length, self.defer_residual)
+        x = x[:, -1] if delta is None else x[:, -1] + delta[:, -1]
+        y = rms_norm(x, self.norm)
         return F.linear(y, self.lm_head) if self.lm_head_q is None else self.lm_head_q(y)
 
 
-def _run_block(block: Block, x, cos, sin, k_cache, v_cache, pos, mask, length):
-    return block(x, cos, sin, k_cache, v_cache, pos, mask, length)
+def _run_block(block: Block, x, delta, cos, sin, k_cache, v_cache, pos, mask, length, defer):
+    return block(x, delta, cos, sin, k_cache, v_cache, pos, mask, length, defer)
 
 
 @contextlib.contextmanager

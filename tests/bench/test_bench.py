@@ -22,9 +22,20 @@ def test_fused_linears_compute_the_same_block():
         x = torch.randn(2, 5, 256, dtype=torch.bfloat16)
         cos, sin = torch.ones(5, 64, dtype=torch.bfloat16), torch.zeros(5, 64, dtype=torch.bfloat16)
         caches = [torch.zeros(2, 2, 8, 64, dtype=torch.bfloat16) for _ in range(4)]
-        a = sep(x, cos, sin, caches[0], caches[1], torch.arange(5), None)
-        b = fused(x, cos, sin, caches[2], caches[3], torch.arange(5), None)
+        a, _ = sep(x, None, cos, sin, caches[0], caches[1], torch.arange(5), None)
+        b, _ = fused(x, None, cos, sin, caches[2], caches[3], torch.arange(5), None)
     assert torch.equal(a, b)
+
+
+def test_deferred_residual_is_the_same_model():
+    """The MLP's residual added at the start of the next block (and before the final norm) is the same sum."""
+    tokens = torch.randint(0, 1000, (2, 6))
+    out = []
+    for defer in (False, True):
+        model = decode.LeanLlama("tiny", "bf16", device="cpu", max_len=16, defer_residual=defer)
+        with torch.no_grad():
+            out.append(model(tokens, torch.arange(6), model.new_cache(2), decode=False))
+    assert torch.equal(out[0], out[1])
 
 
 @pytest.mark.parametrize("scheme,attention,fuse", [(s, "quantarena", False) for s in decode.SCHEMES]
