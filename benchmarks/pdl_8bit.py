@@ -75,13 +75,11 @@ def checked(a, b, op: str) -> bool:
 
 
 rows: list[dict] = []
-shapes = {(model, label): (k, n) for model in BK.SHAPES for label, k, n in BK.SHAPES[model]}
 for spec in SHAPES:
     if time.time() - started > BUDGET_S:
         log("budget spent; not starting", spec)
         break
-    model, label = spec.split(":")
-    k, n = shapes[(model, label)]
+    model, label, k, n = BK.layer_shape(spec)
     layer = BK.make_layer(k, n)
     for m in MS:
         base = {"model": model, "layer": label, "K": k, "N": n, "M": m}

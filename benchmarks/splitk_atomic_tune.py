@@ -87,13 +87,11 @@ def poisoned(fn, m: int, n: int) -> torch.Tensor:
 
 
 rows: list[dict] = []
-shapes = {(model, label): (k, n) for model in BK.SHAPES for label, k, n in BK.SHAPES[model]}
 for spec in SHAPES:
     if time.time() - started > BUDGET_S:
         log("budget spent; not starting", spec)
         break
-    model, label = spec.split(":")
-    k, n = shapes[(model, label)]
+    model, label, k, n = BK.layer_shape(spec)
     layer = BK.make_layer(k, n)
     sw = ops._prepared(layer.packed, layer.scales, None, BK.GROUP, None).striped
     for m in MS:

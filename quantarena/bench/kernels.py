@@ -28,6 +28,18 @@ SHAPES: dict[str, list[tuple[str, int, int]]] = {
     "llama-3-8b-decode": [("qkv", 4096, 6144), ("gate_up_fused", 4096, 28672), ("lm_head", 4096, 128256)],
     "llama-3-70b-decode": [("qkv", 8192, 10240), ("gate_up_fused", 8192, 57344), ("lm_head", 8192, 128256)],
 }
+
+
+def layer_shape(spec: str) -> tuple[str, str, int, int]:
+    """``"model:layer"`` (a row of :data:`SHAPES`) -> (model, layer, K, N); a ValueError names the known ones."""
+    model, _, label = spec.partition(":")
+    for name, k, n in SHAPES.get(model, ()):
+        if name == label:
+            return model, label, k, n
+    known = ", ".join(f"{m}:{name}" for m in SHAPES for name, _, _ in SHAPES[m])
+    raise ValueError(f"unknown layer {spec!r}; use one of {known}")
+
+
 DEFAULT_BATCHES = [1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096]
 ERROR_AT_M = (1, 4, 16, 128, 4096)
 GROUP = 128

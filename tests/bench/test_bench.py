@@ -185,3 +185,11 @@ def test_atomic_a8_tiles_fit_the_pool_and_the_grid():
     assert {impl for impl, _ in kernels.atomic_a8_tiles(16, 1024, 4096, sms)} == {"swap"}   # tiled from M = 32
     assert {impl for impl, _ in kernels.atomic_a8_tiles(64, 1024, 4096, sms, ())} == {"swap"}
     assert kernels.atomic_a8_tiles(128, ATOMIC_WS_WORDS // 64, 4096, sms) == []   # the output exceeds the pool
+
+
+def test_layer_shape_reads_a_model_layer_spec():
+    assert kernels.layer_shape("llama-3-8b:kv_proj") == ("llama-3-8b", "kv_proj", 4096, 1024)
+    assert kernels.layer_shape("llama-3-70b-decode:qkv") == ("llama-3-70b-decode", "qkv", 8192, 10240)
+    for bad in ("llama-3-8b:o_proj", "llama-2:q_proj", "q_proj"):
+        with pytest.raises(ValueError, match="unknown layer .* use one of llama-3-8b:q_proj"):
+            kernels.layer_shape(bad)
