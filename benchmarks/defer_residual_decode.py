@@ -3,8 +3,9 @@ start of the next block, where inductor fuses it into the RMSNorm (``LeanLlama(d
 scheme, one process.
 
 Per scheme and batch both variants are captured as decode-step graphs and timed over STEPS replays after a fresh
-prefill, ROUNDS interleaved rounds (fastest kept, all recorded). Check: the first decode step's logits after the same
-prefill, both variants, eager (the same arithmetic: equal) and compiled (inductor may keep the fused sum in fp32).
+prefill, ROUNDS interleaved rounds (``decode.interleaved_step_ms``; fastest kept, all recorded). Check: the first
+decode step's logits after the same prefill, both variants, eager (the same arithmetic: equal) and compiled (inductor
+may keep the fused sum in fp32).
 Writes $OUT/defer_residual.json. Usage: python benchmarks/defer_residual_decode.py [out_dir]
 (env DR_SCHEMES=bf16,w4a16,w8a8-int8 DR_BATCHES=1,16,256 DR_ROUNDS=3 DR_STEPS=64)
 """
@@ -67,19 +68,8 @@ def main() -> None:
         log(scheme, result["checks"][scheme])
         for batch in BATCHES:
             run = D.DecodeRun(model, batch, PROMPT)
-            times = {v: [] for v in VARIANTS}
-            for r in range(ROUNDS):
-                for defer in (VARIANTS if r % 2 == 0 else VARIANTS[::-1]):
-                    model.defer_residual = defer
-                    with torch.no_grad():
-                        graph = run.capture()
-                        run.prefill()
-                        graph.replay()
-                        graph.replay()
-                        run.prefill()
-                        ms = D._events_ms(graph.replay, STEPS) / STEPS
-                    del graph
-                    times[defer].append(round(ms, 4))
+            times = D.interleaved_step_ms(run, VARIANTS, lambda v, m=model: setattr(m, "defer_residual", v),
+                                          ROUNDS, STEPS)
             for v in VARIANTS:
                 result["rows"].append({"scheme": scheme, "batch": batch, "defer_residual": v,
                                        "ms_per_step": min(times[v]), "rounds_ms": times[v]})

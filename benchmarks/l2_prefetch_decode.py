@@ -3,7 +3,7 @@
 Llama-3-8B shapes (random weights), fused q/k/v and gate/up, quantized lm_head, the weights held only in the
 tensor-core kernel's layout, blocks compiled: the decode benchmark's W4A16 setup. For each batch, every budget
 (MB of the next linear's weight each kernel asks the L2 for; 0 = no chain) is captured as a decode-step graph and
-timed over STEPS replays after a fresh prefill, in ROUNDS interleaved rounds (budget order rotated each round);
+timed over STEPS replays after a fresh prefill, in ROUNDS interleaved rounds (``decode.interleaved_step_ms``);
 the fastest round is kept and every round recorded. The check is per linear: each of the first block's linears and
 lm_head, at every batch's M, with and without the chain to its real next linear (eager, fresh inputs), must
 give the same output (``max_rel_err``: 0, except where an ATOMIC split-K tile adds fp32 partials in another order,
@@ -43,21 +43,15 @@ def log(*a):
 
 def check(linears: list, batch: int) -> float:
     """Largest relative difference, over the first block's linears and lm_head, of the output with the chain to
-    the real next linear vs without."""
-    worst = 0.0
+    the real next linear (each budget) vs without. Leaves the chain of the last budget."""
     picks = linears[:4] + linears[-1:]
-    for lin in picks:
-        nxt = linears[(linears.index(lin) + 1) % len(linears)]
-        x = torch.randn(batch, lin.in_features, dtype=torch.bfloat16, device="cuda")
-        saved = (lin.l2_next_words, lin.l2_next_meta)
-        lin.l2_next_words, lin.l2_next_meta = None, (0, 0, 0)
-        plain = lin(x).float()
-        for budget in BUDGETS:
-            lin.l2_next_words, lin.l2_next_meta = (nxt.weight_tiled, (nxt.out_features, nxt.group_size,
-                                                                      int(budget * 2**20))) if budget else (None, (0, 0, 0))
-            worst = max(worst, ((lin(x).float() - plain).norm() / plain.norm()).item())
-        lin.l2_next_words, lin.l2_next_meta = saved
-    return worst
+    xs = [torch.randn(batch, lin.in_features, dtype=torch.bfloat16, device="cuda") for lin in picks]
+    outs = {}
+    for budget in [0.0] + BUDGETS:
+        qnn.chain_l2_prefetch(linears, int(budget * 2**20))
+        outs[budget] = [lin(x).float() for lin, x in zip(picks, xs)]
+    return max(((out - plain).norm() / plain.norm()).item()
+               for budget in BUDGETS for out, plain in zip(outs[budget], outs[0.0]))
 
 
 def main() -> None:
@@ -74,24 +68,16 @@ def main() -> None:
               "prompt_len": PROMPT, "steps": STEPS, "rounds": ROUNDS, "rows": []}
     for batch in BATCHES:
         run = D.DecodeRun(model, batch, PROMPT)
-        times, links = {b: [] for b in BUDGETS}, {}
+        links = {}
         with torch.no_grad():
             err = check(linears, batch)
         log(f"B={batch}: chained vs plain outputs, largest relative difference {err:.2e}")
-        for r in range(ROUNDS):
-            order = BUDGETS[r % len(BUDGETS):] + BUDGETS[:r % len(BUDGETS)]
-            for budget in order:
-                links[budget] = qnn.chain_l2_prefetch(linears, int(budget * 2**20))
-                with torch.no_grad():
-                    graph = run.capture()
-                    run.prefill()
-                    graph.replay()   # upload
-                    graph.replay()
-                    run.prefill()
-                    ms = D._events_ms(graph.replay, STEPS) / STEPS
-                del graph
-                times[budget].append(round(ms, 4))
-                log(f"B={batch} round {r} budget {budget} MB: {ms:.4f} ms/step ({links[budget]} links)")
+
+        def chain(budget: float) -> None:
+            links[budget] = qnn.chain_l2_prefetch(linears, int(budget * 2**20))
+
+        times = D.interleaved_step_ms(run, BUDGETS, chain, ROUNDS, STEPS)
+        log(f"B={batch}: ms/step per round {times}")
         for budget in BUDGETS:
             result["rows"].append({"batch": batch, "budget_mb": budget, "links": links[budget],
                                    "ms_per_step": min(times[budget]), "rounds_ms": times[budget],

@@ -250,6 +250,22 @@ class DecodeRun:
         return graph, _events_ms(graph.replay, steps)
 
 
+def interleaved_step_ms(run: DecodeRun, variants: list, apply, rounds: int, steps: int) -> dict:
+    """Decode-step ms of each of ``variants`` in one process (an A/B of a runner or kernel option): per round, each
+    variant is set up by ``apply(variant)``, captured and timed over ``steps`` replays (:meth:`DecodeRun.timed_graph`),
+    the variants' order rotated every round so that none always runs first. Returns every round's ms per variant."""
+    variants = list(variants)
+    times = {v: [] for v in variants}
+    for r in range(rounds):
+        for v in variants[r % len(variants):] + variants[:r % len(variants)]:
+            apply(v)
+            with torch.no_grad():
+                graph, ms = run.timed_graph(steps)
+            del graph
+            times[v].append(round(ms / steps, 4))
+    return times
+
+
 def prefill_graph_ms(run: DecodeRun, reps: int = 5) -> float:
     """Median time of the prefill captured as one CUDA graph (after an eager warm-up of the same shapes), so
     that, as for the decode step, kernels are timed and not the host's launch loop (an eager 8B prefill of a

@@ -193,3 +193,19 @@ def test_layer_shape_reads_a_model_layer_spec():
     for bad in ("llama-3-8b:o_proj", "llama-2:q_proj", "q_proj"):
         with pytest.raises(ValueError, match="unknown layer .* use one of llama-3-8b:q_proj"):
             kernels.layer_shape(bad)
+
+
+def test_interleaved_step_ms_rotates_the_variants_and_records_every_round():
+    calls = []
+
+    class FakeRun:
+        current = None
+
+        def timed_graph(self, steps):
+            calls.append(self.current)
+            return None, 10.0 * steps * (1 + len(calls))
+
+    run = FakeRun()
+    times = decode.interleaved_step_ms(run, ("a", "b", "c"), lambda v: setattr(run, "current", v), 3, 4)
+    assert calls == ["a", "b", "c", "b", "c", "a", "c", "a", "b"]
+    assert times["a"] == [20.0, 70.0, 90.0] and len(times["b"]) == len(times["c"]) == 3   # ms per step, each round
