@@ -88,17 +88,24 @@ class Block(nn.Module):
         self.norm1 = nn.Parameter(torch.ones(h, device=device, dtype=torch.bfloat16), requires_grad=False)
         self.norm2 = nn.Parameter(torch.ones(h, device=device, dtype=torch.bfloat16), requires_grad=False)
 
-    def forward(self, x, delta, cos, sin, k_cache, v_cache, pos, mask, length=None, defer: bool = False):
+    def forward(self, x, delta, cos, sin, k_cache, v_cache, pos, mask, length=None, defer: bool = False,
+                rope_attention: bool = False):
         """x: [B, T, H] residual stream, ``delta`` (or None) the previous block's MLP output still to be added.
         Writes this step's keys/values at positions pos[0] .. pos[0]+T-1 of the caches.
         Attention: ``length`` (decode, a 1-element device tensor) -> quantarena's split-KV kernel over the
-        cache positions < length; else ``mask`` (decode) -> SDPA over the whole cache; neither -> causal prefill.
+        cache positions < length (with ``rope_attention`` and fused q/k/v, the kernel that also applies RoPE and
+        writes the caches: one launch for what is otherwise four); else ``mask`` (decode) -> SDPA over the whole
+        cache; neither -> causal prefill.
         Returns ``(x, mlp_out)`` with ``defer`` (the next block adds it, where inductor fuses the add into its norm:
         one kernel fewer per block), else ``(x + mlp_out, None)``."""
         if delta is not None:
             x = x + delta
         b, t, _ = x.shape
         y = rms_norm(x, self.norm1)
+        if length is not None and rope_attention and self.fuse and t == 1:
+            qkv = self.qkv(y).reshape(b, -1)
+            attn = ops.decode_rope_attention(qkv, cos[0], sin[0], k_cache, v_cache, length, self.heads)
+            return self._rest(x, attn.unsqueeze(2), defer)
         q, k, v = self.qkv(y).split(self.splits, -1) if self.fuse else (self.q(y), self.k(y), self.v(y))
         q = q.reshape(b, t, self.heads, self.head_dim).transpose(1, 2)
         k = k.reshape(b, t, self.kv_heads, self.head_dim).transpose(1, 2)
@@ -112,6 +119,11 @@ class Block(nn.Module):
             attn = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
         else:
             attn = F.scaled_dot_product_attention(q, k_cache, v_cache, attn_mask=mask, enable_gqa=True)
+        return self._rest(x, attn, defer)
+
+    def _rest(self, x, attn, defer: bool):
+        """The block after attention (attn [B, Hq, T, D]): o projection, residual, MLP."""
+        b, t, _ = x.shape
         x = x + self.o(attn.transpose(1, 2).reshape(b, t, -1))
         y = rms_norm(x, self.norm2)
         if self.fuse and hasattr(self.down, "forward_silu_mul"):  # 8-bit: SiLU-mul inside the activation quant
@@ -124,13 +136,15 @@ class Block(nn.Module):
 
 class LeanLlama(nn.Module):
     def __init__(self, shape: str, scheme: str, device: str = "cuda", max_len: int = 512, fuse: bool = False,
-                 quantize_lm_head: bool = False, attention: str = "quantarena", defer_residual: bool = True):
+                 quantize_lm_head: bool = False, attention: str = "quantarena", defer_residual: bool = True,
+                 rope_attention: bool = True):
         super().__init__()
         if attention not in ATTENTION:
             raise ValueError(f"unknown attention {attention!r}; use one of {', '.join(ATTENTION)}")
         s = SHAPES[shape]
         self.s, self.max_len, self.attention = s, max_len, attention
         self.defer_residual = defer_residual   # each block's MLP residual added by the next block (Block.forward)
+        self.rope_attention = rope_attention   # decode: RoPE + cache writes inside the attention kernel (fused q/k/v)
         torch.manual_seed(0)
         self.embed = torch.randn(s["vocab"], s["hidden"], device=device, dtype=torch.bfloat16)
         self.blocks = nn.ModuleList(Block(s, scheme, device, fuse) for _ in range(s["layers"]))
@@ -177,14 +191,15 @@ class LeanLlama(nn.Module):
             mask = (torch.arange(self.max_len, device=tokens.device) <= pos[-1]).view(1, 1, 1, -1)
         delta = None
         for block, (kc, vc) in zip(self.blocks, cache):
-            x, delta = self.block_fn(block, x, delta, cos, sin, kc, vc, pos, mask, length, self.defer_residual)
+            x, delta = self.block_fn(block, x, delta, cos, sin, kc, vc, pos, mask, length, self.defer_residual,
+                                     self.rope_attention)
         x = x[:, -1] if delta is None else x[:, -1] + delta[:, -1]
         y = rms_norm(x, self.norm)
         return F.linear(y, self.lm_head) if self.lm_head_q is None else self.lm_head_q(y)
 
 
-def _run_block(block: Block, x, delta, cos, sin, k_cache, v_cache, pos, mask, length, defer):
-    return block(x, delta, cos, sin, k_cache, v_cache, pos, mask, length, defer)
+def _run_block(block: Block, x, delta, cos, sin, k_cache, v_cache, pos, mask, length, defer, rope_attention):
+    return block(x, delta, cos, sin, k_cache, v_cache, pos, mask, length, defer, rope_attention)
 
 
 @contextlib.contextmanager
@@ -402,8 +417,9 @@ def run(shape: str, schemes: list[str], batches: list[int], prompt_len: int = 12
             "date": datetime.date.today().isoformat(), "model": f"preset:{shape} (random weights)",
             "prompt_len": prompt_len, "gen_len": gen_len, "fused_linears": fuse,
             "lm_head": "the scheme's format (bf16 in the bf16 run)" if quantize_lm_head else "bf16 in every scheme",
-            "attention": ("quantarena split-KV decode kernel over the valid cache positions" if attention == "quantarena"
-                          else "masked SDPA over the whole static cache"),
+            "attention": ("quantarena split-KV decode kernel over the valid cache positions"
+                          + ("; RoPE, the cache writes and the chunk merge in the same launch" if fuse else "")
+                          if attention == "quantarena" else "masked SDPA over the whole static cache"),
             "method": "lean Llama runner, static KV cache, one CUDA graph per decode step, greedy; "
                       + ("block non-linear work fused by torch.compile (linears are our custom ops); " if compile else "")
                       + ("q/k/v and gate/up fused into one linear each; " if fuse else "")

@@ -25,7 +25,9 @@ inductor's, not correctly rounded: a code can differ by one where x / scale fall
 in the act-quant kernel itself (``quantarena::a8w8_silu_mul_linear``), one launch where inductor makes three.
 
 ``decode_attention``: one decode step's attention over the valid positions of a static KV cache, the split-KV
-kernels of :mod:`.triton_decode_attention` (``quantarena::decode_attention``).
+kernel of :mod:`.triton_decode_attention` (``quantarena::decode_attention``). ``decode_rope_attention`` starts from
+the fused q/k/v projection's output instead: RoPE, the cache writes and the attention in one launch
+(``quantarena::decode_rope_attention``, which mutates the caches).
 
 A weight held only in the tensor-core kernel's layout (``W4A16Linear.to_kernel_layout``, for serving: one copy of
 the 4-bit weights) goes through ``w4a16_linear_tiled`` (``quantarena::w4a16_linear_tiled``): the TILED tc tile,
@@ -474,3 +476,35 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     if unsupported_reason(q, k_cache, v_cache) is not None:
         return reference.decode_attention(q, k_cache, v_cache, length, scale)
     return _decode_attention_op(q, k_cache, v_cache, length, scale)
+
+
+@torch.library.custom_op("quantarena::decode_rope_attention", mutates_args=("k_cache", "v_cache"))
+def _decode_rope_attention_op(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, k_cache: torch.Tensor,
+                              v_cache: torch.Tensor, length: torch.Tensor, heads: int, scale: float) -> torch.Tensor:
+    if qkv.device.type != "cuda":  # the op is also traced and run on CPU (tests of the compiled graph)
+        return reference.decode_rope_attention(qkv, cos, sin, k_cache, v_cache, length, heads, scale)
+    from .triton_decode_attention import decode_rope_attention as triton_decode_rope_attention
+
+    return triton_decode_rope_attention(qkv, cos, sin, k_cache, v_cache, length, heads, scale)
+
+
+@_decode_rope_attention_op.register_fake
+def _(qkv, cos, sin, k_cache, v_cache, length, heads, scale):
+    return qkv.new_empty((qkv.shape[0], heads, k_cache.shape[-1]))
+
+
+def decode_rope_attention(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, k_cache: torch.Tensor,
+                          v_cache: torch.Tensor, length: torch.Tensor, heads: int,
+                          scale: float | None = None) -> torch.Tensor:
+    """One decode step from the fused q/k/v row ``qkv`` [B, (Hq + 2 Hkv) D]: RoPE on q and k with the new
+    position's ``cos``/``sin`` rows [D], k and v written at position ``length - 1`` of the caches [B, Hkv, L, D]
+    (in place), attention over positions ``< length``; returns [B, Hq, D]. One Triton launch on CUDA, the
+    reference elsewhere."""
+    scale = k_cache.shape[-1] ** -0.5 if scale is None else float(scale)
+    if not _triton_ok(qkv):
+        return reference.decode_rope_attention(qkv, cos, sin, k_cache, v_cache, length, heads, scale)
+    from .triton_decode_attention import rope_unsupported_reason
+
+    if rope_unsupported_reason(qkv, cos, sin, k_cache, v_cache, heads) is not None:
+        return reference.decode_rope_attention(qkv, cos, sin, k_cache, v_cache, length, heads, scale)
+    return _decode_rope_attention_op(qkv, cos, sin, k_cache, v_cache, length, heads, scale)

@@ -143,3 +143,27 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     scores = torch.einsum("bhd,bhld->bhl", q.float(), k) * scale                  # [B, Hq, L]
     probs = scores.masked_fill(~valid, float("-inf")).softmax(dim=-1)
     return torch.einsum("bhl,bhld->bhd", probs, v).to(q.dtype)
+
+
+def rope_rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """RoPE, rotate-half convention, in float32: ``x * cos + cat(-x2, x1) * sin`` over the last dim."""
+    x = x.float()
+    half = x.shape[-1] // 2
+    return x * cos.float() + torch.cat((-x[..., half:], x[..., :half]), dim=-1) * sin.float()
+
+
+def decode_rope_attention(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, k_cache: torch.Tensor,
+                          v_cache: torch.Tensor, length: torch.Tensor, heads: int,
+                          scale: float | None = None) -> torch.Tensor:
+    """One decode step from the fused q/k/v row: qkv [B, (Hq + 2 Hkv) D] -> RoPE on q and k (cos/sin [D], float32,
+    rounded once to the cache dtype), k and v written at position ``length - 1`` of the caches [B, Hkv, L, D]
+    (in place), then :func:`decode_attention` over positions ``< length`` (``length`` in 1 .. L)."""
+    b = qkv.shape[0]
+    hkv, max_len, d = k_cache.shape[1:]
+    q, k, v = qkv.split([heads * d, hkv * d, hkv * d], dim=-1)
+    q = rope_rotate(q.reshape(b, heads, d), cos, sin).to(k_cache.dtype)
+    k = rope_rotate(k.reshape(b, hkv, d), cos, sin).to(k_cache.dtype)
+    pos = (length.reshape(1).long() - 1).clamp(0, max_len - 1).to(k_cache.device)
+    k_cache.index_copy_(2, pos, k.unsqueeze(2))
+    v_cache.index_copy_(2, pos, v.reshape(b, hkv, 1, d).to(v_cache.dtype))
+    return decode_attention(q, k_cache, v_cache, length, scale)

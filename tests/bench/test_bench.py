@@ -39,7 +39,8 @@ def test_deferred_residual_is_the_same_model():
 
 
 @pytest.mark.parametrize("scheme,attention,fuse", [(s, "quantarena", False) for s in decode.SCHEMES]
-                         + [("bf16", "sdpa", False), ("w8a8-int8", "quantarena", True), ("fp8", "quantarena", True)])
+                         + [("bf16", "sdpa", False), ("w8a8-int8", "quantarena", True), ("fp8", "quantarena", True),
+                            ("bf16", "quantarena", True), ("w4a16", "quantarena", True)])
 def test_decode_step_matches_a_full_prefill(scheme, attention, fuse):
     """fuse with 8-bit schemes: the down projection takes [gate | up] (SiLU-mul inside its activation quant)."""
     model = decode.LeanLlama("tiny", scheme, device="cpu", max_len=32, attention=attention, fuse=fuse)
@@ -53,6 +54,27 @@ def test_decode_step_matches_a_full_prefill(scheme, attention, fuse):
     err = ((step_logits.float() - full.float()).norm() / full.float().norm()).item()
     # bf16 activations and two orders of summation; fp8's coarse rounding turns those ulps into larger steps
     assert err < (6e-2 if scheme == "fp8" else 2e-2)
+
+
+@pytest.mark.parametrize("scheme", ["bf16", "w4a16"])
+def test_rope_attention_is_the_same_step(scheme):
+    """RoPE and the cache writes inside the attention op (fused q/k/v) give the step of the separate ops: the same
+    caches and logits up to RoPE's rounding (float32 then one rounding, where the eager ops round twice)."""
+    model = decode.LeanLlama("tiny", scheme, device="cpu", max_len=32, fuse=True)
+    logits, caches = [], []
+    for rope in (False, True):
+        model.rope_attention = rope
+        run = decode.DecodeRun(model, 2, 8)
+        with torch.no_grad():
+            run.prefill()
+            logits.append(run.step().float())
+        caches.append(run.cache)
+    assert ((logits[0] - logits[1]).norm() / logits[0].norm()).item() < 1e-2
+    for (k0, v0), (k1, v1) in zip(*caches):                           # the prefill's entries: the same path
+        assert torch.equal(k0[:, :, :8], k1[:, :, :8]) and torch.equal(v0[:, :, :8], v1[:, :, :8])
+    (k0, v0), (k1, v1) = caches[0][0], caches[1][0]                   # the step's first layer: same input
+    assert torch.equal(v0, v1)
+    assert torch.allclose(k0[:, :, 8].float(), k1[:, :, 8].float(), rtol=2 ** -7, atol=2 ** -7)
 
 
 def test_unknown_attention_is_a_clear_error():

@@ -18,6 +18,7 @@ triton = pytest.importorskip("triton", reason="triton is not installed: the Trit
 
 from quantarena.kernels import ops, reference as R  # noqa: E402
 from quantarena.kernels import triton_decode_attention as DA  # noqa: E402
+from quantarena.kernels.triton_w4a16 import split_k_dirty  # noqa: E402
 
 pytestmark = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available(),
                                 reason="needs TRITON_INTERPRET=1 (set by tests/kernels/conftest.py) or a GPU")
@@ -67,6 +68,29 @@ def test_decode_attention_matches_reference(batch, kv_heads, group, head_dim, ma
     length = torch.tensor([n], device=DEVICE)
     out = run_poisoned(q, k, v, length, splits=splits, block_n=block_n)
     assert rel_err(out, R.decode_attention(q, k, v, length)) < REL_TOL[dtype]
+
+
+@pytest.mark.parametrize("where", ["first", "middle", "all"])
+@pytest.mark.parametrize("batch,kv_heads,group,head_dim,max_len,splits,block_n,dtype", CASES[1:6])
+def test_combine_kernel_matches_reference(batch, kv_heads, group, head_dim, max_len, splits, block_n, dtype, where):
+    """The two-launch form (``finish="kernel"``) kept for A/B timing; the one-launch form is tested above."""
+    q, k, v = make_inputs(batch, kv_heads, group, head_dim, max_len, dtype)
+    n = {"first": 1, "middle": max_len // 2 + 3, "all": max_len}[where]
+    length = torch.tensor([n], device=DEVICE)
+    out = run_poisoned(q, k, v, length, splits=splits, block_n=block_n, finish="kernel")
+    assert rel_err(out, R.decode_attention(q, k, v, length)) < REL_TOL[dtype]
+    assert split_k_dirty(q.device) is None
+
+
+def test_inline_finish_leaves_counters_zero_and_is_deterministic():
+    q, k, v = make_inputs(3, 2, 4, 64, 200, torch.bfloat16)
+    length = torch.tensor([150], device=DEVICE)
+    first = run_poisoned(q, k, v, length, splits=5, block_n=16)
+    assert split_k_dirty(q.device) is None
+    for _ in range(3):  # merged in chunk order: the same bits whatever order the chunks finish in
+        assert torch.equal(run_poisoned(q, k, v, length, splits=5, block_n=16), first)
+    with pytest.raises(ValueError, match="unknown finish"):
+        DA.decode_attention(q, k, v, length, finish="tree")
 
 
 @pytest.mark.parametrize("splits", [1, 4])
@@ -136,3 +160,115 @@ def test_cuda_graph_replay_follows_length():
         length.fill_(n)
         graph.replay()
         assert rel_err(out, R.decode_attention(q, k, v, length)) < REL_TOL[torch.bfloat16]
+
+
+# ----------------------------------------------------------------------------- RoPE + cache write + attention
+
+def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Bit-for-bit equality of two 16-bit tensors (NaN included)."""
+    return torch.equal(a.view(torch.int16), b.view(torch.int16))
+
+
+def make_rope_inputs(batch: int, kv_heads: int, group: int, head_dim: int, max_len: int, dtype: torch.dtype,
+                     position: int, seed: int = 0):
+    """qkv rows, the position's cos/sin rows (rotate-half, theta 10000) and caches holding garbage from
+    ``position`` on (NaN and a large value: the new entry must overwrite one, the rest must never be read)."""
+    gen = torch.Generator().manual_seed(seed)
+    heads = kv_heads * group
+    qkv = torch.randn(batch, (heads + 2 * kv_heads) * head_dim, generator=gen)
+    inv = 1.0 / (10000.0 ** (torch.arange(0, head_dim, 2).float() / head_dim))
+    ang = torch.cat((position * inv, position * inv))
+    k = torch.randn(batch, kv_heads, max_len, head_dim, generator=gen)
+    v = torch.randn(batch, kv_heads, max_len, head_dim, generator=gen)
+    for cache in (k, v):
+        cache[:, :, position::2] = float("nan")
+        cache[:, :, position + 1::2] = 3e4
+    return tuple(t.to(dtype).to(DEVICE) for t in (qkv, ang.cos(), ang.sin(), k, v))
+
+
+ROPE_CASES = [  # batch, kv heads, group, head dim, L, forced splits, BLOCK_N, dtype, new position
+    (1, 2, 4, 64, 37, 1, 16, torch.bfloat16, 0),        # the first token: one position to attend to
+    (3, 2, 4, 128, 100, 3, 16, torch.float16, 47),      # chunks of 48: the new position ends chunk 0
+    (1, 2, 8, 64, 200, 5, 16, torch.bfloat16, 48),      # ... and starts chunk 1
+    (2, 1, 8, 128, 200, None, None, torch.bfloat16, 150),
+    (1, 2, 1, 64, 37, 2, 16, torch.float16, 36),        # the last cache position
+    (1, 1, 20, 64, 37, 2, 16, torch.bfloat16, 20),      # group above 16
+]
+
+
+@pytest.mark.parametrize("finish", ["inline", "kernel"])
+@pytest.mark.parametrize("batch,kv_heads,group,head_dim,max_len,splits,block_n,dtype,position", ROPE_CASES)
+def test_decode_rope_attention_matches_reference(batch, kv_heads, group, head_dim, max_len, splits, block_n, dtype,
+                                                 position, finish):
+    qkv, cos, sin, k, v = make_rope_inputs(batch, kv_heads, group, head_dim, max_len, dtype, position)
+    heads = kv_heads * group
+    length = torch.tensor([position + 1], device=DEVICE)
+    k_ref, v_ref = k.clone(), v.clone()
+    ref = R.decode_rope_attention(qkv, cos, sin, k_ref, v_ref, length, heads)
+    out = torch.full((batch, heads, head_dim), float("nan"), dtype=dtype, device=DEVICE)
+    DA.decode_rope_attention(qkv, cos, sin, k, v, length, heads, out=out, splits=splits, block_n=block_n,
+                             finish=finish)
+    assert rel_err(out, ref) < REL_TOL[dtype]
+    # v is copied; k is RoPE'd in float32 and rounded once on both sides (an FMA may move the last bit)
+    assert same_bits(v, v_ref)
+    new_k, new_k_ref = k[:, :, position].float(), k_ref[:, :, position].float()
+    assert torch.allclose(new_k, new_k_ref, rtol=2 ** -7 if dtype == torch.bfloat16 else 2 ** -10, atol=0)
+    others = torch.ones(max_len, dtype=torch.bool)
+    others[position] = False
+    assert same_bits(k[:, :, others], k_ref[:, :, others])
+    assert split_k_dirty(qkv.device) is None
+
+
+def test_decode_rope_attention_on_cpu_is_the_reference():
+    qkv, cos, sin, k, v = (t.cpu() for t in make_rope_inputs(2, 2, 2, 64, 30, torch.bfloat16, 16))
+    length = torch.tensor([17])
+    k2, v2 = k.clone(), v.clone()
+    out = ops.decode_rope_attention(qkv, cos, sin, k, v, length, 4, 0.2)
+    assert torch.equal(out, R.decode_rope_attention(qkv, cos, sin, k2, v2, length, 4, 0.2))
+    assert same_bits(k, k2) and same_bits(v, v2)
+
+
+def test_decode_rope_attention_compiled_writes_the_caches():
+    """The op mutates its caches: traced by torch.compile (CPU: the op's reference body) the caller's caches change."""
+    qkv, cos, sin, k, v = (t.cpu() for t in make_rope_inputs(2, 2, 2, 64, 30, torch.bfloat16, 16))
+    length = torch.tensor([17])
+    k2, v2 = k.clone(), v.clone()
+    ref = R.decode_rope_attention(qkv, cos, sin, k2, v2, length, 4)
+
+    def step(qkv, k, v):
+        return ops._decode_rope_attention_op(qkv * 1, cos, sin, k, v, length, 4, 64 ** -0.5)
+
+    out = torch.compile(step, backend="aot_eager", fullgraph=True)(qkv, k, v)
+    assert torch.equal(out, ref)
+    assert same_bits(k, k2) and same_bits(v, v2)
+
+
+def test_decode_rope_attention_rejects_bad_shapes():
+    qkv, cos, sin, k, v = make_rope_inputs(1, 2, 2, 64, 16, torch.bfloat16, 3)
+    length = torch.tensor([4], device=DEVICE)
+    with pytest.raises(ValueError, match="is not"):
+        DA.decode_rope_attention(qkv[:, :-64], cos, sin, k, v, length, 4)
+    with pytest.raises(ValueError, match="cos and sin"):
+        DA.decode_rope_attention(qkv, cos[:32], sin[:32], k, v, length, 4)
+    with pytest.raises(ValueError, match="is not"):
+        DA.decode_rope_attention(qkv, cos, sin, k, v, length, 3)
+
+
+@pytest.mark.skipif(DEVICE != "cuda", reason="CUDA graphs need a GPU")
+def test_decode_rope_attention_graph_replay_follows_length():
+    qkv, cos, sin, k, v = make_rope_inputs(2, 8, 4, 128, 200, torch.bfloat16, 199)
+    k.zero_()
+    v.zero_()
+    length = torch.tensor([1], device=DEVICE)
+    ops.decode_rope_attention(qkv, cos, sin, k, v, length, 32)  # compile before capture
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = ops.decode_rope_attention(qkv, cos, sin, k, v, length, 32)
+    k_ref, v_ref = k.clone(), v.clone()
+    for n in (1, 63, 64, 65, 200):
+        length.fill_(n)
+        graph.replay()
+        ref = R.decode_rope_attention(qkv, cos, sin, k_ref, v_ref, length, 32)
+        assert rel_err(out, ref) < REL_TOL[torch.bfloat16]
+        assert same_bits(v, v_ref)
+    assert split_k_dirty(qkv.device) is None
