@@ -161,6 +161,20 @@ class W4A16Linear(QuantLinearBase):
         return ops.w4a16_linear(x, self.weight_packed, self.weight_scale, self.weight_zero_point,
                                 self.group_size, self.bias, self.weight_g_idx)
 
+    def forward_gated(self, x: torch.Tensor) -> torch.Tensor:
+        """``silu(gate) * up`` for a layer whose output rows interleave an MLP's gate and up projections (row 2j
+        gate j, 2j+1 up j; ``reference.interleave_gate_up``): [..., out_features / 2]. In the kernel layout the
+        tensor-core kernel's epilogue computes it from the float32 sums (one launch, one rounding); otherwise the
+        layer's output, then the gate in float32."""
+        if self.kernel_layout:
+            return ops.w4a16_linear_tiled(x, self.weight_tiled, self.weight_scale, self.weight_zero_point,
+                                          self.group_size, self.out_features, self.bias,
+                                          None if self.l2_next_words is None
+                                          else (self.l2_next_words, *self.l2_next_meta), gated=True)
+        if self.out_features % 2:
+            raise ValueError(f"a gated W4A16 linear needs an even number of outputs, got {self.out_features}")
+        return reference.silu_mul_interleaved(self(x)).to(x.dtype)
+
     def extra_repr(self) -> str:
         layout = ", layout=kernel" if self.kernel_layout else ""
         return super().extra_repr() + f", group_size={self.group_size}, symmetric={self.symmetric}{layout}"

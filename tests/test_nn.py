@@ -112,6 +112,18 @@ def test_w4a16_kernel_layout_is_lossless():
     assert torch.equal(mod.to_canonical_layout().weight_packed, packed) and not hasattr(mod, "weight_tiled")
 
 
+def test_w4a16_forward_gated_in_both_layouts():
+    """Rows interleaving gate and up: forward_gated is silu(gate) * up of the layer's output, in either layout."""
+    torch.manual_seed(0)
+    mod = qn.W4A16Linear.from_float(nn.Linear(256, 96, bias=False), 128)
+    x = torch.randn(3, 256).to(torch.bfloat16)
+    want = R.silu_mul_interleaved(mod(x)).to(torch.bfloat16)
+    assert torch.equal(mod.forward_gated(x), want)
+    got = mod.to_kernel_layout().forward_gated(x)
+    assert got.shape == (3, 48)
+    assert ((got.float() - want.float()).norm() / want.float().norm()).item() < 1e-2
+
+
 def test_w4a16_kernel_layout_refuses_what_it_cannot_hold():
     lin = nn.Linear(256, 16)
     with pytest.raises(ValueError, match="divisible by 128"):

@@ -79,6 +79,9 @@ class Block(nn.Module):
             nn.init.normal_(lin.weight, std=1.0 / math.sqrt(n_in))
             return quant_linear(lin, scheme)
 
+        # W4A16 with fused gate/up: the rows read as interleaved (2j gate j, 2j+1 up j; random weights, so no
+        # permutation is needed), which lets the tensor-core kernel's epilogue apply the SiLU gate (forward_gated)
+        self.interleaved = fuse and scheme == "w4a16"
         if fuse:
             self.qkv, self.gate_up = make(h, sum(self.splits)), make(h, 2 * inter)
         else:
@@ -89,13 +92,13 @@ class Block(nn.Module):
         self.norm2 = nn.Parameter(torch.ones(h, device=device, dtype=torch.bfloat16), requires_grad=False)
 
     def forward(self, x, delta, cos, sin, k_cache, v_cache, pos, mask, length=None, defer: bool = False,
-                rope_attention: bool = False):
+                rope_attention: bool = False, gated: bool = False):
         """x: [B, T, H] residual stream, ``delta`` (or None) the previous block's MLP output still to be added.
         Writes this step's keys/values at positions pos[0] .. pos[0]+T-1 of the caches.
         Attention: ``length`` (decode, a 1-element device tensor) -> quantarena's split-KV kernel over the
         cache positions < length (with ``rope_attention`` and fused q/k/v, the kernel that also applies RoPE and
         writes the caches: one launch for what is otherwise four); else ``mask`` (decode) -> SDPA over the whole
-        cache; neither -> causal prefill.
+        cache; neither -> causal prefill. ``gated`` (W4A16, fused gate/up): the SiLU gate in the gate/up kernel.
         Returns ``(x, mlp_out)`` with ``defer`` (the next block adds it, where inductor fuses the add into its norm:
         one kernel fewer per block), else ``(x + mlp_out, None)``."""
         if delta is not None:
@@ -105,7 +108,7 @@ class Block(nn.Module):
         if length is not None and rope_attention and self.fuse and t == 1:
             qkv = self.qkv(y).reshape(b, -1)
             attn = ops.decode_rope_attention(qkv, cos[0], sin[0], k_cache, v_cache, length, self.heads)
-            return self._rest(x, attn.unsqueeze(2), defer)
+            return self._rest(x, attn.unsqueeze(2), defer, gated)
         q, k, v = self.qkv(y).split(self.splits, -1) if self.fuse else (self.q(y), self.k(y), self.v(y))
         q = q.reshape(b, t, self.heads, self.head_dim).transpose(1, 2)
         k = k.reshape(b, t, self.kv_heads, self.head_dim).transpose(1, 2)
@@ -119,15 +122,20 @@ class Block(nn.Module):
             attn = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
         else:
             attn = F.scaled_dot_product_attention(q, k_cache, v_cache, attn_mask=mask, enable_gqa=True)
-        return self._rest(x, attn, defer)
+        return self._rest(x, attn, defer, gated)
 
-    def _rest(self, x, attn, defer: bool):
+    def _rest(self, x, attn, defer: bool, gated: bool):
         """The block after attention (attn [B, Hq, T, D]): o projection, residual, MLP."""
         b, t, _ = x.shape
         x = x + self.o(attn.transpose(1, 2).reshape(b, t, -1))
         y = rms_norm(x, self.norm2)
         if self.fuse and hasattr(self.down, "forward_silu_mul"):  # 8-bit: SiLU-mul inside the activation quant
             out = self.down.forward_silu_mul(self.gate_up(y))
+        elif self.interleaved:  # the gate in the kernel's epilogue for decode steps (the tensor-core path); a
+            # prefill's M takes dequantize + cuBLAS, where inductor fuses the gate instead
+            h = (self.gate_up.forward_gated(y) if gated and t == 1
+                 else reference.silu_mul_interleaved(self.gate_up(y)).to(y.dtype))
+            out = self.down(h)
         else:
             gate, up = self.gate_up(y).chunk(2, -1) if self.fuse else (self.gate(y), self.up(y))
             out = self.down(F.silu(gate) * up)
@@ -137,7 +145,7 @@ class Block(nn.Module):
 class LeanLlama(nn.Module):
     def __init__(self, shape: str, scheme: str, device: str = "cuda", max_len: int = 512, fuse: bool = False,
                  quantize_lm_head: bool = False, attention: str = "quantarena", defer_residual: bool = True,
-                 rope_attention: bool = True):
+                 rope_attention: bool = True, gated_mlp: bool = True):
         super().__init__()
         if attention not in ATTENTION:
             raise ValueError(f"unknown attention {attention!r}; use one of {', '.join(ATTENTION)}")
@@ -145,6 +153,7 @@ class LeanLlama(nn.Module):
         self.s, self.max_len, self.attention = s, max_len, attention
         self.defer_residual = defer_residual   # each block's MLP residual added by the next block (Block.forward)
         self.rope_attention = rope_attention   # decode: RoPE + cache writes inside the attention kernel (fused q/k/v)
+        self.gated_mlp = gated_mlp             # W4A16, fused gate/up: the SiLU gate in the gate/up kernel's epilogue
         torch.manual_seed(0)
         self.embed = torch.randn(s["vocab"], s["hidden"], device=device, dtype=torch.bfloat16)
         self.blocks = nn.ModuleList(Block(s, scheme, device, fuse) for _ in range(s["layers"]))
@@ -192,14 +201,38 @@ class LeanLlama(nn.Module):
         delta = None
         for block, (kc, vc) in zip(self.blocks, cache):
             x, delta = self.block_fn(block, x, delta, cos, sin, kc, vc, pos, mask, length, self.defer_residual,
-                                     self.rope_attention)
+                                     self.rope_attention, self.gated_mlp)
         x = x[:, -1] if delta is None else x[:, -1] + delta[:, -1]
         y = rms_norm(x, self.norm)
         return F.linear(y, self.lm_head) if self.lm_head_q is None else self.lm_head_q(y)
 
 
-def _run_block(block: Block, x, delta, cos, sin, k_cache, v_cache, pos, mask, length, defer, rope_attention):
-    return block(x, delta, cos, sin, k_cache, v_cache, pos, mask, length, defer, rope_attention)
+def _run_block(block: Block, x, delta, cos, sin, k_cache, v_cache, pos, mask, length, defer, rope_attention, gated):
+    return block(x, delta, cos, sin, k_cache, v_cache, pos, mask, length, defer, rope_attention, gated)
+
+
+GREEDY_TWO_STAGE_MAX_BATCH = 32  # two-stage argmax up to this batch (H100, 128256 wide: h100-argmax.json)
+
+
+def greedy_tokens(logits: torch.Tensor, chunk: int = 256) -> torch.Tensor:
+    """``logits.argmax(-1, keepdim=True)``; at small batches in two stages where the vocabulary splits into
+    ``chunk``-wide pieces: each piece's max and its index, then the first piece holding the overall max (the same
+    first-occurrence index). A small batch's argmax over a 128256-wide row runs on a few blocks (26 us at batch 1
+    on an H100, 10.5 us in two stages); from a few dozen rows on it fills the GPU by itself and the two stages
+    only add work (batch 256: 47 -> 86 us)."""
+    b, v = logits.shape
+    if b > GREEDY_TWO_STAGE_MAX_BATCH or v % chunk or v < 4 * chunk:
+        return logits.argmax(-1, keepdim=True)
+    return two_stage_argmax(logits, chunk)
+
+
+def two_stage_argmax(logits: torch.Tensor, chunk: int) -> torch.Tensor:
+    """argmax over the last dim of [B, V] (V a multiple of ``chunk``) as the max of each ``chunk``-wide piece, then
+    the first piece holding the overall max: the same first-occurrence index as ``argmax``, [B, 1]."""
+    b, v = logits.shape
+    vals, idx = logits.view(b, v // chunk, chunk).max(-1)            # [B, V / chunk]: first max of each piece
+    piece = vals.argmax(-1, keepdim=True)                             # the first piece with the overall max
+    return piece * chunk + idx.gather(-1, piece)
 
 
 @contextlib.contextmanager
@@ -235,13 +268,13 @@ class DecodeRun:
     def prefill(self) -> torch.Tensor:
         pos = torch.arange(self.prompt_len, device=self.tokens.device)
         logits = self.model(self.tokens, pos, self.cache, decode=False)
-        self.next.copy_(logits.argmax(-1, keepdim=True))
+        self.next.copy_(greedy_tokens(logits))
         self.pos.fill_(self.prompt_len)
         return logits
 
     def step(self) -> torch.Tensor:
         logits = self.model(self.next, self.pos, self.cache, decode=True)
-        self.next.copy_(logits.argmax(-1, keepdim=True))
+        self.next.copy_(greedy_tokens(logits))
         self.pos.add_(1)
         return logits
 

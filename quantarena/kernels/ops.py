@@ -210,18 +210,19 @@ def w4a16_tiled_config(m: int, n: int, k: int, group_size: int, x: torch.Tensor)
 def _w4a16_tiled_op(x2: torch.Tensor, tiled: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None,
                     group_size: int, out_features: int, bias: torch.Tensor | None,
                     prefetch: torch.Tensor | None = None, prefetch_n: int = 0, prefetch_group: int = 0,
-                    prefetch_budget: int = 0) -> torch.Tensor:
+                    prefetch_budget: int = 0, gated: bool = False) -> torch.Tensor:
     from . import triton_w4a16 as T, triton_w4a16_tc as TC
 
     w = T.StripedWeight.from_dot_tiled(tiled, out_features, scales, zeros, group_size)
     x2 = x2.contiguous()
     path, cfg = w4a16_tiled_config(x2.shape[0], out_features, w.in_features, group_size, x2)
     if path == "dequant":
-        return torch.nn.functional.linear(x2, TC.w4a16_dequantize_tiled(w, x2.dtype), bias)
+        out = torch.nn.functional.linear(x2, TC.w4a16_dequantize_tiled(w, x2.dtype), bias)
+        return reference.silu_mul_interleaved(out).to(x2.dtype) if gated else out
     plan = None
     if prefetch is not None and prefetch_budget > 0:
         plan = (prefetch, _next_tiled_plan(x2, prefetch, prefetch_n, prefetch_group, prefetch_budget))
-    return TC.w4a16_tc(x2, w, bias, cfg, plan)
+    return TC.w4a16_tc(x2, w, bias, cfg, plan, gated)
 
 
 def _next_tiled_plan(x2: torch.Tensor, tiled: torch.Tensor, n: int, group_size: int, budget: int) -> dict:
@@ -236,30 +237,37 @@ def _next_tiled_plan(x2: torch.Tensor, tiled: torch.Tensor, n: int, group_size: 
 
 @_w4a16_tiled_op.register_fake
 def _(x2, tiled, scales, zeros, group_size, out_features, bias, prefetch=None, prefetch_n=0, prefetch_group=0,
-      prefetch_budget=0):
-    return x2.new_empty((x2.shape[0], out_features))
+      prefetch_budget=0, gated=False):
+    return x2.new_empty((x2.shape[0], out_features // 2 if gated else out_features))
 
 
 def w4a16_linear_tiled(x: torch.Tensor, tiled: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None,
                        group_size: int, out_features: int, bias: torch.Tensor | None = None,
-                       prefetch: tuple[torch.Tensor, int, int, int] | None = None) -> torch.Tensor:
+                       prefetch: tuple[torch.Tensor, int, int, int] | None = None,
+                       gated: bool = False) -> torch.Tensor:
     """``x @ dequant(W).T + bias`` for a weight held only in the tensor-core kernel's TILED layout
     (``w4a16_layout.dot_tiled_words``; K and the group size multiples of 128). On CUDA the tensor-core kernel
     or the tiled dequantize + cuBLAS, in bf16 (fp16 activations are computed in bf16 and cast back: the
     layout's PTX makes bf16); elsewhere the reference on the canonical codes rebuilt for the call.
     ``prefetch``: the next linear's TILED words, out_features, group size and an L2 byte budget (see
-    :mod:`.l2_chain`); the tensor-core kernel asks the L2 for them once done. It changes no value."""
+    :mod:`.l2_chain`); the tensor-core kernel asks the L2 for them once done. It changes no value.
+    ``gated``: the rows interleave an MLP's gate and up projections (``reference.interleave_gate_up``); returns
+    ``silu(gate) * up`` [..., out_features / 2], in the tensor-core kernel's epilogue (float32, one rounding)."""
     in_features = tiled.shape[1] * 8
+    n_out = out_features // 2 if gated else out_features
+    if gated and out_features % 2:
+        raise ValueError(f"a gated W4A16 linear needs an even number of outputs (gate and up rows), got {out_features}")
     if not _triton_ok(x):
         from .w4a16_layout import canonical_from_dot_tiled
 
-        return reference.w4a16_linear(x, canonical_from_dot_tiled(tiled, out_features), scales, zeros, group_size,
-                                      bias)
+        out = reference.w4a16_linear(x, canonical_from_dot_tiled(tiled, out_features), scales, zeros, group_size,
+                                     bias)
+        return reference.silu_mul_interleaved(out).to(x.dtype) if gated else out
     x2 = x.reshape(-1, in_features).to(torch.bfloat16)
     bias = None if bias is None else bias.to(torch.bfloat16)
     out = _w4a16_tiled_op(x2, tiled, scales.to(torch.bfloat16), zeros, group_size, out_features, bias,
-                          *(prefetch or ()))
-    return out.to(x.dtype).reshape(*x.shape[:-1], out_features)
+                          *(prefetch or (None, 0, 0, 0)), gated)
+    return out.to(x.dtype).reshape(*x.shape[:-1], n_out)
 
 
 # ----------------------------------------------------------------------------- W8A8 INT8

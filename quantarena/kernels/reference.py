@@ -117,6 +117,19 @@ def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
     return torch.nn.functional.silu(gate) * up
 
 
+def silu_mul_interleaved(h: torch.Tensor) -> torch.Tensor:
+    """silu(gate) * up in float32 for ``h`` whose last dim interleaves gate and up (2j gate j, 2j+1 up j): what a
+    gated W4A16 linear (rows interleaved, ``interleave_gate_up``) returns, before its one rounding."""
+    gate, up = h.float().unflatten(-1, (-1, 2)).unbind(-1)
+    return torch.nn.functional.silu(gate) * up
+
+
+def interleave_gate_up(w: torch.Tensor) -> torch.Tensor:
+    """Rows ``[gate | up]`` (2I x ...) -> interleaved (row 2j gate j, 2j+1 up j), for a gated linear."""
+    gate, up = w.chunk(2, 0)
+    return torch.stack((gate, up), 1).flatten(0, 1)
+
+
 def w8a8_silu_mul_linear(gate_up: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
                          input_scale: torch.Tensor | None = None, smooth: torch.Tensor | None = None,
                          bias: torch.Tensor | None = None) -> torch.Tensor:

@@ -109,15 +109,38 @@ def _store_out(total, bias_ptr, out_ptr, rm, rn, M, N, stride_om, HAS_BIAS: tl.c
 
 
 @triton.jit
+def _store_gated(total, bias_ptr, out_ptr, rm, rn, M, N, stride_om, HAS_BIAS: tl.constexpr):
+    """``silu(gate) * up`` of a tile whose columns interleave gate and up (column 2j gate j, 2j+1 up j), in
+    float32, rounded once: out [M, N / 2], column ``rn[0] / 2 + j``."""
+    if HAS_BIAS:
+        total += tl.load(bias_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)[None, :]
+    BM: tl.constexpr = total.shape[0]
+    BN: tl.constexpr = total.shape[1]
+    gate, up = tl.split(tl.reshape(total, [BM, BN // 2, 2]))
+    val = gate * tl.sigmoid(gate) * up
+    rj = tl.min(rn, axis=0) // 2 + tl.arange(0, BN // 2)
+    mask = (rm[:, None] < M) & (rj[None, :] < N // 2)
+    tl.store(out_ptr + rm[:, None] * stride_om + rj[None, :], val.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
 def _split_k_finish(part, ws_ptr, cnt_ptr, bias_ptr, out_ptr, rm, rn, M, N, stride_om,
-                    pid_k, tile_id, SPLIT_K, HAS_BIAS: tl.constexpr, ATOMIC: tl.constexpr = False):
-    """part: fp32 [BM, BN] partial sum of this program. Writes out (bf16/fp16) once all splits are in."""
+                    pid_k, tile_id, SPLIT_K, HAS_BIAS: tl.constexpr, ATOMIC: tl.constexpr = False,
+                    GATED: tl.constexpr = False):
+    """part: fp32 [BM, BN] partial sum of this program. Writes out (bf16/fp16) once all splits are in;
+    ``GATED``: the SiLU-gated half (:func:`_store_gated`)."""
     if SPLIT_K == 1:
-        _store_out(part, bias_ptr, out_ptr, rm, rn, M, N, stride_om, HAS_BIAS)
+        if GATED:
+            _store_gated(part, bias_ptr, out_ptr, rm, rn, M, N, stride_om, HAS_BIAS)
+        else:
+            _store_out(part, bias_ptr, out_ptr, rm, rn, M, N, stride_om, HAS_BIAS)
     else:
         total, last = split_k_reduce(part, ws_ptr, cnt_ptr, rm, rn, M, N, pid_k, tile_id, SPLIT_K, ATOMIC)
         if last:
-            _store_out(total, bias_ptr, out_ptr, rm, rn, M, N, stride_om, HAS_BIAS)
+            if GATED:
+                _store_gated(total, bias_ptr, out_ptr, rm, rn, M, N, stride_om, HAS_BIAS)
+            else:
+                _store_out(total, bias_ptr, out_ptr, rm, rn, M, N, stride_om, HAS_BIAS)
 
 
 # ----------------------------------------------------------------------------- gemv (M <= 4)

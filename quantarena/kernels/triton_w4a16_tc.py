@@ -244,7 +244,8 @@ def w4a16_tc_kernel(x_ptr, w_ptr, x_desc, w_desc, s_ptr, z_ptr, bias_ptr, out_pt
                     TMA: tl.constexpr = False, INTERPRET: tl.constexpr = False, MMA_WAIT: tl.constexpr = True,
                     TILED: tl.constexpr = False, TILE_ROWS: tl.constexpr = DOT_TILE_ROWS,
                     ATOMIC: tl.constexpr = False, pf_ptr=None, pf_items=0, pf_chunks=1, pf_block_bytes=0,
-                    pf_chunk_bytes=0, pf_bytes=0, PF: tl.constexpr = False, PF_LANES: tl.constexpr = 128):
+                    pf_chunk_bytes=0, pf_bytes=0, PF: tl.constexpr = False, PF_LANES: tl.constexpr = 128,
+                    GATED: tl.constexpr = False):
     """Needs GROUP % BLOCK_K == 0 and K % BLOCK_K == 0 (checked by the launcher). ``SPLIT_K`` is a run-time
     value (Triton specialises 1 by itself), so split choices share one compiled kernel. With ``TMA`` the word and
     activation tiles come through tensor descriptors (``w_desc`` [N, K/8] words in [BN, BK/8] boxes,
@@ -253,7 +254,9 @@ def w4a16_tc_kernel(x_ptr, w_ptr, x_desc, w_desc, s_ptr, z_ptr, bias_ptr, out_pt
     program reads BN / TILE_ROWS contiguous blocks of TILE_ROWS x 64 bytes instead of BN rows 64 bytes apart.
     ``ATOMIC``: the split-K partials are added into one zeroed workspace (see :func:`.triton_w4a16.split_k_reduce`:
     fewer bytes for the tile's last program, fp32 sums in arrival order). ``PF``: once its work is done, each
-    program asks the L2 for its share of the next linear's weight (``pf_*``, see :mod:`.l2_chain`)."""
+    program asks the L2 for its share of the next linear's weight (``pf_*``, see :mod:`.l2_chain`). ``GATED``:
+    the weight's rows interleave an MLP's gate and up projections, and the kernel writes ``silu(gate) * up``
+    ([M, N / 2]) instead of the product (see :func:`.triton_w4a16._store_gated`)."""
     pid_n = tl.program_id(0)
     pid_m = tl.program_id(1)
     pid_k = tl.program_id(2)
@@ -348,7 +351,7 @@ def w4a16_tc_kernel(x_ptr, w_ptr, x_desc, w_desc, s_ptr, z_ptr, bias_ptr, out_pt
                     acc += _dot(q.to(xt.dtype), xt, INTERPRET) * s.to(tl.float32)[:, None]
     tile_id = pid_m * num_n + pid_n
     _split_k_finish(tl.trans(acc), ws_ptr, cnt_ptr, bias_ptr, out_ptr, rm, rn, M, N, stride_om,
-                    pid_k, tile_id, SPLIT_K, HAS_BIAS, ATOMIC)
+                    pid_k, tile_id, SPLIT_K, HAS_BIAS, ATOMIC, GATED)
     if PF:   # programs start in launch order: n fastest, then m, then k
         num_m = tl.num_programs(1)
         prefetch_items(pf_ptr.to(tl.pointer_type(tl.int8)), pid_n + num_n * (pid_m + num_m * pid_k),
@@ -395,11 +398,16 @@ def tma_ok(x2: torch.Tensor, w: StripedWeight, cfg: dict) -> bool:
 
 
 def w4a16_tc(x2: torch.Tensor, w: StripedWeight, bias: torch.Tensor | None = None,
-             cfg: dict | None = None, prefetch: tuple[torch.Tensor, dict] | None = None) -> torch.Tensor:
+             cfg: dict | None = None, prefetch: tuple[torch.Tensor, dict] | None = None,
+             gated: bool = False) -> torch.Tensor:
     """x2: [M, K] contiguous -> [M, N] (tensor cores, the weight tile dequantized on the fly). ``prefetch``: the
     next linear's weight words and their plan (:func:`.l2_chain.tiled_plan`), asked of the L2 by each program
-    once its work is done (Hopper, compiled kernels only; ignored elsewhere)."""
+    once its work is done (Hopper, compiled kernels only; ignored elsewhere). ``gated``: the weight's rows
+    interleave gate and up (row 2j gate j, 2j+1 up j); returns ``silu(gate) * up`` [M, N / 2], computed from
+    the float32 sums and rounded once."""
     m, n, k = x2.shape[0], w.out_features, w.in_features
+    if gated and n % 2:
+        raise ValueError(f"a gated W4A16 linear needs an even number of outputs (gate and up rows), got {n}")
     cfg = dict(cfg or tc_config(m, n, k, w.group_size, _sm_count(x2.device), _hopper(x2.device)))
     if (cfg.get("UNPACK") == 2 and INTERPRETING) or (cfg.get("UNPACK") in (2, 3) and x2.dtype != torch.bfloat16):
         cfg["UNPACK"] = 1   # the PTX makes bf16; UNPACK 3 has an interpreter path of its own
@@ -420,7 +428,7 @@ def w4a16_tc(x2: torch.Tensor, w: StripedWeight, bias: torch.Tensor | None = Non
     tiles = triton.cdiv(m, cfg["BLOCK_M"]) * triton.cdiv(n, cfg["BLOCK_N"])
     if cfg["SPLIT_K"] > 1 and tiles > MAX_TILES:
         cfg["SPLIT_K"] = 1
-    out = torch.empty((m, n), dtype=x2.dtype, device=x2.device)
+    out = torch.empty((m, n // 2 if gated else n), dtype=x2.dtype, device=x2.device)
     split = cfg["SPLIT_K"]
     ws, cfg["ATOMIC"] = split_k_workspace(x2.device, m, n, split, torch.float32, bool(cfg.get("ATOMIC")))
     dummy = w.scales
@@ -446,7 +454,7 @@ def w4a16_tc(x2: torch.Tensor, w: StripedWeight, bias: torch.Tensor | None = Non
                           dummy if bias is None else bias, out, ws, split_k_counters(x2.device),
                           m, n, k, k // 8, k // w.group_size, x2.stride(0), out.stride(0),
                           GROUP=w.group_size, HAS_ZERO=w.zeros is not None, HAS_BIAS=bias is not None,
-                          INTERPRET=INTERPRETING, **cfg, **pf)
+                          INTERPRET=INTERPRETING, GATED=gated, **cfg, **pf)
     return out
 
 

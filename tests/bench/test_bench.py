@@ -7,6 +7,7 @@ import argparse
 import pytest
 import torch
 
+from quantarena import nn as qnn
 from quantarena.bench import cli_args, decode, kernels
 
 
@@ -75,6 +76,34 @@ def test_rope_attention_is_the_same_step(scheme):
     (k0, v0), (k1, v1) = caches[0][0], caches[1][0]                   # the step's first layer: same input
     assert torch.equal(v0, v1)
     assert torch.allclose(k0[:, :, 8].float(), k1[:, :, 8].float(), rtol=2 ** -7, atol=2 ** -7)
+
+
+@pytest.mark.parametrize("kernel_layout", [False, True])
+def test_gated_mlp_is_the_same_step(kernel_layout):
+    """W4A16 with fused gate/up: the SiLU gate in the gate/up linear (forward_gated) or after it, the same step up
+    to one rounding of the gate/up output."""
+    model = decode.LeanLlama("tiny", "w4a16", device="cpu", max_len=32, fuse=True)
+    if kernel_layout:
+        qnn.to_kernel_layout(model)
+    logits = []
+    for gated in (False, True):
+        model.gated_mlp = gated
+        run = decode.DecodeRun(model, 2, 8)
+        with torch.no_grad():
+            run.prefill()
+            logits.append(run.step().float())
+    assert ((logits[0] - logits[1]).norm() / logits[0].norm()).item() < 1e-2
+
+
+def test_greedy_tokens_is_argmax_with_first_occurrence_ties():
+    gen = torch.Generator().manual_seed(0)
+    logits = torch.randn(3, 128256, generator=gen).to(torch.bfloat16)
+    logits[1, 5000] = logits[1, 70000] = 100.0                         # a tie across pieces: the first index
+    logits[2, 300] = logits[2, 301] = 100.0                            # a tie inside one piece
+    assert torch.equal(decode.greedy_tokens(logits), logits.argmax(-1, keepdim=True))
+    assert decode.greedy_tokens(logits)[1:].flatten().tolist() == [5000, 300]
+    odd = torch.randn(2, 1000, generator=gen)                          # not a multiple of the piece: one argmax
+    assert torch.equal(decode.greedy_tokens(odd), odd.argmax(-1, keepdim=True))
 
 
 def test_unknown_attention_is_a_clear_error():

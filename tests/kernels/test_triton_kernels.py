@@ -274,6 +274,37 @@ def test_w4a16_tc_atomic_split_k_matches_reference(m, n, split, block_m, block_n
         check_tc(m, n, 128, False, True, cfg)
 
 
+@pytest.mark.parametrize("m,n,split,block_n,tiled,atomic,bias", [
+    (1, 72, 1, 32, True, False, False),     # one row, ragged N (the last tile holds 4 gate/up pairs)
+    (5, 64, 2, 32, True, True, True),       # ATOMIC split-K: the gate applied by the last program, once
+    (17, 48, 3, 16, False, False, False),   # ragged M over two row tiles, split-K slots
+])
+def test_w4a16_tc_gated_epilogue(m, n, split, block_n, tiled, atomic, bias):
+    """Rows interleaving gate and up: the kernel writes silu(gate) * up [M, N/2] from its float32 sums."""
+    k, group = 512, 128
+    packed, scales, zeros = make_w4(n, k, group, False)
+    x = make_x(m, k)
+    b = torch.randn(n).to(torch.bfloat16).to(DEVICE) if bias else None
+    w = T4.StripedWeight(packed, scales, zeros, group)
+    cfg = dict(BLOCK_M=16, BLOCK_N=block_n, BLOCK_K=128, SPLIT_K=split, UNPACK=3, SCALE_W=False, TMA=False,
+               TILED=tiled, ATOMIC=atomic, num_warps=4, num_stages=1)
+    out = TC.w4a16_tc(x, w, b, cfg, gated=True)
+    ref = R.silu_mul_interleaved(R.w4a16_linear(x, packed, scales, zeros, group, b).float())
+    assert out.shape == (m, n // 2) and rel_err(out, ref) < REL_TOL
+    assert_split_k_state_clean(x.device)
+    with pytest.raises(ValueError, match="even number of outputs"):
+        TC.w4a16_tc(x, T4.StripedWeight(*make_w4(n - 1, k, group, True), group), None, cfg, gated=True)
+
+
+def test_interleave_gate_up_is_the_gated_layout():
+    w = torch.arange(12.0).reshape(6, 2)                               # gate rows 0-2, up rows 3-5
+    assert torch.equal(R.interleave_gate_up(w)[:, 0], torch.tensor([0.0, 6, 2, 8, 4, 10]))
+    h = torch.randn(3, 8)
+    gate, up = h.chunk(2, -1)
+    inter = torch.stack((gate, up), -1).flatten(-2)                   # [g0, u0, g1, u1, ...]
+    assert torch.equal(R.silu_mul_interleaved(inter), R.silu_mul(h))
+
+
 def test_dot_layout_words_is_the_documented_permutation():
     packed, _, _ = make_w4(5, 384, 128, True)
     dot = TC.dot_layout_words(packed, rows_per_chunk=2)              # chunked like a large weight
@@ -348,6 +379,18 @@ def test_w4a16_kernel_layout_custom_op_fake_impl():
     _, tiled, _, scales, zeros = kernel_only(72, 256, 128, False)
     torch.library.opcheck(ops._w4a16_tiled_op, (make_x(3, 256), tiled, scales, zeros, 128, 72, None),
                           test_utils=("test_schema", "test_faketensor"))
+    torch.library.opcheck(ops._w4a16_tiled_op, (make_x(3, 256), tiled, scales, zeros, 128, 72, None),
+                          {"gated": True}, test_utils=("test_schema", "test_faketensor"))
+
+
+@pytest.mark.parametrize("m", [3, 300])   # the tensor-core kernel's epilogue; dequantize + matmul, then the gate
+def test_w4a16_kernel_only_weight_gated_through_the_op(m):
+    n, k, group = 72, 256, 128
+    _, tiled, packed, scales, zeros = kernel_only(n, k, group, True)
+    x = make_x(m, k)
+    ref = R.silu_mul_interleaved(R.w4a16_linear(x, packed, scales, zeros, group).float())
+    out = ops.w4a16_linear_tiled(x, tiled, scales, zeros, group, n, gated=True)
+    assert out.shape == (m, n // 2) and rel_err(out, ref) < REL_TOL
 
 
 @pytest.mark.parametrize("m", [2, 70])
