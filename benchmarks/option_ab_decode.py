@@ -18,7 +18,6 @@ import time
 
 import torch
 
-from quantarena import nn as qnn
 from quantarena.bench import decode as D
 
 OUT = sys.argv[1] if len(sys.argv) > 1 else os.environ.get("OUT", ".")
@@ -59,9 +58,7 @@ def main() -> None:
     for scheme in SCHEMES:
         torch._dynamo.reset()
         model = D.LeanLlama("llama-3-8b", scheme, max_len=PROMPT + STEPS + 8, fuse=True, quantize_lm_head=True)
-        if scheme == "w4a16":
-            qnn.to_kernel_layout(model)
-            qnn.chain_l2_prefetch(model.linears(), int(D.DEFAULT_L2_PREFETCH_MB * 2**20))
+        D.serve_w4a16(model)  # W4A16 as `bench decode` serves it (no-op for the others)
         eager = [first_step(model, v) for v in VARIANTS]
         model.compile()
         compiled = [first_step(model, v) for v in VARIANTS]

@@ -16,7 +16,6 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch  # noqa: E402
 
-from quantarena import nn as qnn  # noqa: E402
 from quantarena.bench import decode  # noqa: E402
 
 CATEGORIES = (  # first match wins; patterns on the kernel name
@@ -96,9 +95,7 @@ def main() -> None:
         torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
         model = decode.LeanLlama(args.model, scheme, max_len=args.prompt_len + args.steps + 72, fuse=args.fuse,
                                  quantize_lm_head=args.quantize_lm_head, attention=args.attention)
-        if scheme == "w4a16":  # as `bench decode` serves it: the kernel layout, the default L2 chain
-            qnn.to_kernel_layout(model)
-            qnn.chain_l2_prefetch(model.linears(), int(decode.DEFAULT_L2_PREFETCH_MB * 2**20))
+        decode.serve_w4a16(model)  # W4A16 as `bench decode` serves it (no-op for the others)
         model.compile()
         with torch.no_grad():
             for b in batches:

@@ -23,7 +23,6 @@ import time
 
 import torch
 
-from quantarena import nn as qnn
 from quantarena.bench import decode as D
 from quantarena.kernels import triton_decode_attention as DA
 
@@ -96,9 +95,7 @@ def main() -> None:
     for scheme in SCHEMES:
         torch._dynamo.reset()
         model = D.LeanLlama("llama-3-8b", scheme, max_len=PROMPT + STEPS + 8, fuse=True, quantize_lm_head=True)
-        if scheme == "w4a16":
-            qnn.to_kernel_layout(model)
-            qnn.chain_l2_prefetch(model.linears(), int(D.DEFAULT_L2_PREFETCH_MB * 2**20))
+        D.serve_w4a16(model)  # W4A16 as `bench decode` serves it (no-op for the others)
         model.compile()
         for batch in BATCHES:
             run = D.DecodeRun(model, batch, PROMPT)

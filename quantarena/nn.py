@@ -171,8 +171,6 @@ class W4A16Linear(QuantLinearBase):
                                           self.group_size, self.out_features, self.bias,
                                           None if self.l2_next_words is None
                                           else (self.l2_next_words, *self.l2_next_meta), gated=True)
-        if self.out_features % 2:
-            raise ValueError(f"a gated W4A16 linear needs an even number of outputs, got {self.out_features}")
         return reference.silu_mul_interleaved(self(x)).to(x.dtype)
 
     def extra_repr(self) -> str:

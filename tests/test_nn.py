@@ -122,6 +122,8 @@ def test_w4a16_forward_gated_in_both_layouts():
     got = mod.to_kernel_layout().forward_gated(x)
     assert got.shape == (3, 48)
     assert ((got.float() - want.float()).norm() / want.float().norm()).item() < 1e-2
+    with pytest.raises(ValueError, match="even number of outputs"):
+        qn.W4A16Linear.from_float(nn.Linear(256, 95, bias=False), 128).forward_gated(x)
 
 
 def test_w4a16_kernel_layout_refuses_what_it_cannot_hold():

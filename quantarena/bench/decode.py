@@ -207,6 +207,15 @@ class LeanLlama(nn.Module):
         return F.linear(y, self.lm_head) if self.lm_head_q is None else self.lm_head_q(y)
 
 
+def serve_w4a16(model: LeanLlama, l2_prefetch_mb: float = DEFAULT_L2_PREFETCH_MB) -> tuple[int, int]:
+    """Hold the model's W4A16 linears as ``bench decode`` serves them: in the kernel layout alone, then linked by
+    the L2 chain (``l2_prefetch_mb`` 0: no chain). A no-op for the other schemes. Returns (linears moved to the
+    kernel layout, chain links)."""
+    moved = qnn.to_kernel_layout(model)
+    links = qnn.chain_l2_prefetch(model.linears(), int(l2_prefetch_mb * 2**20)) if l2_prefetch_mb > 0 else 0
+    return moved, links
+
+
 def _run_block(block: Block, x, delta, cos, sin, k_cache, v_cache, pos, mask, length, defer, rope_attention, gated):
     return block(x, delta, cos, sin, k_cache, v_cache, pos, mask, length, defer, rope_attention, gated)
 

@@ -255,8 +255,6 @@ def w4a16_linear_tiled(x: torch.Tensor, tiled: torch.Tensor, scales: torch.Tenso
     ``silu(gate) * up`` [..., out_features / 2], in the tensor-core kernel's epilogue (float32, one rounding)."""
     in_features = tiled.shape[1] * 8
     n_out = out_features // 2 if gated else out_features
-    if gated and out_features % 2:
-        raise ValueError(f"a gated W4A16 linear needs an even number of outputs (gate and up rows), got {out_features}")
     if not _triton_ok(x):
         from .w4a16_layout import canonical_from_dot_tiled
 

@@ -120,6 +120,8 @@ def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
 def silu_mul_interleaved(h: torch.Tensor) -> torch.Tensor:
     """silu(gate) * up in float32 for ``h`` whose last dim interleaves gate and up (2j gate j, 2j+1 up j): what a
     gated W4A16 linear (rows interleaved, ``interleave_gate_up``) returns, before its one rounding."""
+    if h.shape[-1] % 2:
+        raise ValueError(f"a gated W4A16 linear needs an even number of outputs (gate and up rows), got {h.shape[-1]}")
     gate, up = h.float().unflatten(-1, (-1, 2)).unbind(-1)
     return torch.nn.functional.silu(gate) * up
 

@@ -57,19 +57,29 @@ def test_decode_step_matches_a_full_prefill(scheme, attention, fuse):
     assert err < (6e-2 if scheme == "fp8" else 2e-2)
 
 
+def step_after_prefill(model, **options):
+    """Set the runner ``options`` (LeanLlama attributes), prefill 2 x 8 tokens, run one decode step: (logits, cache)."""
+    for name, value in options.items():
+        setattr(model, name, value)
+    run = decode.DecodeRun(model, 2, 8)
+    with torch.no_grad():
+        run.prefill()
+        return run.step().float(), run.cache
+
+
+def test_serve_w4a16_moves_and_links_only_w4a16():
+    w4 = decode.LeanLlama("tiny", "w4a16", device="cpu", max_len=16, fuse=True, quantize_lm_head=True)
+    assert decode.serve_w4a16(w4) == (9, 9)                           # 2 blocks x 4 linears + lm_head, circular
+    assert decode.serve_w4a16(decode.LeanLlama("tiny", "bf16", device="cpu", max_len=16, fuse=True)) == (0, 0)
+
+
 @pytest.mark.parametrize("scheme", ["bf16", "w4a16"])
 def test_rope_attention_is_the_same_step(scheme):
     """RoPE and the cache writes inside the attention op (fused q/k/v) give the step of the separate ops: the same
     caches and logits up to RoPE's rounding (float32 then one rounding, where the eager ops round twice)."""
     model = decode.LeanLlama("tiny", scheme, device="cpu", max_len=32, fuse=True)
-    logits, caches = [], []
-    for rope in (False, True):
-        model.rope_attention = rope
-        run = decode.DecodeRun(model, 2, 8)
-        with torch.no_grad():
-            run.prefill()
-            logits.append(run.step().float())
-        caches.append(run.cache)
+    (l0, c0), (l1, c1) = (step_after_prefill(model, rope_attention=rope) for rope in (False, True))
+    logits, caches = [l0, l1], [c0, c1]
     assert ((logits[0] - logits[1]).norm() / logits[0].norm()).item() < 1e-2
     for (k0, v0), (k1, v1) in zip(*caches):                           # the prefill's entries: the same path
         assert torch.equal(k0[:, :, :8], k1[:, :, :8]) and torch.equal(v0[:, :, :8], v1[:, :, :8])
@@ -85,13 +95,7 @@ def test_gated_mlp_is_the_same_step(kernel_layout):
     model = decode.LeanLlama("tiny", "w4a16", device="cpu", max_len=32, fuse=True)
     if kernel_layout:
         qnn.to_kernel_layout(model)
-    logits = []
-    for gated in (False, True):
-        model.gated_mlp = gated
-        run = decode.DecodeRun(model, 2, 8)
-        with torch.no_grad():
-            run.prefill()
-            logits.append(run.step().float())
+    logits = [step_after_prefill(model, gated_mlp=gated)[0] for gated in (False, True)]
     assert ((logits[0] - logits[1]).norm() / logits[0].norm()).item() < 1e-2
 
 

@@ -303,6 +303,8 @@ def test_interleave_gate_up_is_the_gated_layout():
     gate, up = h.chunk(2, -1)
     inter = torch.stack((gate, up), -1).flatten(-2)                   # [g0, u0, g1, u1, ...]
     assert torch.equal(R.silu_mul_interleaved(inter), R.silu_mul(h))
+    with pytest.raises(ValueError, match="even number of outputs"):   # the op's CPU and dequantize paths end here
+        R.silu_mul_interleaved(torch.randn(2, 7))
 
 
 def test_dot_layout_words_is_the_documented_permutation():
