@@ -1,7 +1,8 @@
 """Activation quantization: bf16/fp16 rows -> int8 or fp8 e4m3 codes + per-token scales, one kernel.
 
-One program per row. Rows of up to 32768 elements are read once and kept in registers; longer rows are
-read twice (pass 1 finds the absmax after the optional SmoothQuant divide, pass 2 rounds). Static (a
+One program per row. A row is read once and kept in registers, or, when it is long (over 32768 elements, or
+over 8192 with M >= 256: :func:`launch_shape`), read twice in chunks (pass 1 finds the absmax after the
+optional SmoothQuant divide, pass 2 rounds). Static (a
 given per-tensor ``input_scale``): no absmax. The arithmetic is the reference's
 (:func:`quantarena.kernels.reference.act_quant_int8` / ``act_quant_fp8``) step for step in float32 with
 correctly rounded division, so int8 codes and scales match it bit for bit.
@@ -90,14 +91,34 @@ def act_quant_kernel(x_ptr, smooth_ptr, q_ptr, scale_ptr, static_scale_ptr, K, s
             _store_codes(y, q_ptr, row, stride_qm, k, K, FP8, QMAX)
 
 
+def launch_shape(m: int, k: int) -> tuple[int, int]:
+    """(BLOCK_K, num_warps) for M rows of K values (after the gate), from the H100 run of
+    ``benchmarks/act_quant_tune.py`` (h100-act-quant-tune.json; M 1, 16, 256, 4096, K 4096-28672, plain and gated).
+    Rows wider than 8192 at M >= 256 are walked in 2048/4096-wide chunks by 8 warps (two reads, the second from
+    L2): holding a whole row in registers lets one program fill an SM, which then alternates between loading and
+    computing (K 28672 gated, M 4096: 1062 -> 388 us; K 14336 plain: 96 -> 76 us). Below M 256 a row stays in
+    registers, spread over 32 warps from 8192 wide (5-17% faster at M 1-16 than 8-16 warps)."""
+    block_k = triton.next_power_of_2(k)
+    if block_k > MAX_ONE_PASS:
+        return min(4096, MAX_ONE_PASS), 8
+    if block_k > 8192 and m >= 256:
+        return (2048 if k <= 16384 else 4096), 8
+    if block_k >= 8192 and m < 256:
+        return block_k, 32
+    return block_k, (4 if block_k <= 2048 else 8 if block_k <= 8192 else 16)
+
+
 def act_quant(x2: torch.Tensor, fp8: bool = False, input_scale: torch.Tensor | None = None,
-              smooth: torch.Tensor | None = None, gated: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+              smooth: torch.Tensor | None = None, gated: bool = False,
+              cfg: dict | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """x2 [M, K] -> (codes int8 or float8_e4m3fn [M, K], float32 scale [M, 1]).
 
     ``input_scale`` (per-tensor, static) skips the absmax pass; ``smooth`` [K] divides x first.
     ``gated``: x2 is [M, 2K] = [gate | up] and the codes are those of silu(gate) * up, computed in float32
     in the kernel (an MLP's SiLU-mul fused into the down projection's activation quantization), with the
-    arithmetic of torch's CUDA silu so that the int8 codes equal the reference's."""
+    arithmetic of torch's CUDA silu so that the int8 codes equal the reference's.
+    ``cfg`` ``{"BLOCK_K", "num_warps"}`` overrides the launch (tuning): a BLOCK_K below the row width reads
+    each row twice; the codes and scales are the same either way (an absmax is order-free)."""
     m, k = x2.shape
     if gated:
         if k % 2:
@@ -110,10 +131,7 @@ def act_quant(x2: torch.Tensor, fp8: bool = False, input_scale: torch.Tensor | N
     else:
         static = None
         scale = torch.empty((m, 1), dtype=torch.float32, device=x2.device)
-    block_k = triton.next_power_of_2(k)
-    if block_k > MAX_ONE_PASS:
-        block_k = min(4096, MAX_ONE_PASS)  # two passes over the row (the second mostly from L2)
-    warps = 4 if block_k <= 2048 else 8 if block_k <= 8192 else 16
+    block_k, warps = (cfg["BLOCK_K"], cfg["num_warps"]) if cfg else launch_shape(m, k)
     act_quant_kernel[(m,)](x2, smooth if smooth is not None else x2, q, scale,
                            static if static is not None else scale, k, x2.stride(0), q.stride(0),
                            HAS_SMOOTH=smooth is not None, STATIC=static is not None, FP8=fp8,

@@ -259,14 +259,16 @@ def int8_gemm(a: torch.Tensor, a_scale: torch.Tensor, weight: torch.Tensor, weig
 def a8w8_tma_kernel(a_desc, b_desc, a_scale_ptr, w_scale_ptr, bias_ptr, out_ptr, M, N, K, stride_as, stride_om,
                     HAS_BIAS: tl.constexpr, FP8: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                     BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, NUM_PROGRAMS: tl.constexpr,
-                    b_ptr=None, stride_bn=0, PDL: tl.constexpr = False, pf_bytes=0, LANES: tl.constexpr = 128):
+                    b_ptr=None, stride_bn=0, PDL: tl.constexpr = False, pf_bytes=0, LANES: tl.constexpr = 128,
+                    WARP_SPEC: tl.constexpr = False):
     """Prefill-sized M: a persistent kernel (one program per SM walks the output tiles in grouped order) whose
     operand tiles come through tensor-memory-access descriptors (``a_desc`` [M, K] and ``b_desc`` [N, K] with
     [BLOCK_M, BLOCK_K] / [BLOCK_N, BLOCK_K] boxes; out-of-range rows and K are zero-filled by the copy engine,
     so no masks). int8 -> exact int32 or fp8 -> fp32; the epilogue of :func:`int8_gemm_kernel`.
     ``PDL``: a program whose first tile is in the first row tile asks the L2 for the first ``pf_bytes`` of
     that tile's weight rows (``b_ptr``, ``stride_bn`` bytes per row); then every program waits for the previous
-    kernel (:mod:`.triton_pdl`)."""
+    kernel (:mod:`.triton_pdl`). ``WARP_SPEC``: Triton's warp specialization of the K loop (loads and MMAs in
+    separate warps; Hopper support since Triton 3.5)."""
     num_m = tl.cdiv(M, BLOCK_M)
     num_n = tl.cdiv(N, BLOCK_N)
     k_tiles = tl.cdiv(K, BLOCK_K)
@@ -281,7 +283,7 @@ def a8w8_tma_kernel(a_desc, b_desc, a_scale_ptr, w_scale_ptr, bias_ptr, out_ptr,
             acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         else:
             acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
-        for ki in range(k_tiles):
+        for ki in tl.range(k_tiles, warp_specialize=WARP_SPEC):
             a = a_desc.load([pid_m * BLOCK_M, ki * BLOCK_K])
             b = b_desc.load([pid_n * BLOCK_N, ki * BLOCK_K])
             acc = tl.dot(a, b.T, acc, out_dtype=tl.float32 if FP8 else tl.int32)

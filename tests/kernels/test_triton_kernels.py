@@ -511,6 +511,26 @@ def test_act_quant_int8_dynamic_is_exact(smooth, two_pass, monkeypatch):
     assert torch.equal(q, q_ref) and torch.equal(scale, scale_ref)
 
 
+def test_act_quant_launch_shape_follows_the_measured_rule():
+    assert AQ.launch_shape(1, 4096) == (4096, 8)        # narrow rows: unchanged
+    assert AQ.launch_shape(4096, 8192) == (8192, 8)
+    assert AQ.launch_shape(1, 14336) == (16384, 32)     # a long row in registers, spread over 32 warps
+    assert AQ.launch_shape(16, 8192) == (8192, 32)
+    assert AQ.launch_shape(256, 14336) == (2048, 8)     # many long rows: walked in chunks
+    assert AQ.launch_shape(4096, 28672) == (4096, 8)
+    assert AQ.launch_shape(1, 65536) == (4096, 8)       # past MAX_ONE_PASS always in chunks
+
+
+@pytest.mark.parametrize("gated", [False, True])
+def test_act_quant_chunked_launch_equals_whole_row(gated):
+    """The launch shape (one read of the row, or chunks) never changes codes or scales: an absmax is order-free."""
+    x = (make_x(4, 600 if gated else 300) * 3).to(torch.bfloat16)
+    whole = AQ.act_quant(x, gated=gated)
+    for block in (64, 128, 512):
+        q, s = AQ.act_quant(x, gated=gated, cfg={"BLOCK_K": block, "num_warps": 8})
+        assert torch.equal(q, whole[0]) and torch.equal(s, whole[1])
+
+
 @pytest.mark.parametrize("two_pass", [False, True])
 def test_act_quant_int8_static_is_exact(two_pass, monkeypatch):
     if two_pass:
