@@ -132,6 +132,9 @@ def act_quant(x2: torch.Tensor, fp8: bool = False, input_scale: torch.Tensor | N
         static = None
         scale = torch.empty((m, 1), dtype=torch.float32, device=x2.device)
     block_k, warps = (cfg["BLOCK_K"], cfg["num_warps"]) if cfg else launch_shape(m, k)
+    if cfg and (block_k < 16 or block_k & (block_k - 1) or warps not in (1, 2, 4, 8, 16, 32)):
+        raise ValueError(f"act_quant launch needs a power-of-two BLOCK_K >= 16 and 1-32 warps (a power of two), "
+                         f"got BLOCK_K={block_k}, num_warps={warps}")
     act_quant_kernel[(m,)](x2, smooth if smooth is not None else x2, q, scale,
                            static if static is not None else scale, k, x2.stride(0), q.stride(0),
                            HAS_SMOOTH=smooth is not None, STATIC=static is not None, FP8=fp8,

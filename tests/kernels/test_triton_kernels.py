@@ -519,6 +519,10 @@ def test_act_quant_launch_shape_follows_the_measured_rule():
     assert AQ.launch_shape(256, 14336) == (2048, 8)     # many long rows: walked in chunks
     assert AQ.launch_shape(4096, 28672) == (4096, 8)
     assert AQ.launch_shape(1, 65536) == (4096, 8)       # past MAX_ONE_PASS always in chunks
+    x = make_x(2, 64).to(torch.bfloat16)
+    for bad in ({"BLOCK_K": 96, "num_warps": 4}, {"BLOCK_K": 8, "num_warps": 4}, {"BLOCK_K": 64, "num_warps": 3}):
+        with pytest.raises(ValueError, match="power-of-two BLOCK_K"):
+            AQ.act_quant(x, cfg=bad)
 
 
 @pytest.mark.parametrize("gated", [False, True])
