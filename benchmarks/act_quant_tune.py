@@ -15,6 +15,7 @@ import sys
 import time
 
 import torch
+import triton
 
 from quantarena.bench import kernels as BK
 from quantarena.bench.timing import L2Flush, time_fn
@@ -41,9 +42,10 @@ for k in KS:
             x = torch.randn(m, 2 * k if gated else k, device="cuda", dtype=torch.bfloat16) * 3
             ref_q, ref_s = act_quant(x, gated=gated)
             base = {"K": k, "M": m, "gated": gated}
-            rows.append(dict(base, impl="default", config=None, us=time_fn(lambda: act_quant(x, gated=gated), flush)))
+            default_us = time_fn(lambda: act_quant(x, gated=gated), flush)
+            rows.append(dict(base, impl="default", config=None, us=default_us))
             for cfg in CONFIGS:
-                cfg = dict(cfg, BLOCK_K=1 << (k - 1).bit_length() if cfg["BLOCK_K"] == "row" else cfg["BLOCK_K"])
+                cfg = dict(cfg, BLOCK_K=triton.next_power_of_2(k) if cfg["BLOCK_K"] == "row" else cfg["BLOCK_K"])
                 try:
                     q, s = act_quant(x, gated=gated, cfg=cfg)
                     torch.cuda.synchronize()
@@ -56,7 +58,7 @@ for k in KS:
                                                                          flush)))
             mine = sorted((r for r in rows if r["K"] == k and r["M"] == m and r["gated"] == gated and r["us"]),
                           key=lambda r: r["us"])
-            log(k, m, "gated" if gated else "", "default", round(mine[[r["impl"] for r in mine].index("default")]["us"], 1),
+            log(k, m, "gated" if gated else "", "default", round(default_us, 1),
                 "best", [(round(r["us"], 1), r["config"]) for r in mine[:3]])
             with open(os.path.join(OUT, "act-quant-tune.json"), "w") as f:
                 json.dump(BK._result(rows), f, indent=1)

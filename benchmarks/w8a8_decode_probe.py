@@ -66,9 +66,8 @@ def candidates(m: int, n: int, k: int) -> list[tuple[str, str, dict | None]]:
     return out
 
 
-def checked(op, impl, cfg, layer, xq, xs, ref) -> str | None:
-    """None when the candidate matches the reference, else why not."""
-    fn = BK.a8w8_gemm_fn(op, impl.split(":")[-1], cfg, layer)
+def checked(fn, op, impl, cfg, xq, xs, ref) -> str | None:
+    """None when the candidate ``fn`` matches the reference, else why not."""
     if os.environ.get("PROBE_VERBOSE"):
         log("try", op, impl, cfg)
     t0 = time.time()
@@ -119,13 +118,13 @@ def gemm_rows(rows: list[dict]) -> list[dict]:
             rows.append(dict(base, op="act_quant", impl="act_quant", us=time_fn(lambda: act_quant(x), flush)))
             for op, impl, cfg in candidates(m, n, k):
                 xq, xs, ref = (q8, s8, ref8) if op == "w8a8" else (f8, sf8, reff)
-                why = checked(op, impl, cfg, layer, xq, xs, ref)
+                fn = BK.a8w8_gemm_fn(op, impl.split(":")[-1], cfg, layer)
+                why = checked(fn, op, impl, cfg, xq, xs, ref)
                 row = dict(base, op=op, impl=impl, config=cfg)
                 if why is not None:
                     log("skip", op, impl, cfg, why)
                     rows.append(dict(row, us=None, error=why))
                     continue
-                fn = BK.a8w8_gemm_fn(op, impl.split(":")[-1], cfg, layer)
                 rows.append(dict(row, us=time_fn(lambda: fn(xq, xs), flush)))
             mine = [r for r in rows if (r["layer"], r["M"]) == (name, m) and r["us"]]
             best = {}
