@@ -12,13 +12,12 @@ from __future__ import annotations
 import json
 import os
 import sys
-import time
 
 import torch
 import triton
 
 from quantarena.bench import kernels as BK
-from quantarena.bench.timing import L2Flush, time_fn
+from quantarena.bench.timing import L2Flush, Logger, time_fn
 from quantarena.kernels.triton_act_quant import act_quant
 
 OUT = sys.argv[1] if len(sys.argv) > 1 else os.environ.get("OUT", ".")
@@ -27,12 +26,8 @@ KS = [int(v) for v in os.environ.get("AQ_KS", "4096,8192,14336,28672").split(","
 GATED_KS = (14336, 28672)  # the down projections' inputs, quantized from [gate | up]
 CONFIGS = [{"BLOCK_K": bk, "num_warps": nw} for bk in (1024, 2048, 4096) for nw in (4, 8)] + \
           [{"BLOCK_K": "row", "num_warps": nw} for nw in (8, 16, 32)]
-started = time.time()
+log = Logger()
 flush = L2Flush()
-
-
-def log(*a):
-    print(f"[{time.time() - started:6.1f}s]", *a, flush=True)
 
 
 rows = []

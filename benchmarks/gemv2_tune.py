@@ -8,13 +8,12 @@ from __future__ import annotations
 import json
 import os
 import sys
-import time
 
 import torch
 import torch.nn.functional as F
 
 from quantarena.bench import kernels as BK
-from quantarena.bench.timing import L2Flush, time_fn
+from quantarena.bench.timing import L2Flush, Logger, time_fn
 from quantarena.kernels import ops, reference as R, triton_w4a16 as T4
 
 OUT = sys.argv[1] if len(sys.argv) > 1 else os.environ.get("OUT", ".")
@@ -24,12 +23,8 @@ TILES = {1: [(32, 128, 4), (64, 128, 4), (16, 128, 4), (32, 64, 4)],
          4: [(32, 128, 4), (16, 128, 4), (8, 128, 4)],
          8: [(16, 128, 4), (8, 128, 4), (8, 128, 2)],
          16: [(16, 128, 4), (8, 128, 4), (8, 128, 2)]}
-started = time.time()
+log = Logger()
 sms = torch.cuda.get_device_properties(0).multi_processor_count
-
-
-def log(*a):
-    print(f"[{time.time() - started:6.1f}s]", *a, flush=True)
 
 
 # ---- correctness on GPU: ragged shapes, zeros, bias, every BLOCK_M, poisoned outputs

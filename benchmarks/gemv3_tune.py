@@ -11,13 +11,12 @@ from __future__ import annotations
 import json
 import os
 import sys
-import time
 
 import torch
 import torch.nn.functional as F
 
 from quantarena.bench import kernels as BK
-from quantarena.bench.timing import L2Flush, time_fn
+from quantarena.bench.timing import L2Flush, Logger, time_fn
 from quantarena.kernels import ops, reference as R, triton_w4a16 as T4, triton_w4a16_gemv as G3
 
 OUT = sys.argv[1] if len(sys.argv) > 1 else os.environ.get("OUT", ".")
@@ -25,12 +24,8 @@ OUT = sys.argv[1] if len(sys.argv) > 1 else os.environ.get("OUT", ".")
 TILES = [(64, 2, 32, 4), (32, 1, 32, 4), (128, 2, 32, 8), (64, 4, 32, 4), (128, 4, 32, 4), (256, 4, 32, 8)]
 # (PREFETCH, STAGES, TILED): register double buffer; Triton's cp.async pipeline; tile-contiguous weights
 MODES = [(True, 1, False), (True, 1, True), (False, 3, False), (False, 3, True), (True, 3, True)]
-started = time.time()
+log = Logger()
 sms = torch.cuda.get_device_properties(0).multi_processor_count
-
-
-def log(*a):
-    print(f"[{time.time() - started:6.1f}s]", *a, flush=True)
 
 
 def correctness() -> list[dict]:

@@ -19,13 +19,13 @@ import datetime
 import json
 import os
 import sys
-import time
 
 import torch
 import triton
 
 from quantarena import nn as qnn
 from quantarena.bench import decode as D
+from quantarena.bench.timing import Logger
 
 OUT = sys.argv[1] if len(sys.argv) > 1 else os.environ.get("OUT", ".")
 BUDGETS = [float(v) for v in os.environ.get("L2_BUDGETS_MB", "0,8,16,32,64").split(",")]
@@ -34,11 +34,7 @@ ROUNDS = int(os.environ.get("L2_ROUNDS", "3"))
 STEPS = int(os.environ.get("L2_STEPS", "64"))
 SHAPE = os.environ.get("L2_SHAPE", "llama-3-8b")
 PROMPT = 128
-started = time.time()
-
-
-def log(*a):
-    print(f"[{time.time() - started:6.1f}s]", *a, flush=True)
+log = Logger()
 
 
 def check(linears: list, batch: int) -> float:

@@ -14,11 +14,11 @@ import datetime
 import json
 import os
 import sys
-import time
 
 import torch
 
 from quantarena.bench import decode as D
+from quantarena.bench.timing import Logger
 
 OUT = sys.argv[1] if len(sys.argv) > 1 else os.environ.get("OUT", ".")
 OPTION = os.environ.get("AB_OPTION", "gated_mlp")
@@ -28,11 +28,7 @@ ROUNDS = int(os.environ.get("AB_ROUNDS", "3"))
 STEPS = int(os.environ.get("AB_STEPS", "64"))
 VARIANTS = (False, True)
 PROMPT = 128
-started = time.time()
-
-
-def log(*a):
-    print(f"[{time.time() - started:6.1f}s]", *a, flush=True)
+log = Logger()
 
 
 def first_step(model, value: bool) -> torch.Tensor:

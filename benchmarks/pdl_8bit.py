@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 
 from quantarena.bench import kernels as BK
-from quantarena.bench.timing import L2Flush, time_fn
+from quantarena.bench.timing import L2Flush, Logger, time_fn
 from quantarena.kernels import ops, triton_w4a16 as T4, triton_w8a8 as T8
 from quantarena.kernels.triton_act_quant import act_quant
 
@@ -42,12 +42,9 @@ SHAPES = os.environ.get("PDL_SHAPES", "llama-3-8b:kv_proj,llama-3-8b:q_proj,llam
 BUDGET_S = float(os.environ.get("PDL_BUDGET_S", "400"))
 CANDIDATES = os.environ.get("PDL_CANDIDATES") == "1"
 started = time.time()
+log = Logger(started)
 flush = L2Flush()
 SMS = torch.cuda.get_device_properties(0).multi_processor_count
-
-
-def log(*a):
-    print(f"[{time.time() - started:6.1f}s]", *a, flush=True)
 
 
 def t(fn, rounds: int = 1) -> float:

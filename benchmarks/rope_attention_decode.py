@@ -19,11 +19,11 @@ import functools
 import json
 import os
 import sys
-import time
 
 import torch
 
 from quantarena.bench import decode as D
+from quantarena.bench.timing import Logger
 from quantarena.kernels import triton_decode_attention as DA
 
 OUT = sys.argv[1] if len(sys.argv) > 1 else os.environ.get("OUT", ".")
@@ -34,11 +34,7 @@ STEPS = int(os.environ.get("RA_STEPS", "64"))
 VARIANTS = ("separate/kernel", "separate/inline", "rope/inline")
 PROMPT = 128
 ORIGINAL = {name: getattr(DA, name) for name in ("decode_attention", "decode_rope_attention")}
-started = time.time()
-
-
-def log(*a):
-    print(f"[{time.time() - started:6.1f}s]", *a, flush=True)
+log = Logger()
 
 
 def apply(model, variant: str) -> None:

@@ -13,26 +13,21 @@ import datetime
 import json
 import os
 import sys
-import time
 
 import torch
 import triton
 
 from quantarena import primitives as P
 from quantarena.bench import kernels as BK
-from quantarena.bench.timing import L2Flush, time_fn
+from quantarena.bench.timing import L2Flush, Logger, time_fn
 from quantarena.kernels import ops, reference as R, triton_w4a16 as T4, triton_w4a16_tc as TC
 from quantarena.kernels import w4a16_layout as L
 
 OUT = sys.argv[1] if len(sys.argv) > 1 else os.environ.get("OUT", ".")
 MS = [int(v) for v in os.environ.get("KL_MS", "1,16,128,4096").split(",")]
 MODELS = os.environ.get("KL_MODELS", "llama-3-8b,llama-3-8b-decode,llama-3-70b").split(",")
-started = time.time()
+log = Logger()
 flush = L2Flush()
-
-
-def log(*a):
-    print(f"[{time.time() - started:6.1f}s]", *a, flush=True)
 
 
 rows = []

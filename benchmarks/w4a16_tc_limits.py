@@ -24,7 +24,6 @@ import itertools
 import json
 import os
 import sys
-import time
 
 import torch
 import triton
@@ -32,18 +31,14 @@ import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
 from quantarena.bench import kernels as BK
-from quantarena.bench.timing import L2Flush, time_fn
+from quantarena.bench.timing import L2Flush, Logger, time_fn
 from quantarena.kernels import ops, triton_w4a16 as T4, triton_w4a16_tc as TC
 from quantarena.kernels.tuned_w4a16 import lookup
 
 OUT = sys.argv[1] if len(sys.argv) > 1 else os.environ.get("OUT", ".")
 SHAPES = [(8192, 28672), (4096, 14336)]          # (K, N): 70B and 8B gate_up
 MS = [int(v) for v in os.environ.get("LIMITS_MS", "16").split(",")]
-started = time.time()
-
-
-def log(*a):
-    print(f"[{time.time() - started:6.1f}s]", *a, flush=True)
+log = Logger()
 
 
 @triton.jit

@@ -14,26 +14,21 @@ from __future__ import annotations
 import json
 import os
 import sys
-import time
 
 import torch
 import torch.nn.functional as F
 
 from quantarena.bench import kernels as BK
-from quantarena.bench.timing import L2Flush, time_fn
+from quantarena.bench.timing import L2Flush, Logger, time_fn
 from quantarena.kernels import ops, reference as R, triton_w4a16 as T4, triton_w4a16_tc as TC
 from quantarena.kernels.tuned_w4a16 import lookup
 
 OUT = sys.argv[1] if len(sys.argv) > 1 else os.environ.get("OUT", ".")
 MS = [int(v) for v in os.environ.get("PROBE_MS", "4,16,64,128,256").split(",")]
 MODELS = os.environ.get("TUNE_MODELS", "llama-3-8b,llama-3-70b,llama-3-8b-decode").split(",")
-started = time.time()
+log = Logger()
 sms = torch.cuda.get_device_properties(0).multi_processor_count
 flush = L2Flush()
-
-
-def log(*a):
-    print(f"[{time.time() - started:6.1f}s]", *a, flush=True)
 
 
 def _table_tile(m, n, k):

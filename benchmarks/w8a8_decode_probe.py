@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from quantarena.bench import kernels as BK
-from quantarena.bench.timing import L2Flush, time_fn
+from quantarena.bench.timing import L2Flush, Logger, time_fn
 from quantarena.kernels import ops, reference as R
 from quantarena.kernels.triton_act_quant import act_quant
 
@@ -43,12 +43,8 @@ STD_TILES = [(128, 128, 128, 8, 3), (256, 128, 128, 8, 3), (256, 64, 128, 8, 4),
              (128, 256, 128, 8, 3)]
 WS = [False, True] if os.environ.get("PROBE_WS", "1") == "1" else [False]
 BUILD_S = int(os.environ.get("PROBE_BUILD_S", "90"))  # a candidate whose first call takes longer is dropped
-started = time.time()
+log = Logger()
 flush = L2Flush()
-
-
-def log(*a):
-    print(f"[{time.time() - started:6.1f}s]", *a, flush=True)
 
 
 def candidates(m: int, n: int, k: int) -> list[tuple[str, str, dict | None]]:

@@ -13,14 +13,13 @@ from __future__ import annotations
 import json
 import os
 import sys
-import time
 
 import torch
 import torch.nn.functional as F
 
 from quantarena import primitives as P
 from quantarena.bench import kernels as BK
-from quantarena.bench.timing import L2Flush, time_fn
+from quantarena.bench.timing import L2Flush, Logger, time_fn
 from quantarena.kernels import ops, reference as R, triton_w8a8 as T8
 from quantarena.kernels.triton_act_quant import act_quant
 
@@ -32,12 +31,8 @@ TILES = [(128, 256, 128, 8, 3), (128, 128, 128, 8, 4), (128, 128, 128, 4, 4), (2
 if os.environ.get("W8_TILES"):  # e.g. 128x256x256x8x2,128x128x256x8x3
     TILES = [tuple(int(v) for v in t.split("x")) for t in os.environ["W8_TILES"].split(",")]
 OPS = os.environ.get("W8_OPS", "w8a8,fp8").split(",")
-started = time.time()
+log = Logger()
 flush = L2Flush()
-
-
-def log(*a):
-    print(f"[{time.time() - started:6.1f}s]", *a, flush=True)
 
 
 def correctness():

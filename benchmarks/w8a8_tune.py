@@ -22,26 +22,21 @@ import itertools
 import json
 import os
 import sys
-import time
 
 import torch
 import torch.nn.functional as F
 
 from quantarena import primitives as P
 from quantarena.bench import kernels as BK
-from quantarena.bench.timing import L2Flush, time_fn
+from quantarena.bench.timing import L2Flush, Logger, time_fn
 from quantarena.kernels import reference as R, triton_a8w8_gemv as G8, triton_w4a16 as T4, triton_w8a8 as T8
 from quantarena.kernels.triton_act_quant import act_quant
 
 OUT = sys.argv[1] if len(sys.argv) > 1 else os.environ.get("OUT", ".")
 MS = [int(v) for v in os.environ.get("W8_MS", "1,2,4,8,16,32,64,128,256,512,1024,2048,4096").split(",")]
-started = time.time()
+log = Logger()
 sms = torch.cuda.get_device_properties(0).multi_processor_count
 flush = L2Flush()
-
-
-def log(*a):
-    print(f"[{time.time() - started:6.1f}s]", *a, flush=True)
 
 
 def correctness():

@@ -38,6 +38,20 @@ class L2Flush:
             torch.sum(self.buf, dim=0, out=self.out)
 
 
+class Logger:
+    """``print`` with the seconds since this logger was made, as ``[   12.3s] ...``, flushed at once.
+
+    The benchmark scripts make one at start-up (``log = Logger()``) and call it as ``log(...)``. ``start``
+    (a ``time.time()`` value) sets the origin instead: a script that also checks a time budget against its
+    own ``started`` passes it, so both count from the same instant."""
+
+    def __init__(self, start: float | None = None):
+        self.started = time.time() if start is None else start
+
+    def __call__(self, *a) -> None:
+        print(f"[{time.time() - self.started:6.1f}s]", *a, flush=True)
+
+
 def capture(fn: Callable[[], object], warmup: int = 2) -> torch.cuda.CUDAGraph:
     """Warm ``fn`` up on a side stream (compiles kernels, builds caches), then capture it in a graph."""
     stream = torch.cuda.Stream()
