@@ -173,6 +173,20 @@ class W4A16Linear(QuantLinearBase):
                                           else (self.l2_next_words, *self.l2_next_meta), gated=True)
         return reference.silu_mul_interleaved(self(x)).to(x.dtype)
 
+    def forward_normed(self, x: torch.Tensor, delta: torch.Tensor | None, norm_weight: torch.Tensor,
+                       eps: float = 1e-5, gated: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """A pre-norm block's residual add, RMSNorm and this linear: returns ``(out, x + delta)`` where ``out`` is
+        this layer (``gated``: :meth:`forward_gated`) applied to ``rms_norm(x + delta) * norm_weight`` (``delta``
+        None: x itself). In the kernel layout on CUDA, at the tensor-core kernel's M, one launch
+        (``ops.w4a16_norm_linear_tiled``); otherwise the separate ops."""
+        if self.kernel_layout:
+            return ops.w4a16_norm_linear_tiled(x, delta, norm_weight, eps, self.weight_tiled, self.weight_scale,
+                                               self.weight_zero_point, self.group_size, self.out_features, self.bias,
+                                               None if self.l2_next_words is None
+                                               else (self.l2_next_words, *self.l2_next_meta), gated=gated)
+        y, x = reference.add_rms_norm(x, delta, norm_weight, eps)
+        return (self.forward_gated(y) if gated else self(y)), x
+
     def extra_repr(self) -> str:
         layout = ", layout=kernel" if self.kernel_layout else ""
         return super().extra_repr() + f", group_size={self.group_size}, symmetric={self.symmetric}{layout}"

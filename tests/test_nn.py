@@ -126,6 +126,30 @@ def test_w4a16_forward_gated_in_both_layouts():
         qn.W4A16Linear.from_float(nn.Linear(256, 95, bias=False), 128).forward_gated(x)
 
 
+@pytest.mark.parametrize("with_delta", [False, True])
+def test_w4a16_forward_normed_in_both_layouts(with_delta):
+    """forward_normed: (layer(rms_norm(x + delta) * w), x + delta), in either layout; bad shapes are clear errors."""
+    torch.manual_seed(0)
+    mod = qn.W4A16Linear.from_float(nn.Linear(256, 96, bias=True), 128)
+    x, d = torch.randn(2, 3, 256).to(torch.bfloat16), torch.randn(2, 3, 256).to(torch.bfloat16)
+    nw = torch.rand(256).to(torch.bfloat16) + 0.5
+    delta = d if with_delta else None
+    y, x_new = R.add_rms_norm(x, delta, nw, 1e-5)
+    for gated in (False, True):
+        want = mod.forward_gated(y) if gated else mod(y)
+        for layout in ("canonical", "kernel"):
+            out, got_x = mod.forward_normed(x, delta, nw, 1e-5, gated=gated)
+            assert torch.equal(out, want) and torch.equal(got_x, x_new)   # the CPU runs the reference ops
+            assert got_x is x or with_delta
+            mod.to_kernel_layout()
+        mod.to_canonical_layout()
+    mod.to_kernel_layout()
+    with pytest.raises(ValueError, match="norm weight must be 256 wide"):
+        mod.forward_normed(x, delta, nw[:-1])
+    with pytest.raises(ValueError, match="residual delta must have the input's shape"):
+        mod.forward_normed(x, d[:, :2], nw)
+
+
 def test_w4a16_kernel_layout_refuses_what_it_cannot_hold():
     lin = nn.Linear(256, 16)
     with pytest.raises(ValueError, match="divisible by 128"):

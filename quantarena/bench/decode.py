@@ -32,6 +32,9 @@ SHAPES: dict[str, dict] = {
     "tiny": dict(hidden=256, layers=2, heads=4, kv_heads=2, head_dim=64, inter=512, vocab=1000, rope_theta=10000.0),
 }
 SCHEMES = ("bf16", "w4a16", "w8a8-int8", "fp8")
+# W4A16 decode batches up to this run each residual add + RMSNorm inside the next linear's tensor-core kernel
+# (LeanLlama(norm_fold=True)); every program of such a kernel reads its rows' activations in full
+NORM_FOLD_MAX_BATCH = 16
 ATTENTION = ("quantarena", "sdpa")  # decode attention: our split-KV kernel, or masked SDPA over the whole cache
 
 
@@ -50,11 +53,6 @@ def quant_linear(linear: nn.Linear, scheme: str) -> nn.Module:
     if scheme == "fp8":
         return qnn.FP8Linear.from_float(linear)
     raise ValueError(f"unknown scheme {scheme!r}; use one of {', '.join(SCHEMES)}")
-
-
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
-    xf = x.float()
-    return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype) * weight
 
 
 def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -92,23 +90,29 @@ class Block(nn.Module):
         self.norm2 = nn.Parameter(torch.ones(h, device=device, dtype=torch.bfloat16), requires_grad=False)
 
     def forward(self, x, delta, cos, sin, k_cache, v_cache, pos, mask, length=None, defer: bool = False,
-                rope_attention: bool = False, gated: bool = False):
+                rope_attention: bool = False, gated: bool = False, norm_fold: bool = False):
         """x: [B, T, H] residual stream, ``delta`` (or None) the previous block's MLP output still to be added.
         Writes this step's keys/values at positions pos[0] .. pos[0]+T-1 of the caches.
         Attention: ``length`` (decode, a 1-element device tensor) -> quantarena's split-KV kernel over the
         cache positions < length (with ``rope_attention`` and fused q/k/v, the kernel that also applies RoPE and
         writes the caches: one launch for what is otherwise four); else ``mask`` (decode) -> SDPA over the whole
         cache; neither -> causal prefill. ``gated`` (W4A16, fused gate/up): the SiLU gate in the gate/up kernel.
+        ``norm_fold`` (W4A16 in the kernel layout, decode with the one-launch attention, batch up to
+        ``NORM_FOLD_MAX_BATCH``): each residual add + RMSNorm inside the next linear's kernel (``forward_normed``).
         Returns ``(x, mlp_out)`` with ``defer`` (the next block adds it, where inductor fuses the add into its norm:
         one kernel fewer per block), else ``(x + mlp_out, None)``."""
+        b, t, _ = x.shape
+        if length is not None and rope_attention and self.fuse and t == 1:
+            if norm_fold and self.foldable(b):
+                qkv, x = self.qkv.forward_normed(x, delta, self.norm1)
+            else:
+                x = x if delta is None else x + delta
+                qkv = self.qkv(reference.rms_norm(x, self.norm1))
+            attn = ops.decode_rope_attention(qkv.reshape(b, -1), cos[0], sin[0], k_cache, v_cache, length, self.heads)
+            return self._rest(x, attn.unsqueeze(2), defer, gated, norm_fold and self.foldable(b))
         if delta is not None:
             x = x + delta
-        b, t, _ = x.shape
-        y = rms_norm(x, self.norm1)
-        if length is not None and rope_attention and self.fuse and t == 1:
-            qkv = self.qkv(y).reshape(b, -1)
-            attn = ops.decode_rope_attention(qkv, cos[0], sin[0], k_cache, v_cache, length, self.heads)
-            return self._rest(x, attn.unsqueeze(2), defer, gated)
+        y = reference.rms_norm(x, self.norm1)
         q, k, v = self.qkv(y).split(self.splits, -1) if self.fuse else (self.q(y), self.k(y), self.v(y))
         q = q.reshape(b, t, self.heads, self.head_dim).transpose(1, 2)
         k = k.reshape(b, t, self.kv_heads, self.head_dim).transpose(1, 2)
@@ -124,11 +128,22 @@ class Block(nn.Module):
             attn = F.scaled_dot_product_attention(q, k_cache, v_cache, attn_mask=mask, enable_gqa=True)
         return self._rest(x, attn, defer, gated)
 
-    def _rest(self, x, attn, defer: bool, gated: bool):
-        """The block after attention (attn [B, Hq, T, D]): o projection, residual, MLP."""
+    def foldable(self, batch: int) -> bool:
+        """The norms can run inside the W4A16 kernels: fused linears in the kernel layout, a decode batch of at
+        most ``NORM_FOLD_MAX_BATCH``."""
+        return self.interleaved and batch <= NORM_FOLD_MAX_BATCH and getattr(self.qkv, "kernel_layout", False)
+
+    def _rest(self, x, attn, defer: bool, gated: bool, norm_fold: bool = False):
+        """The block after attention (attn [B, Hq, T, D]): o projection, residual, MLP. ``norm_fold``: the
+        residual add and RMSNorm in the gate/up kernel."""
         b, t, _ = x.shape
-        x = x + self.o(attn.transpose(1, 2).reshape(b, t, -1))
-        y = rms_norm(x, self.norm2)
+        o = self.o(attn.transpose(1, 2).reshape(b, t, -1))
+        if norm_fold:
+            h, x = self.gate_up.forward_normed(x, o, self.norm2, gated=gated)
+            out = self.down(h if gated else reference.silu_mul_interleaved(h).to(h.dtype))
+            return (x, out) if defer else (x + out, None)
+        x = x + o
+        y = reference.rms_norm(x, self.norm2)
         if self.fuse and hasattr(self.down, "forward_silu_mul"):  # 8-bit: SiLU-mul inside the activation quant
             out = self.down.forward_silu_mul(self.gate_up(y))
         elif self.interleaved:  # the gate in the kernel's epilogue for decode steps (the tensor-core path); a
@@ -145,7 +160,7 @@ class Block(nn.Module):
 class LeanLlama(nn.Module):
     def __init__(self, shape: str, scheme: str, device: str = "cuda", max_len: int = 512, fuse: bool = False,
                  quantize_lm_head: bool = False, attention: str = "quantarena", defer_residual: bool = True,
-                 rope_attention: bool = True, gated_mlp: bool = True):
+                 rope_attention: bool = True, gated_mlp: bool = True, norm_fold: bool = True):
         super().__init__()
         if attention not in ATTENTION:
             raise ValueError(f"unknown attention {attention!r}; use one of {', '.join(ATTENTION)}")
@@ -154,6 +169,7 @@ class LeanLlama(nn.Module):
         self.defer_residual = defer_residual   # each block's MLP residual added by the next block (Block.forward)
         self.rope_attention = rope_attention   # decode: RoPE + cache writes inside the attention kernel (fused q/k/v)
         self.gated_mlp = gated_mlp             # W4A16, fused gate/up: the SiLU gate in the gate/up kernel's epilogue
+        self.norm_fold = norm_fold             # W4A16 kernel layout, small decode batches: norms inside the linears
         torch.manual_seed(0)
         self.embed = torch.randn(s["vocab"], s["hidden"], device=device, dtype=torch.bfloat16)
         self.blocks = nn.ModuleList(Block(s, scheme, device, fuse) for _ in range(s["layers"]))
@@ -201,9 +217,12 @@ class LeanLlama(nn.Module):
         delta = None
         for block, (kc, vc) in zip(self.blocks, cache):
             x, delta = self.block_fn(block, x, delta, cos, sin, kc, vc, pos, mask, length, self.defer_residual,
-                                     self.rope_attention, self.gated_mlp)
-        x = x[:, -1] if delta is None else x[:, -1] + delta[:, -1]
-        y = rms_norm(x, self.norm)
+                                     self.rope_attention, self.gated_mlp, self.norm_fold)
+        x, delta = x[:, -1], (None if delta is None else delta[:, -1])
+        if (self.norm_fold and decode and getattr(self.lm_head_q, "kernel_layout", False)
+                and x.shape[0] <= NORM_FOLD_MAX_BATCH):
+            return self.lm_head_q.forward_normed(x, delta, self.norm)[0]
+        y = reference.rms_norm(x if delta is None else x + delta, self.norm)
         return F.linear(y, self.lm_head) if self.lm_head_q is None else self.lm_head_q(y)
 
 
@@ -216,8 +235,9 @@ def serve_w4a16(model: LeanLlama, l2_prefetch_mb: float = DEFAULT_L2_PREFETCH_MB
     return moved, links
 
 
-def _run_block(block: Block, x, delta, cos, sin, k_cache, v_cache, pos, mask, length, defer, rope_attention, gated):
-    return block(x, delta, cos, sin, k_cache, v_cache, pos, mask, length, defer, rope_attention, gated)
+def _run_block(block: Block, x, delta, cos, sin, k_cache, v_cache, pos, mask, length, defer, rope_attention, gated,
+               norm_fold=False):
+    return block(x, delta, cos, sin, k_cache, v_cache, pos, mask, length, defer, rope_attention, gated, norm_fold)
 
 
 GREEDY_TWO_STAGE_MAX_BATCH = 32  # two-stage argmax up to this batch (H100, 128256 wide: h100-argmax.json)

@@ -268,6 +268,65 @@ def w4a16_linear_tiled(x: torch.Tensor, tiled: torch.Tensor, scales: torch.Tenso
     return out.to(x.dtype).reshape(*x.shape[:-1], n_out)
 
 
+@torch.library.custom_op("quantarena::w4a16_norm_linear_tiled", mutates_args=())
+def _w4a16_norm_tiled_op(x2: torch.Tensor, delta: torch.Tensor | None, norm_weight: torch.Tensor, eps: float,
+                         tiled: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None, group_size: int,
+                         out_features: int, bias: torch.Tensor | None, prefetch: torch.Tensor | None = None,
+                         prefetch_n: int = 0, prefetch_group: int = 0, prefetch_budget: int = 0,
+                         gated: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    from . import triton_w4a16 as T, triton_w4a16_tc as TC
+
+    w = T.StripedWeight.from_dot_tiled(tiled, out_features, scales, zeros, group_size)
+    x2 = x2.contiguous()
+    delta = None if delta is None else delta.contiguous()
+    path, cfg = w4a16_tiled_config(x2.shape[0], out_features, w.in_features, group_size, x2)
+    if path == "dequant":   # a prefill's M: the separate ops (the runner fuses these with inductor instead)
+        y, x_new = reference.add_rms_norm(x2, delta, norm_weight, eps)
+        out = torch.nn.functional.linear(y, TC.w4a16_dequantize_tiled(w, x2.dtype), bias)
+        out = reference.silu_mul_interleaved(out).to(x2.dtype) if gated else out
+    else:
+        plan = None
+        if prefetch is not None and prefetch_budget > 0:
+            plan = (prefetch, _next_tiled_plan(x2, prefetch, prefetch_n, prefetch_group, prefetch_budget))
+        out, x_new = TC.w4a16_tc_norm(x2, delta, norm_weight, eps, w, bias, cfg, plan, gated)
+    return out, (x2.new_empty(0) if delta is None else x_new)   # an op's output may not alias its input
+
+
+@_w4a16_norm_tiled_op.register_fake
+def _(x2, delta, norm_weight, eps, tiled, scales, zeros, group_size, out_features, bias, prefetch=None,
+      prefetch_n=0, prefetch_group=0, prefetch_budget=0, gated=False):
+    out = x2.new_empty((x2.shape[0], out_features // 2 if gated else out_features))
+    return out, (x2.new_empty(0) if delta is None else torch.empty_like(x2))
+
+
+def w4a16_norm_linear_tiled(x: torch.Tensor, delta: torch.Tensor | None, norm_weight: torch.Tensor, eps: float,
+                            tiled: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None, group_size: int,
+                            out_features: int, bias: torch.Tensor | None = None,
+                            prefetch: tuple[torch.Tensor, int, int, int] | None = None,
+                            gated: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """A pre-norm block's ``x + delta`` (x itself without ``delta``), its RMSNorm (``norm_weight``, ``eps``) and
+    the W4A16 linear of :func:`w4a16_linear_tiled` on it (``prefetch``, ``gated`` as there). Returns
+    ``(out, x + delta)``. On CUDA at the tensor-core kernel's M one launch (:func:`.triton_w4a16_tc.w4a16_tc_norm`:
+    the norm's rsqrt scales the float32 sums, so y's 16-bit roundings fall elsewhere than in the separate ops);
+    elsewhere the reference ops."""
+    in_features = tiled.shape[1] * 8
+    if x.shape[-1] != in_features or norm_weight.shape != (in_features,):
+        raise ValueError(f"the input and norm weight must be {in_features} wide, got {x.shape[-1]} and "
+                         f"{tuple(norm_weight.shape)}")
+    if delta is not None and delta.shape != x.shape:
+        raise ValueError(f"the residual delta must have the input's shape {tuple(x.shape)}, got {tuple(delta.shape)}")
+    if not _triton_ok(x) or x.dtype != torch.bfloat16 or (delta is not None and delta.dtype != x.dtype):
+        y, x_new = reference.add_rms_norm(x, delta, norm_weight, eps)
+        return w4a16_linear_tiled(y, tiled, scales, zeros, group_size, out_features, bias, prefetch, gated), x_new
+    n_out = out_features // 2 if gated else out_features
+    x2 = x.reshape(-1, in_features)
+    d2 = None if delta is None else delta.reshape(-1, in_features)
+    bias = None if bias is None else bias.to(torch.bfloat16)
+    out, x_new = _w4a16_norm_tiled_op(x2, d2, norm_weight, float(eps), tiled, scales.to(torch.bfloat16), zeros,
+                                      group_size, out_features, bias, *(prefetch or (None, 0, 0, 0)), gated)
+    return out.reshape(*x.shape[:-1], n_out), (x if delta is None else x_new.reshape(x.shape))
+
+
 # ----------------------------------------------------------------------------- W8A8 INT8
 
 def _a8w8_choice(op: str, m: int, n: int, k: int, tuned_table: bool = True) -> tuple[str, dict | None]:

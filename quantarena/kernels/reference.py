@@ -37,6 +37,21 @@ def w4a16_linear(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, ze
     return out.to(x.dtype)
 
 
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
+    """Llama's RMSNorm: ``x * rsqrt(mean(x^2) + eps)`` in float32, rounded to x's dtype, times ``weight``."""
+    xf = x.float()
+    return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype) * weight
+
+
+def add_rms_norm(x: torch.Tensor, delta: torch.Tensor | None, weight: torch.Tensor,
+                 eps: float = 1e-5) -> tuple[torch.Tensor, torch.Tensor]:
+    """A pre-norm block's input: ``x + delta`` (in x's dtype; x itself without delta) and its RMSNorm.
+    Returns ``(normed, x + delta)``."""
+    if delta is not None:
+        x = x + delta
+    return rms_norm(x, weight, eps), x
+
+
 def act_quant_int8(x: torch.Tensor, input_scale: torch.Tensor | None = None,
                    smooth: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Activation quantization: x [M, K] -> (int8 [M, K], float32 scale [M, 1]).

@@ -124,19 +124,38 @@ def _store_gated(total, bias_ptr, out_ptr, rm, rn, M, N, stride_om, HAS_BIAS: tl
 
 
 @triton.jit
+def _rstd(ss, K, eps):
+    """1 / sqrt(mean + eps) of rows whose squares sum to ``ss`` over K elements (float32)."""
+    return 1.0 / tl.sqrt_rn(ss / K + eps)
+
+
+@triton.jit
 def _split_k_finish(part, ws_ptr, cnt_ptr, bias_ptr, out_ptr, rm, rn, M, N, stride_om,
                     pid_k, tile_id, SPLIT_K, HAS_BIAS: tl.constexpr, ATOMIC: tl.constexpr = False,
-                    GATED: tl.constexpr = False):
+                    GATED: tl.constexpr = False, NORM: tl.constexpr = False, ss=None, ss_ptr=None, K=1,
+                    eps=0.0):
     """part: fp32 [BM, BN] partial sum of this program. Writes out (bf16/fp16) once all splits are in;
-    ``GATED``: the SiLU-gated half (:func:`_store_gated`)."""
+    ``GATED``: the SiLU-gated half (:func:`_store_gated`). ``NORM``: ``ss`` [BM] is this program's share of
+    each row's sum of squares over K; the sums are scaled by the row's rsqrt(mean + eps) before the bias
+    (with split-K the shares meet in ``ss_ptr``'s slots of the tile, BM per tile, zero between launches:
+    the tile's last program reads and zeroes them, as it does the ATOMIC workspace)."""
     if SPLIT_K == 1:
+        if NORM:
+            part = part * _rstd(ss, K, eps)[:, None]
         if GATED:
             _store_gated(part, bias_ptr, out_ptr, rm, rn, M, N, stride_om, HAS_BIAS)
         else:
             _store_out(part, bias_ptr, out_ptr, rm, rn, M, N, stride_om, HAS_BIAS)
     else:
+        if NORM:   # before split_k_reduce's barrier and release, as the partials are
+            ss_off = tile_id * part.shape[0] + tl.arange(0, part.shape[0])
+            tl.atomic_add(ss_ptr + ss_off, ss, sem="relaxed", scope="gpu")
         total, last = split_k_reduce(part, ws_ptr, cnt_ptr, rm, rn, M, N, pid_k, tile_id, SPLIT_K, ATOMIC)
         if last:
+            if NORM:
+                bits = tl.atomic_xchg(ss_ptr.to(tl.pointer_type(tl.int32)) + ss_off, tl.zeros_like(ss_off),
+                                      sem="relaxed", scope="gpu")
+                total = total * _rstd(bits.to(tl.float32, bitcast=True), K, eps)[:, None]
             if GATED:
                 _store_gated(total, bias_ptr, out_ptr, rm, rn, M, N, stride_om, HAS_BIAS)
             else:
@@ -572,6 +591,18 @@ def split_k_workspace(device: torch.device, m: int, n: int, split: int, dtype: t
     return torch.empty((split, m, n) if split > 1 else (1,), dtype=dtype, device=device), False
 
 
+NORM_SS_WORDS = 1 << 16   # split-K sums of squares of the NORM launches: tiles * BLOCK_M of at most this many
+_NORM_SS: dict[torch.device, torch.Tensor] = {}
+
+
+def norm_ss_pool(device: torch.device) -> torch.Tensor:
+    """The per-device float32 slots where the split-K programs of a NORM launch meet their rows' sums of squares
+    (zero between launches: each tile's last program zeroes its slots)."""
+    if device not in _NORM_SS:
+        _NORM_SS[device] = torch.zeros(NORM_SS_WORDS, dtype=torch.float32, device=device)
+    return _NORM_SS[device]
+
+
 def split_k_dirty(device: torch.device) -> str | None:
     """What a split-K launch left non-zero on ``device`` (the arrival counters, the ATOMIC workspace), or None:
     both must be zero between launches and CUDA-graph replays (tests and tune scripts check it)."""
@@ -580,6 +611,9 @@ def split_k_dirty(device: torch.device) -> str | None:
     pool = _ATOMIC_WS.get(device)
     if pool is not None and int(pool.abs().sum()):
         return "the ATOMIC workspace"
+    ss = _NORM_SS.get(device)
+    if ss is not None and bool(ss.ne(0).any()):
+        return "the NORM sums of squares"
     return None
 
 

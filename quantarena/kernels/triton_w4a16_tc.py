@@ -30,8 +30,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .triton_w4a16 import (INTERPRETING, MAX_TILES, StripedWeight, _dot, _sm_count, _split_for,
-                           _split_k_finish, split_k_counters, split_k_workspace)
+from .triton_w4a16 import (INTERPRETING, MAX_TILES, NORM_SS_WORDS, StripedWeight, _dot, _sm_count, _split_for,
+                           _split_k_finish, norm_ss_pool, split_k_counters, split_k_workspace)
 from .triton_pdl import pdl_ok, prefetch_items
 from .w4a16_layout import DOT_PAD_ROWS, DOT_TILE_ROWS, dot_layout_words, dot_tiled_words  # noqa: F401 (re-exported)
 
@@ -236,6 +236,23 @@ def _dot_acc(a, b, acc, INTERPRET: tl.constexpr):
 
 
 @triton.jit
+def _norm_step(xt, d_ptr, nw_ptr, xo_ptr, ram, rm, M, k0, rk, stride_xm, pid_n, HAS_DELTA: tl.constexpr):
+    """One K step of a NORM launch: the residual stream's [BK, BM] slice ``xt`` (plus the delta's, rounded once
+    to the activation dtype, as a 16-bit add is; the first column tile's programs store that sum for the next
+    residual add) -> the dot operand ``x * norm_weight`` rounded once, and the step's sum of squares of x per row
+    (float32). The row's rsqrt(mean + eps) is applied to the float32 sums after the loop: the same product as
+    rounding ``x * rsqrt`` first, up to where the 16-bit roundings fall."""
+    if HAS_DELTA:
+        offs = ram[None, :] * stride_xm + (k0 + rk)[:, None]
+        xt = (xt.to(tl.float32) + tl.load(d_ptr + offs).to(tl.float32)).to(xt.dtype)
+        live = tl.where(pid_n == 0, M, 0)             # rows stored: those < M, in the first column tile only
+        tl.store(xo_ptr + offs, xt, mask=(rm[None, :] + 0 * rk[:, None]) < live)
+    xf = xt.to(tl.float32)
+    nw = tl.load(nw_ptr + k0 + rk).to(tl.float32)
+    return (xf * nw[:, None]).to(xt.dtype), tl.sum(xf * xf, axis=0)
+
+
+@triton.jit
 def w4a16_tc_kernel(x_ptr, w_ptr, x_desc, w_desc, s_ptr, z_ptr, bias_ptr, out_ptr, ws_ptr, cnt_ptr,
                     M, N, K, KW, G, stride_xm, stride_om,
                     GROUP: tl.constexpr, HAS_ZERO: tl.constexpr, HAS_BIAS: tl.constexpr,
@@ -245,7 +262,8 @@ def w4a16_tc_kernel(x_ptr, w_ptr, x_desc, w_desc, s_ptr, z_ptr, bias_ptr, out_pt
                     TILED: tl.constexpr = False, TILE_ROWS: tl.constexpr = DOT_TILE_ROWS,
                     ATOMIC: tl.constexpr = False, pf_ptr=None, pf_items=0, pf_chunks=1, pf_block_bytes=0,
                     pf_chunk_bytes=0, pf_bytes=0, PF: tl.constexpr = False, PF_LANES: tl.constexpr = 128,
-                    GATED: tl.constexpr = False):
+                    GATED: tl.constexpr = False, NORM: tl.constexpr = False, HAS_DELTA: tl.constexpr = False,
+                    d_ptr=None, nw_ptr=None, xo_ptr=None, ss_ptr=None, eps=1e-6):
     """Needs GROUP % BLOCK_K == 0 and K % BLOCK_K == 0 (checked by the launcher). ``SPLIT_K`` is a run-time
     value (Triton specialises 1 by itself), so split choices share one compiled kernel. With ``TMA`` the word and
     activation tiles come through tensor descriptors (``w_desc`` [N, K/8] words in [BN, BK/8] boxes,
@@ -256,7 +274,11 @@ def w4a16_tc_kernel(x_ptr, w_ptr, x_desc, w_desc, s_ptr, z_ptr, bias_ptr, out_pt
     fewer bytes for the tile's last program, fp32 sums in arrival order). ``PF``: once its work is done, each
     program asks the L2 for its share of the next linear's weight (``pf_*``, see :mod:`.l2_chain`). ``GATED``:
     the weight's rows interleave an MLP's gate and up projections, and the kernel writes ``silu(gate) * up``
-    ([M, N / 2]) instead of the product (see :func:`.triton_w4a16._store_gated`)."""
+    ([M, N / 2]) instead of the product (see :func:`.triton_w4a16._store_gated`). ``NORM``: x is the residual
+    stream (plus ``d_ptr``'s rows with ``HAS_DELTA``, rounded once, written to ``xo_ptr`` by the programs of the
+    first column tile) and the product is ``rms_norm(x) @ W^T``: each K step feeds the dot ``x * nw`` (the norm
+    weight), and the row's ``rsqrt(mean(x^2) + eps)`` scales the float32 sums before the store (see
+    :func:`_norm_step`; pointer loads of x, never TMA)."""
     pid_n = tl.program_id(0)
     pid_m = tl.program_id(1)
     pid_k = tl.program_id(2)
@@ -271,6 +293,7 @@ def w4a16_tc_kernel(x_ptr, w_ptr, x_desc, w_desc, s_ptr, z_ptr, bias_ptr, out_pt
     s0 = pid_k * per_split
     s1 = tl.minimum(s0 + per_split, steps)
     acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+    ss = tl.zeros((BLOCK_M,), dtype=tl.float32)       # NORM: this program's share of each row's sum of squares
     sz = rbn * G                                      # the rows' scales and zero points
     if UNPACK == 3:   # the word tile as [2, BN/16, 8, 16] (tile row 16 d1 + 8 d0 + d2, word d3), see dot_layout_words
         d0 = tl.arange(0, 2)[:, None, None, None]
@@ -299,6 +322,9 @@ def w4a16_tc_kernel(x_ptr, w_ptr, x_desc, w_desc, s_ptr, z_ptr, bias_ptr, out_pt
             xt = x_desc.load([pid_m * BLOCK_M, k0]).T                                   # [BK, BM]
         else:
             xt = tl.load(x_ptr + ram[None, :] * stride_xm + (k0 + rk)[:, None])
+        if NORM:
+            xt, ss_step = _norm_step(xt, d_ptr, nw_ptr, xo_ptr, ram, rm, M, k0, rk, stride_xm, pid_n, HAS_DELTA)
+            ss += ss_step
         if UNPACK == 3:   # words born in the dot operand's layout; scales folded in by the PTX, or after the dot
             if TILED:
                 words = tl.load(w_tile + step * (TILE_ROWS * 16))                       # [2, BN/16, 8, 16]
@@ -351,7 +377,7 @@ def w4a16_tc_kernel(x_ptr, w_ptr, x_desc, w_desc, s_ptr, z_ptr, bias_ptr, out_pt
                     acc += _dot(q.to(xt.dtype), xt, INTERPRET) * s.to(tl.float32)[:, None]
     tile_id = pid_m * num_n + pid_n
     _split_k_finish(tl.trans(acc), ws_ptr, cnt_ptr, bias_ptr, out_ptr, rm, rn, M, N, stride_om,
-                    pid_k, tile_id, SPLIT_K, HAS_BIAS, ATOMIC, GATED)
+                    pid_k, tile_id, SPLIT_K, HAS_BIAS, ATOMIC, GATED, NORM, ss, ss_ptr, K, eps)
     if PF:   # programs start in launch order: n fastest, then m, then k
         num_m = tl.num_programs(1)
         prefetch_items(pf_ptr.to(tl.pointer_type(tl.int8)), pid_n + num_n * (pid_m + num_m * pid_k),
@@ -405,6 +431,31 @@ def w4a16_tc(x2: torch.Tensor, w: StripedWeight, bias: torch.Tensor | None = Non
     once its work is done (Hopper, compiled kernels only; ignored elsewhere). ``gated``: the weight's rows
     interleave gate and up (row 2j gate j, 2j+1 up j); returns ``silu(gate) * up`` [M, N / 2], computed from
     the float32 sums and rounded once."""
+    return _launch(x2, w, bias, cfg, prefetch, gated, None)[0]
+
+
+def w4a16_tc_norm(x2: torch.Tensor, delta: torch.Tensor | None, norm_weight: torch.Tensor, eps: float,
+                  w: StripedWeight, bias: torch.Tensor | None = None, cfg: dict | None = None,
+                  prefetch: tuple[torch.Tensor, dict] | None = None,
+                  gated: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """A pre-norm block's residual add, RMSNorm and linear in one launch: ``x = x2 + delta`` (16-bit, rounded
+    once; no add without ``delta``), ``y = x * rsqrt(mean(x^2) + eps) * norm_weight`` and ``y @ W^T + bias``
+    (``gated``, ``prefetch``: as :func:`w4a16_tc`). Returns ``(out, x)``; x is ``x2`` itself without ``delta``.
+    The dot reads ``x * norm_weight`` and the row's rsqrt scales the float32 sums, so the result equals the
+    separate ops' up to where the 16-bit roundings of y fall (tests: relative error against the reference)."""
+    m, k = x2.shape
+    if norm_weight.shape != (k,):
+        raise ValueError(f"the norm weight must have shape ({k},), got {tuple(norm_weight.shape)}")
+    if delta is not None and (delta.shape != x2.shape or delta.dtype != x2.dtype or not delta.is_contiguous()):
+        raise ValueError(f"the residual delta must be a contiguous {tuple(x2.shape)} {x2.dtype} tensor, got "
+                         f"{tuple(delta.shape)} {delta.dtype}")
+    out, x_new = _launch(x2, w, bias, cfg, prefetch, gated, (delta, norm_weight.contiguous(), float(eps)))
+    return out, (x2 if delta is None else x_new)
+
+
+def _launch(x2: torch.Tensor, w: StripedWeight, bias: torch.Tensor | None, cfg: dict | None,
+            prefetch: tuple[torch.Tensor, dict] | None, gated: bool,
+            norm: tuple[torch.Tensor | None, torch.Tensor, float] | None) -> tuple[torch.Tensor, torch.Tensor | None]:
     m, n, k = x2.shape[0], w.out_features, w.in_features
     if gated and n % 2:
         raise ValueError(f"a gated W4A16 linear needs an even number of outputs (gate and up rows), got {n}")
@@ -426,8 +477,16 @@ def w4a16_tc(x2: torch.Tensor, w: StripedWeight, bias: torch.Tensor | None = Non
     else:
         cfg.pop("TILE_ROWS", None)
     tiles = triton.cdiv(m, cfg["BLOCK_M"]) * triton.cdiv(n, cfg["BLOCK_N"])
-    if cfg["SPLIT_K"] > 1 and tiles > MAX_TILES:
+    if cfg["SPLIT_K"] > 1 and (tiles > MAX_TILES or (norm is not None and tiles * cfg["BLOCK_M"] > NORM_SS_WORDS)):
         cfg["SPLIT_K"] = 1
+    nk = {}
+    x_new = None
+    if norm is not None:   # x by pointer loads: each K step adds the delta and multiplies by the norm weight
+        cfg["TMA"] = False
+        delta, nw, eps = norm
+        x_new = None if delta is None else torch.empty_like(x2)
+        nk = dict(NORM=True, HAS_DELTA=delta is not None, d_ptr=x2 if delta is None else delta, nw_ptr=nw,
+                  xo_ptr=x2 if x_new is None else x_new, ss_ptr=norm_ss_pool(x2.device), eps=eps)
     out = torch.empty((m, n // 2 if gated else n), dtype=x2.dtype, device=x2.device)
     split = cfg["SPLIT_K"]
     ws, cfg["ATOMIC"] = split_k_workspace(x2.device, m, n, split, torch.float32, bool(cfg.get("ATOMIC")))
@@ -454,8 +513,8 @@ def w4a16_tc(x2: torch.Tensor, w: StripedWeight, bias: torch.Tensor | None = Non
                           dummy if bias is None else bias, out, ws, split_k_counters(x2.device),
                           m, n, k, k // 8, k // w.group_size, x2.stride(0), out.stride(0),
                           GROUP=w.group_size, HAS_ZERO=w.zeros is not None, HAS_BIAS=bias is not None,
-                          INTERPRET=INTERPRETING, GATED=gated, **cfg, **pf)
-    return out
+                          INTERPRET=INTERPRETING, GATED=gated, **cfg, **pf, **nk)
+    return out, x_new
 
 
 # ----------------------------------------------------------------------------- dequantize from the TILED layout

@@ -213,6 +213,28 @@ def test_rel_err_is_relative_and_nan_for_an_unwritten_output():
     assert kernels.rel_err(torch.tensor([3.0, 3.0]), ref) == pytest.approx(0.2)
     assert torch.isnan(torch.tensor(kernels.rel_err(torch.tensor([3.0, float("nan")]), ref)))
 
+@pytest.mark.parametrize("batch", [2, decode.NORM_FOLD_MAX_BATCH + 1])
+def test_norm_fold_is_the_same_step(batch, monkeypatch):
+    """W4A16 in the kernel layout: each residual add + RMSNorm handed to the next linear (forward_normed: the qkv
+    and gate/up linears of each block, and the quantized lm_head) gives the same step as the separate ops (on the
+    CPU both run the reference ops, so bit for bit); above NORM_FOLD_MAX_BATCH the separate ops run."""
+    calls = []
+    folded = decode.ops.w4a16_norm_linear_tiled
+    monkeypatch.setattr(decode.ops, "w4a16_norm_linear_tiled", lambda *a, **k: calls.append(1) or folded(*a, **k))
+    model = decode.LeanLlama("tiny", "w4a16", device="cpu", max_len=32, fuse=True, quantize_lm_head=True)
+    qnn.to_kernel_layout(model)
+    out = []
+    for fold in (False, True):
+        model.norm_fold = fold
+        run = decode.DecodeRun(model, batch, 8)
+        with torch.no_grad():
+            run.prefill()
+            out.append((run.step(), run.cache))
+        assert len(calls) == (2 * 2 + 1 if fold and batch <= decode.NORM_FOLD_MAX_BATCH else 0)
+    assert torch.equal(out[0][0], out[1][0])
+    for (k0, v0), (k1, v1) in zip(out[0][1], out[1][1]):
+        assert torch.equal(k0, k1) and torch.equal(v0, v1)
+
 
 def test_w4a16_decode_model_in_the_kernel_layout_generates_the_same_tokens():
     """The decode run's W4A16 switch to the kernel layout (canonical codes dropped) changes no output."""

@@ -30,6 +30,14 @@ def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
     return ((out.float() - ref.float()).norm() / ref.float().norm()).item()
 
 
+def same_bf16(out: torch.Tensor, ref: torch.Tensor) -> bool:
+    """Bit for bit on the GPU; within one bf16 step under the interpreter, whose float32 -> bf16 conversion
+    truncates where the GPU rounds to nearest even."""
+    if DEVICE == "cuda":
+        return torch.equal(out, ref)
+    return torch.allclose(out.float(), ref.float(), rtol=2 ** -7, atol=0)
+
+
 def make_w4(n: int, k: int, group: int, symmetric: bool, seed: int = 0):
     gen = torch.Generator().manual_seed(seed)
     w = torch.randn(n, k, generator=gen)
@@ -294,6 +302,80 @@ def test_w4a16_tc_gated_epilogue(m, n, split, block_n, tiled, atomic, bias):
     assert_split_k_state_clean(x.device)
     with pytest.raises(ValueError, match="even number of outputs"):
         TC.w4a16_tc(x, T4.StripedWeight(*make_w4(n - 1, k, group, True), group), None, cfg, gated=True)
+
+
+@pytest.mark.parametrize("m,n,split,block_n,tiled,atomic,delta,gated,scale_w,bias", [
+    (1, 72, 1, 32, True, False, True, False, False, False),   # one row, ragged N, the residual add
+    (1, 64, 4, 32, True, True, True, True, False, True),      # ATOMIC split-K: the sums of squares meet in slots
+    (5, 72, 2, 16, False, False, False, False, True, True),   # split-K slots, no delta, the scale in the weight
+    (17, 48, 3, 16, True, True, True, False, False, False),   # ragged M over two row tiles
+])
+def test_w4a16_tc_norm_prologue(m, n, split, block_n, tiled, atomic, delta, gated, scale_w, bias):
+    """Residual add + RMSNorm folded into the tensor-core kernel: out equals linear(rms_norm(x + delta)) up to
+    16-bit rounding, x + delta is written bit for bit, and every split-K slot is left zero."""
+    k, group, eps = 512, 128, 1e-5
+    packed, scales, zeros = make_w4(n, k, group, False)
+    rows = torch.logspace(-2, 2, m).to(DEVICE)[:, None]                  # a different rsqrt per row
+    x = (make_x(m, k).float() * rows).to(torch.bfloat16)
+    d = (make_x(m, k, seed=7).float() * rows).to(torch.bfloat16) if delta else None
+    nw = (1 + 0.5 * make_x(1, k, seed=3).float()[0]).to(torch.bfloat16)
+    b = torch.randn(n).to(torch.bfloat16).to(DEVICE) if bias else None
+    w = T4.StripedWeight(packed, scales, zeros, group)
+    cfg = dict(BLOCK_M=16, BLOCK_N=block_n, BLOCK_K=128, SPLIT_K=split, UNPACK=3, SCALE_W=scale_w, TMA=True,
+               TILED=tiled, ATOMIC=atomic, num_warps=4, num_stages=1)
+    for _ in range(2):   # the second launch needs the slots the first one used back at zero
+        out, x_new = TC.w4a16_tc_norm(x, d, nw, eps, w, b, cfg, gated=gated)
+        check_norm_linear(out, x_new, x, d, nw, eps, (packed, scales, zeros, group), b, gated, scale_w)
+        assert_split_k_state_clean(x.device)
+    with pytest.raises(ValueError, match="norm weight must have shape"):
+        TC.w4a16_tc_norm(x, d, nw[:-1], eps, w, b, cfg)
+    with pytest.raises(ValueError, match="residual delta"):
+        TC.w4a16_tc_norm(x, x[:, :-1], nw, eps, w, b, cfg)
+
+
+def to_bf16(t: torch.Tensor) -> torch.Tensor:
+    """float32 -> bf16 values as the kernels convert: rounded to nearest even on the GPU, truncated under the
+    interpreter."""
+    if DEVICE == "cuda":
+        return t.to(torch.bfloat16).float()
+    return (t.float().contiguous().view(torch.int32) & ~0xFFFF).view(torch.float32)
+
+
+def check_norm_linear(out, x_new, x, d, nw, eps, weight, b, gated, scale_w: bool = False) -> None:
+    """A folded add + RMSNorm + W4A16 linear: x + delta as the reference rounds it; out equal (up to float32
+    summation order) to the fold's own arithmetic in torch (bf16(x * norm_weight) into the dot, the row's rsqrt on
+    the float32 sums; ``scale_w``: the dequantized weight rounded to bf16 too); and on the GPU out as close to the float32 result as the separate bf16 ops are, or within
+    REL_TOL (the fold rounds x * norm_weight where they round the normed x)."""
+    packed, scales, zeros, group = weight
+    y, ref_x = R.add_rms_norm(x, d, nw, eps)
+    xf = ref_x.float() if DEVICE == "cuda" or d is None else to_bf16(x.float() + d.float())   # the kernel's x
+    rstd = torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    wd = R.w4a16_dequant(packed, scales, zeros, group, x.shape[-1]).t()
+    bias = 0 if b is None else b.float()
+    fold = to_bf16(xf * nw.float()) @ (to_bf16(wd) if scale_w else wd) * rstd + bias
+    exact = xf * rstd * nw.float() @ wd + bias
+    ref = R.w4a16_linear(y, packed, scales, zeros, group, b).float()
+    if gated:
+        fold, exact, ref = (R.silu_mul_interleaved(t) for t in (fold, exact, ref))
+    assert out.shape == exact.shape and rel_err(out, to_bf16(fold)) < 2e-3, rel_err(out, to_bf16(fold))
+    if DEVICE == "cuda":
+        assert rel_err(out, exact) < max(REL_TOL, 1.5 * rel_err(to_bf16(ref), exact))
+    assert x_new is x if d is None else same_bf16(x_new, ref_x)
+
+
+def test_w4a16_norm_linear_op_matches_reference_and_fake():
+    n, k, group, eps = 72, 256, 128, 1e-6
+    _, tiled, packed, scales, zeros = kernel_only(n, k, group, True)
+    x, d = make_x(3, k), make_x(3, k, seed=5)
+    nw = (1 + 0.5 * make_x(1, k, seed=3).float()[0]).to(torch.bfloat16)
+    out, x_new = ops._w4a16_norm_tiled_op(x, d, nw, eps, tiled, scales, zeros, group, n, None)
+    check_norm_linear(out, x_new, x, d, nw, eps, (packed, scales, zeros, group), None, False)
+    out, empty = ops._w4a16_norm_tiled_op(x, None, nw, eps, tiled, scales, zeros, group, n, None, gated=True)
+    assert empty.numel() == 0
+    check_norm_linear(out, x, x, None, nw, eps, (packed, scales, zeros, group), None, True)
+    for delta in (d, None):
+        torch.library.opcheck(ops._w4a16_norm_tiled_op, (x, delta, nw, eps, tiled, scales, zeros, group, n, None),
+                              test_utils=("test_schema", "test_faketensor"))
 
 
 def test_interleave_gate_up_is_the_gated_layout():
