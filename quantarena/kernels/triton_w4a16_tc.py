@@ -236,20 +236,19 @@ def _dot_acc(a, b, acc, INTERPRET: tl.constexpr):
 
 
 @triton.jit
-def _norm_step(xt, d_ptr, nw_ptr, xo_ptr, ram, rm, M, k0, rk, stride_xm, pid_n, HAS_DELTA: tl.constexpr):
-    """One K step of a NORM launch: the residual stream's [BK, BM] slice ``xt`` (plus the delta's, rounded once
-    to the activation dtype, as a 16-bit add is; the first column tile's programs store that sum for the next
-    residual add) -> the dot operand ``x * norm_weight`` rounded once, and the step's sum of squares of x per row
-    (float32). The row's rsqrt(mean + eps) is applied to the float32 sums after the loop: the same product as
-    rounding ``x * rsqrt`` first, up to where the 16-bit roundings fall."""
+def _norm_step(xt, dt, nw, xo_ptr, ram, rm, M, k0, rk, stride_xm, pid_n, HAS_DELTA: tl.constexpr):
+    """One K step of a NORM launch: the residual stream's [BK, BM] slice ``xt`` (plus the delta's ``dt``, rounded
+    once to the activation dtype, as a 16-bit add is; the first column tile's programs store that sum for the next
+    residual add) -> the dot operand ``x * nw`` (the norm weight's [BK] slice) rounded once, and the step's sum of
+    squares of x per row (float32). The row's rsqrt(mean + eps) is applied to the float32 sums after the loop: the
+    same product as rounding ``x * rsqrt`` first, up to where the 16-bit roundings fall."""
     if HAS_DELTA:
-        offs = ram[None, :] * stride_xm + (k0 + rk)[:, None]
-        xt = (xt.to(tl.float32) + tl.load(d_ptr + offs).to(tl.float32)).to(xt.dtype)
+        xt = (xt.to(tl.float32) + dt.to(tl.float32)).to(xt.dtype)
         live = tl.where(pid_n == 0, M, 0)             # rows stored: those < M, in the first column tile only
-        tl.store(xo_ptr + offs, xt, mask=(rm[None, :] + 0 * rk[:, None]) < live)
+        tl.store(xo_ptr + ram[None, :] * stride_xm + (k0 + rk)[:, None], xt,
+                 mask=(rm[None, :] + 0 * rk[:, None]) < live)
     xf = xt.to(tl.float32)
-    nw = tl.load(nw_ptr + k0 + rk).to(tl.float32)
-    return (xf * nw[:, None]).to(xt.dtype), tl.sum(xf * xf, axis=0)
+    return (xf * nw.to(tl.float32)[:, None]).to(xt.dtype), tl.sum(xf * xf, axis=0)
 
 
 @triton.jit
@@ -263,7 +262,7 @@ def w4a16_tc_kernel(x_ptr, w_ptr, x_desc, w_desc, s_ptr, z_ptr, bias_ptr, out_pt
                     ATOMIC: tl.constexpr = False, pf_ptr=None, pf_items=0, pf_chunks=1, pf_block_bytes=0,
                     pf_chunk_bytes=0, pf_bytes=0, PF: tl.constexpr = False, PF_LANES: tl.constexpr = 128,
                     GATED: tl.constexpr = False, NORM: tl.constexpr = False, HAS_DELTA: tl.constexpr = False,
-                    d_ptr=None, nw_ptr=None, xo_ptr=None, ss_ptr=None, eps=1e-6):
+                    d_ptr=None, d_desc=None, nw_ptr=None, xo_ptr=None, ss_ptr=None, eps=1e-6):
     """Needs GROUP % BLOCK_K == 0 and K % BLOCK_K == 0 (checked by the launcher). ``SPLIT_K`` is a run-time
     value (Triton specialises 1 by itself), so split choices share one compiled kernel. With ``TMA`` the word and
     activation tiles come through tensor descriptors (``w_desc`` [N, K/8] words in [BN, BK/8] boxes,
@@ -278,7 +277,8 @@ def w4a16_tc_kernel(x_ptr, w_ptr, x_desc, w_desc, s_ptr, z_ptr, bias_ptr, out_pt
     stream (plus ``d_ptr``'s rows with ``HAS_DELTA``, rounded once, written to ``xo_ptr`` by the programs of the
     first column tile) and the product is ``rms_norm(x) @ W^T``: each K step feeds the dot ``x * nw`` (the norm
     weight), and the row's ``rsqrt(mean(x^2) + eps)`` scales the float32 sums before the store (see
-    :func:`_norm_step`; pointer loads of x, never TMA)."""
+    :func:`_norm_step`; with ``TMA`` the delta comes through ``d_desc`` as x does, and the norm weight's next
+    slice is requested one step ahead by hand)."""
     pid_n = tl.program_id(0)
     pid_m = tl.program_id(1)
     pid_k = tl.program_id(2)
@@ -294,6 +294,8 @@ def w4a16_tc_kernel(x_ptr, w_ptr, x_desc, w_desc, s_ptr, z_ptr, bias_ptr, out_pt
     s1 = tl.minimum(s0 + per_split, steps)
     acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
     ss = tl.zeros((BLOCK_M,), dtype=tl.float32)       # NORM: this program's share of each row's sum of squares
+    if NORM:
+        nw_nxt = tl.load(nw_ptr + tl.minimum(s0, steps - 1) * BLOCK_K + rk)
     sz = rbn * G                                      # the rows' scales and zero points
     if UNPACK == 3:   # the word tile as [2, BN/16, 8, 16] (tile row 16 d1 + 8 d0 + d2, word d3), see dot_layout_words
         d0 = tl.arange(0, 2)[:, None, None, None]
@@ -323,7 +325,15 @@ def w4a16_tc_kernel(x_ptr, w_ptr, x_desc, w_desc, s_ptr, z_ptr, bias_ptr, out_pt
         else:
             xt = tl.load(x_ptr + ram[None, :] * stride_xm + (k0 + rk)[:, None])
         if NORM:
-            xt, ss_step = _norm_step(xt, d_ptr, nw_ptr, xo_ptr, ram, rm, M, k0, rk, stride_xm, pid_n, HAS_DELTA)
+            dt = xt
+            if HAS_DELTA:
+                if TMA:
+                    dt = d_desc.load([pid_m * BLOCK_M, k0]).T
+                else:
+                    dt = tl.load(d_ptr + ram[None, :] * stride_xm + (k0 + rk)[:, None])
+            nw = nw_nxt
+            nw_nxt = tl.load(nw_ptr + tl.minimum(step + 1, s1 - 1) * BLOCK_K + rk)
+            xt, ss_step = _norm_step(xt, dt, nw, xo_ptr, ram, rm, M, k0, rk, stride_xm, pid_n, HAS_DELTA)
             ss += ss_step
         if UNPACK == 3:   # words born in the dot operand's layout; scales folded in by the PTX, or after the dot
             if TILED:
@@ -481,9 +491,10 @@ def _launch(x2: torch.Tensor, w: StripedWeight, bias: torch.Tensor | None, cfg: 
         cfg["SPLIT_K"] = 1
     nk = {}
     x_new = None
-    if norm is not None:   # x by pointer loads: each K step adds the delta and multiplies by the norm weight
-        cfg["TMA"] = False
+    if norm is not None:   # each K step adds the delta and multiplies by the norm weight
         delta, nw, eps = norm
+        if delta is not None and delta.data_ptr() % 16:
+            cfg["TMA"] = False
         x_new = None if delta is None else torch.empty_like(x2)
         nk = dict(NORM=True, HAS_DELTA=delta is not None, d_ptr=x2 if delta is None else delta, nw_ptr=nw,
                   xo_ptr=x2 if x_new is None else x_new, ss_ptr=norm_ss_pool(x2.device), eps=eps)
@@ -498,6 +509,8 @@ def _launch(x2: torch.Tensor, w: StripedWeight, bias: torch.Tensor | None, cfg: 
         else:
             from triton.tools.tensor_descriptor import TensorDescriptor
             x_desc = TensorDescriptor.from_tensor(x2, [cfg["BLOCK_M"], bk])
+            if norm is not None and norm[0] is not None:
+                nk["d_desc"] = TensorDescriptor.from_tensor(norm[0], [cfg["BLOCK_M"], bk])
             if not cfg.get("TILED"):
                 w_desc = TensorDescriptor.from_tensor(w.canonical, [cfg["BLOCK_N"], bk // 8])
     grid = (triton.cdiv(n, cfg["BLOCK_N"]), triton.cdiv(m, cfg["BLOCK_M"]), split)
