@@ -187,6 +187,12 @@ class W4A16Linear(QuantLinearBase):
         y, x = reference.add_rms_norm(x, delta, norm_weight, eps)
         return (self.forward_gated(y) if gated else self(y)), x
 
+    def norm_fold_pays(self, x: torch.Tensor) -> bool:
+        """Whether :meth:`forward_normed` on an input shaped like ``x`` is one launch that beats the separate norm
+        and linear (the kernel layout, and ``ops.w4a16_norm_fold_pays`` for its rows)."""
+        return self.kernel_layout and ops.w4a16_norm_fold_pays(x.numel() // self.in_features, self.out_features,
+                                                              self.in_features, self.group_size, x)
+
     def extra_repr(self) -> str:
         layout = ", layout=kernel" if self.kernel_layout else ""
         return super().extra_repr() + f", group_size={self.group_size}, symmetric={self.symmetric}{layout}"

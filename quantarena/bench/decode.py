@@ -32,8 +32,8 @@ SHAPES: dict[str, dict] = {
     "tiny": dict(hidden=256, layers=2, heads=4, kv_heads=2, head_dim=64, inter=512, vocab=1000, rope_theta=10000.0),
 }
 SCHEMES = ("bf16", "w4a16", "w8a8-int8", "fp8")
-# W4A16 decode batches up to this run each residual add + RMSNorm inside the next linear's tensor-core kernel
-# (LeanLlama(norm_fold=True)); every program of such a kernel reads its rows' activations in full
+# W4A16 decode batches up to this run a residual add + RMSNorm inside the next linear's tensor-core kernel where
+# its tile makes that pay (LeanLlama(norm_fold=True), W4A16Linear.norm_fold_pays); measured at batches 1 and 16
 NORM_FOLD_MAX_BATCH = 16
 ATTENTION = ("quantarena", "sdpa")  # decode attention: our split-KV kernel, or masked SDPA over the whole cache
 
@@ -98,18 +98,19 @@ class Block(nn.Module):
         writes the caches: one launch for what is otherwise four); else ``mask`` (decode) -> SDPA over the whole
         cache; neither -> causal prefill. ``gated`` (W4A16, fused gate/up): the SiLU gate in the gate/up kernel.
         ``norm_fold`` (W4A16 in the kernel layout, decode with the one-launch attention, batch up to
-        ``NORM_FOLD_MAX_BATCH``): each residual add + RMSNorm inside the next linear's kernel (``forward_normed``).
+        ``NORM_FOLD_MAX_BATCH``): a residual add + RMSNorm inside the next linear's kernel (``forward_normed``)
+        where that pays (``W4A16Linear.norm_fold_pays``: on the H100 the q/k/v linear's, not gate/up's).
         Returns ``(x, mlp_out)`` with ``defer`` (the next block adds it, where inductor fuses the add into its norm:
         one kernel fewer per block), else ``(x + mlp_out, None)``."""
         b, t, _ = x.shape
         if length is not None and rope_attention and self.fuse and t == 1:
-            if norm_fold and self.foldable(b):
+            if norm_fold and self.foldable(self.qkv, x):
                 qkv, x = self.qkv.forward_normed(x, delta, self.norm1)
             else:
                 x = x if delta is None else x + delta
                 qkv = self.qkv(reference.rms_norm(x, self.norm1))
             attn = ops.decode_rope_attention(qkv.reshape(b, -1), cos[0], sin[0], k_cache, v_cache, length, self.heads)
-            return self._rest(x, attn.unsqueeze(2), defer, gated, norm_fold and self.foldable(b))
+            return self._rest(x, attn.unsqueeze(2), defer, gated, norm_fold and self.foldable(self.gate_up, x))
         if delta is not None:
             x = x + delta
         y = reference.rms_norm(x, self.norm1)
@@ -128,10 +129,10 @@ class Block(nn.Module):
             attn = F.scaled_dot_product_attention(q, k_cache, v_cache, attn_mask=mask, enable_gqa=True)
         return self._rest(x, attn, defer, gated)
 
-    def foldable(self, batch: int) -> bool:
-        """The norms can run inside the W4A16 kernels: fused linears in the kernel layout, a decode batch of at
-        most ``NORM_FOLD_MAX_BATCH``."""
-        return self.interleaved and batch <= NORM_FOLD_MAX_BATCH and getattr(self.qkv, "kernel_layout", False)
+    def foldable(self, linear: nn.Module, x: torch.Tensor) -> bool:
+        """The norm before ``linear`` runs inside its W4A16 kernel: fused linears in the kernel layout, a decode
+        batch of at most ``NORM_FOLD_MAX_BATCH``, and a tile for which the fold pays (``norm_fold_pays``)."""
+        return self.interleaved and x.shape[0] <= NORM_FOLD_MAX_BATCH and linear.norm_fold_pays(x)
 
     def _rest(self, x, attn, defer: bool, gated: bool, norm_fold: bool = False):
         """The block after attention (attn [B, Hq, T, D]): o projection, residual, MLP. ``norm_fold``: the
@@ -219,8 +220,8 @@ class LeanLlama(nn.Module):
             x, delta = self.block_fn(block, x, delta, cos, sin, kc, vc, pos, mask, length, self.defer_residual,
                                      self.rope_attention, self.gated_mlp, self.norm_fold)
         x, delta = x[:, -1], (None if delta is None else delta[:, -1])
-        if (self.norm_fold and decode and getattr(self.lm_head_q, "kernel_layout", False)
-                and x.shape[0] <= NORM_FOLD_MAX_BATCH):
+        if (self.norm_fold and decode and isinstance(self.lm_head_q, qnn.W4A16Linear)
+                and x.shape[0] <= NORM_FOLD_MAX_BATCH and self.lm_head_q.norm_fold_pays(x)):
             return self.lm_head_q.forward_normed(x, delta, self.norm)[0]
         y = reference.rms_norm(x if delta is None else x + delta, self.norm)
         return F.linear(y, self.lm_head) if self.lm_head_q is None else self.lm_head_q(y)

@@ -240,7 +240,7 @@ def _norm_step(xt, dt, nw, xo_ptr, ram, rm, M, k0, rk, stride_xm, pid_n, HAS_DEL
     """One K step of a NORM launch: the residual stream's [BK, BM] slice ``xt`` (plus the delta's ``dt``, rounded
     once to the activation dtype, as a 16-bit add is; the first column tile's programs store that sum for the next
     residual add) -> the dot operand ``x * nw`` (the norm weight's [BK] slice) rounded once, and the step's sum of
-    squares of x per row (float32). The row's rsqrt(mean + eps) is applied to the float32 sums after the loop: the
+    squares of x (float32, elementwise: the rows are summed once, after the loop). The row's rsqrt(mean + eps) is applied to the float32 sums after the loop: the
     same product as rounding ``x * rsqrt`` first, up to where the 16-bit roundings fall."""
     if HAS_DELTA:
         xt = (xt.to(tl.float32) + dt.to(tl.float32)).to(xt.dtype)
@@ -248,7 +248,7 @@ def _norm_step(xt, dt, nw, xo_ptr, ram, rm, M, k0, rk, stride_xm, pid_n, HAS_DEL
         tl.store(xo_ptr + ram[None, :] * stride_xm + (k0 + rk)[:, None], xt,
                  mask=(rm[None, :] + 0 * rk[:, None]) < live)
     xf = xt.to(tl.float32)
-    return (xf * nw.to(tl.float32)[:, None]).to(xt.dtype), tl.sum(xf * xf, axis=0)
+    return (xf * nw.to(tl.float32)[:, None]).to(xt.dtype), xf * xf
 
 
 @triton.jit
@@ -293,7 +293,7 @@ def w4a16_tc_kernel(x_ptr, w_ptr, x_desc, w_desc, s_ptr, z_ptr, bias_ptr, out_pt
     s0 = pid_k * per_split
     s1 = tl.minimum(s0 + per_split, steps)
     acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
-    ss = tl.zeros((BLOCK_M,), dtype=tl.float32)       # NORM: this program's share of each row's sum of squares
+    sq = tl.zeros((BLOCK_K, BLOCK_M), dtype=tl.float32)   # NORM: this program's squares of x, summed after the loop
     if NORM:
         nw_nxt = tl.load(nw_ptr + tl.minimum(s0, steps - 1) * BLOCK_K + rk)
     sz = rbn * G                                      # the rows' scales and zero points
@@ -333,8 +333,8 @@ def w4a16_tc_kernel(x_ptr, w_ptr, x_desc, w_desc, s_ptr, z_ptr, bias_ptr, out_pt
                     dt = tl.load(d_ptr + ram[None, :] * stride_xm + (k0 + rk)[:, None])
             nw = nw_nxt
             nw_nxt = tl.load(nw_ptr + tl.minimum(step + 1, s1 - 1) * BLOCK_K + rk)
-            xt, ss_step = _norm_step(xt, dt, nw, xo_ptr, ram, rm, M, k0, rk, stride_xm, pid_n, HAS_DELTA)
-            ss += ss_step
+            xt, sq_step = _norm_step(xt, dt, nw, xo_ptr, ram, rm, M, k0, rk, stride_xm, pid_n, HAS_DELTA)
+            sq += sq_step
         if UNPACK == 3:   # words born in the dot operand's layout; scales folded in by the PTX, or after the dot
             if TILED:
                 words = tl.load(w_tile + step * (TILE_ROWS * 16))                       # [2, BN/16, 8, 16]
@@ -387,7 +387,7 @@ def w4a16_tc_kernel(x_ptr, w_ptr, x_desc, w_desc, s_ptr, z_ptr, bias_ptr, out_pt
                     acc += _dot(q.to(xt.dtype), xt, INTERPRET) * s.to(tl.float32)[:, None]
     tile_id = pid_m * num_n + pid_n
     _split_k_finish(tl.trans(acc), ws_ptr, cnt_ptr, bias_ptr, out_ptr, rm, rn, M, N, stride_om,
-                    pid_k, tile_id, SPLIT_K, HAS_BIAS, ATOMIC, GATED, NORM, ss, ss_ptr, K, eps)
+                    pid_k, tile_id, SPLIT_K, HAS_BIAS, ATOMIC, GATED, NORM, tl.sum(sq, axis=0), ss_ptr, K, eps)
     if PF:   # programs start in launch order: n fastest, then m, then k
         num_m = tl.num_programs(1)
         prefetch_items(pf_ptr.to(tl.pointer_type(tl.int8)), pid_n + num_n * (pid_m + num_m * pid_k),

@@ -378,6 +378,16 @@ def test_w4a16_norm_linear_op_matches_reference_and_fake():
                               test_utils=("test_schema", "test_faketensor"))
 
 
+def test_w4a16_norm_fold_pays_only_for_short_k_loops(monkeypatch):
+    """The fold is chosen where each program walks at most NORM_FOLD_MAX_STEPS K steps of the tensor-core tile."""
+    x = make_x(1, 256)
+    assert ops.w4a16_norm_fold_pays(1, 96, 256, 128, x)                       # the default tile: 2 steps
+    assert not ops.w4a16_norm_fold_pays(300, 96, 256, 128, x)                 # dequantize + cuBLAS
+    for split, pays in ((4, True), (2, False)):                               # 32 steps of 128 in 4 or 2 splits
+        monkeypatch.setattr(ops, "w4a16_tiled_config", lambda *a, s=split: ("tc", {"BLOCK_K": 128, "SPLIT_K": s}))
+        assert ops.w4a16_norm_fold_pays(1, 6144, 4096, 128, x) is pays
+
+
 def test_interleave_gate_up_is_the_gated_layout():
     w = torch.arange(12.0).reshape(6, 2)                               # gate rows 0-2, up rows 3-5
     assert torch.equal(R.interleave_gate_up(w)[:, 0], torch.tensor([0.0, 6, 2, 8, 4, 10]))
