@@ -65,12 +65,19 @@ def kernel_check(model: D.LeanLlama, batch: int) -> dict:
 
 
 def model_check(model: D.LeanLlama) -> dict:
-    """Batch 1: the first logits and GREEDY greedy tokens with the fold against the separate ops (eager)."""
-    runs = {}
+    """Batch 1 (eager): GREEDY greedy tokens with the fold against the separate ops, and the logits of the first
+    decode step from the same prefilled cache and token (the prefill itself never folds)."""
+    runs, steps = {}, {}
     for v in VARIANTS:
         model.norm_fold = v == "fold"
         runs[v] = D._greedy(model, GREEDY)
-    return D._agreement(runs["fold"], runs["separate"])
+        run = D.DecodeRun(model, 1, 16)
+        with torch.no_grad():
+            run.prefill()
+            steps[v] = run.step().float()
+    out = D._agreement(runs["fold"], runs["separate"])
+    out["step_logits_rel_err"] = rel(steps["fold"], steps["separate"])
+    return out
 
 
 def main() -> None:
