@@ -33,7 +33,8 @@ SHAPES: dict[str, dict] = {
 }
 SCHEMES = ("bf16", "w4a16", "w8a8-int8", "fp8")
 # W4A16 decode batches up to this run a residual add + RMSNorm inside the next linear's tensor-core kernel where
-# its tile makes that pay (LeanLlama(norm_fold=True), W4A16Linear.norm_fold_pays); measured at batches 1 and 16
+# its tile makes that pay (LeanLlama(norm_fold=True), W4A16Linear.norm_fold_pays; on the H100 the q/k/v linear at
+# batch 1 only)
 NORM_FOLD_MAX_BATCH = 16
 ATTENTION = ("quantarena", "sdpa")  # decode attention: our split-KV kernel, or masked SDPA over the whole cache
 
@@ -491,6 +492,9 @@ def run(shape: str, schemes: list[str], batches: list[int], prompt_len: int = 12
                               "canonical packed codes dropped; the GEMVs, which need layouts of their own, unused)"
                               if kernel_layout else "canonical packed codes plus the kernel layouts built from them"),
             "w4a16_l2_prefetch_mb": l2_prefetch_mb if kernel_layout and "w4a16" in schemes else 0.0,
+            "w4a16_norm_fold": "residual add + RMSNorm inside the W4A16 kernel where W4A16Linear.norm_fold_pays "
+                               f"(at most {ops.NORM_FOLD_MAX_STEPS} K steps per program, batch <= "
+                               f"{NORM_FOLD_MAX_BATCH})" if kernel_layout and "w4a16" in schemes else "off",
             "memory": "gpu_mem_gb: peak allocated while serving that batch (KV cache, prefill, decode graph; "
                       "building, checking and compiling excluded); weights_gb: allocated after building the model "
                       "(for W4A16 in the kernel layout: after the conversion); resident_gb: allocated after that "

@@ -383,7 +383,7 @@ def test_w4a16_norm_fold_pays_only_for_short_k_loops(monkeypatch):
     x = make_x(1, 256)
     assert ops.w4a16_norm_fold_pays(1, 96, 256, 128, x)                       # the default tile: 2 steps
     assert not ops.w4a16_norm_fold_pays(300, 96, 256, 128, x)                 # dequantize + cuBLAS
-    for split, pays in ((4, True), (2, False)):                               # 32 steps of 128 in 4 or 2 splits
+    for split, pays in ((8, True), (4, False)):                               # 32 steps of 128 in 8 or 4 splits
         monkeypatch.setattr(ops, "w4a16_tiled_config", lambda *a, s=split: ("tc", {"BLOCK_K": 128, "SPLIT_K": s}))
         assert ops.w4a16_norm_fold_pays(1, 6144, 4096, 128, x) is pays
 
