@@ -308,8 +308,9 @@ def w4a16_norm_fold_pays(m: int, n: int, k: int, group_size: int, x: torch.Tenso
     step of a folded launch rounds ``x * norm_weight`` into the dot operand, a round trip through shared memory
     that a short loop hides and a long one pays for. On the H100 (``h100-norm-fold-kernel.json``) the 8B q/k/v
     took 14.1 us against 16.2 for the two launches at M = 1 (4 K steps per program), 15.4 against 15.3 at M = 4
-    (8 steps; ``h100-norm-fold-kernel-first.json``, before the squares were summed once), and the gate/up and lm_head tiles (32 steps, no split) 37.3 and 117.3 against 32.1 and 110.2; in
-    decode steps (``h100-norm-fold.json``) the q/k/v fold gained 2.5% at batch 1 and lost 1% at batch 4."""
+    (8 steps; ``h100-norm-fold-kernel-first.json``, before the squares were summed once), and the gate/up and
+    lm_head tiles (32 steps, no split) 37.3 and 117.3 against 32.1 and 110.2. In decode steps
+    (``h100-norm-fold.json``) the q/k/v fold took 2.5% off the step at batch 1 and added 1% at batch 4."""
     path, cfg = w4a16_tiled_config(m, n, k, group_size, x)
     return path == "tc" and k // cfg["BLOCK_K"] <= NORM_FOLD_MAX_STEPS * cfg["SPLIT_K"]
 

@@ -239,9 +239,9 @@ def _dot_acc(a, b, acc, INTERPRET: tl.constexpr):
 def _norm_step(xt, dt, nw, xo_ptr, ram, rm, M, k0, rk, stride_xm, pid_n, HAS_DELTA: tl.constexpr):
     """One K step of a NORM launch: the residual stream's [BK, BM] slice ``xt`` (plus the delta's ``dt``, rounded
     once to the activation dtype, as a 16-bit add is; the first column tile's programs store that sum for the next
-    residual add) -> the dot operand ``x * nw`` (the norm weight's [BK] slice) rounded once, and the step's sum of
-    squares of x (float32, elementwise: the rows are summed once, after the loop). The row's rsqrt(mean + eps) is applied to the float32 sums after the loop: the
-    same product as rounding ``x * rsqrt`` first, up to where the 16-bit roundings fall."""
+    residual add) -> the dot operand ``x * nw`` (the norm weight's [BK] slice) rounded once, and the squares of x
+    (float32, elementwise: the rows are summed once, after the loop). The row's rsqrt(mean + eps) then scales the
+    float32 sums: the same product as rounding ``x * rsqrt`` first, up to where the 16-bit roundings fall."""
     if HAS_DELTA:
         xt = (xt.to(tl.float32) + dt.to(tl.float32)).to(xt.dtype)
         live = tl.where(pid_n == 0, M, 0)             # rows stored: those < M, in the first column tile only
