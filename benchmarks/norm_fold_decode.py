@@ -1,15 +1,17 @@
-"""W4A16 decode steps with each residual add + RMSNorm in its own inductor kernel or inside the next linear's
-tensor-core kernel (``LeanLlama(norm_fold=True)``), one model, one process.
+"""W4A16 decode steps with each residual add + RMSNorm in its own inductor kernel, inside the next linear's
+tensor-core kernel (``LeanLlama(norm_fold=True)``), or split across two kernels' epilogues (``norm_split``), one
+model, one process.
 
 Checks first, at the model's shapes on fresh random inputs:
 * the folded kernel (``w4a16_tc_norm``) against the separate ops (``reference.add_rms_norm`` then the same
   kernel) for fused q/k/v and gated gate/up at each batch: relative difference of the outputs, x + delta bit for
   bit, split-K slots left zero;
-* the model: first decode-step logits and GREEDY greedy tokens of batch 1, fold against separate.
+* the o -> gate/up pair with the norm split across their epilogues against the separate ops;
+* the model: first decode-step logits and GREEDY greedy tokens of batch 1, each variant against separate.
 
-Then per batch both variants are captured as decode-step graphs and timed over STEPS replays after a fresh
-prefill, ROUNDS interleaved rounds (``decode.interleaved_step_ms``; fastest kept, all recorded). The fold is
-forced on at every batch measured (``NORM_FOLD_MAX_BATCH`` raised for the run) to place the threshold.
+Then per batch every variant is captured as decode-step graphs and timed over STEPS replays after a fresh
+prefill, ROUNDS interleaved rounds (``decode.interleaved_step_ms``; fastest kept, all recorded). The fold and
+split are allowed at every batch measured (``NORM_FOLD_MAX_BATCH`` raised for the run) to place the threshold.
 Writes $OUT/norm_fold.json. Usage: python benchmarks/norm_fold_decode.py [out_dir]
 (env NF_BATCHES=1,4,16,32,64 NF_ROUNDS=3 NF_STEPS=64 NF_SHAPE=llama-3-8b)
 """
@@ -33,7 +35,7 @@ STEPS = int(os.environ.get("NF_STEPS", "64"))
 SHAPE = os.environ.get("NF_SHAPE", "llama-3-8b")
 GREEDY = 16
 PROMPT = 128
-VARIANTS = ("separate", "fold")
+VARIANTS = {"separate": (False, False), "fold": (True, False), "fold+split": (True, True)}   # norm_fold, norm_split
 log = Logger()
 
 
@@ -49,7 +51,7 @@ def kernel_check(model: D.LeanLlama, batch: int) -> dict:
     x = torch.randn(batch, h, device="cuda", generator=gen).bfloat16()
     d = torch.randn(batch, h, device="cuda", generator=gen).bfloat16()
     nw = (1 + 0.2 * torch.randn(h, device="cuda", generator=gen)).bfloat16()
-    out = {}
+    out = {"o+gate_up split": split_check(block, x, d, nw, batch)}
     for name, lin, gated in (("qkv", block.qkv, False), ("gate_up", block.gate_up, True)):
         w = T4.StripedWeight.from_dot_tiled(lin.weight_tiled, lin.out_features, lin.weight_scale,
                                             lin.weight_zero_point, lin.group_size)
@@ -64,19 +66,38 @@ def kernel_check(model: D.LeanLlama, batch: int) -> dict:
     return out
 
 
+def split_check(block: D.Block, x: torch.Tensor, res: torch.Tensor, nw: torch.Tensor, batch: int) -> dict:
+    """The o -> gate/up pair with the norm split across their epilogues against o, add + RMSNorm, gate/up."""
+    attn = x[:, : block.o.in_features].contiguous()
+    o = block.o(attn)
+    y, ref_x = R.add_rms_norm(res, o, nw, D.NORM_EPS)
+    sep = block.gate_up.forward_gated(y)
+    y2, x_new, ss = block.o.forward_res_norm(attn, res, nw)
+    out = block.gate_up.forward_gated(y2, row_ss=(ss, D.NORM_EPS))
+    torch.cuda.synchronize()
+    return {"out_rel_diff": rel(out, sep), "x_equal": bool(torch.equal(x_new, ref_x)), "ss_tiles": ss.shape[0],
+            "nan": bool(out.isnan().any()), "split_k_dirty": T4.split_k_dirty(x.device)}
+
+
+def apply(model: D.LeanLlama, variant: str) -> None:
+    model.norm_fold, model.norm_split = VARIANTS[variant]
+
+
 def model_check(model: D.LeanLlama) -> dict:
     """Batch 1 (eager): GREEDY greedy tokens with the fold against the separate ops, and the logits of the first
     decode step from the same prefilled cache and token (the prefill itself never folds)."""
     runs, steps = {}, {}
     for v in VARIANTS:
-        model.norm_fold = v == "fold"
+        apply(model, v)
         runs[v] = D._greedy(model, GREEDY)
         run = D.DecodeRun(model, 1, 16)
         with torch.no_grad():
             run.prefill()
             steps[v] = run.step().float()
-    out = D._agreement(runs["fold"], runs["separate"])
-    out["step_logits_rel_err"] = rel(steps["fold"], steps["separate"])
+    out = {}
+    for v in list(VARIANTS)[1:]:
+        out[v] = D._agreement(runs[v], runs["separate"])
+        out[v]["step_logits_rel_err"] = rel(steps[v], steps["separate"])
     return out
 
 
@@ -89,7 +110,8 @@ def main() -> None:
                        "deferred residual, RoPE + attention in one launch, gate in the gate/up epilogue, blocks "
                        "compiled, one CUDA graph per decode step",
               "variants": {"separate": "residual add + RMSNorm fused by inductor, then the linear",
-                           "fold": "residual add + RMSNorm inside the q/k/v, gate/up and lm_head kernels"},
+                           "fold": "the first norm inside the q/k/v kernel where norm_fold_pays (and lm_head's)",
+                           "fold+split": "and the second split across the o and gate/up kernels' epilogues"},
               "prompt_len": PROMPT, "steps": STEPS, "rounds": ROUNDS, "rows": [], "checks": {}}
     model = D.LeanLlama(SHAPE, "w4a16", max_len=PROMPT + STEPS + 8, fuse=True, quantize_lm_head=True)
     D.serve_w4a16(model)
@@ -102,12 +124,12 @@ def main() -> None:
     path = os.path.join(OUT, "norm_fold.json")
     for batch in BATCHES:
         run = D.DecodeRun(model, batch, PROMPT)
-        times = D.interleaved_step_ms(run, VARIANTS, lambda v: setattr(model, "norm_fold", v == "fold"),
-                                      ROUNDS, STEPS)
+        times = D.interleaved_step_ms(run, list(VARIANTS), lambda v: apply(model, v), ROUNDS, STEPS)
         for v in VARIANTS:
             result["rows"].append({"batch": batch, "variant": v, "ms_per_step": min(times[v]),
                                    "rounds_ms": times[v]})
-        log(batch, {v: min(t) for v, t in times.items()}, f"{min(times['separate']) / min(times['fold']):.3f}x")
+        log(batch, {v: min(t) for v, t in times.items()},
+            {v: f"{min(times['separate']) / min(times[v]):.3f}x" for v in list(VARIANTS)[1:]})
         del run
         torch.cuda.empty_cache()
         with open(path, "w") as f:

@@ -155,23 +155,38 @@ class W4A16Linear(QuantLinearBase):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.kernel_layout:
             return ops.w4a16_linear_tiled(x, self.weight_tiled, self.weight_scale, self.weight_zero_point,
-                                          self.group_size, self.out_features, self.bias,
-                                          None if self.l2_next_words is None
-                                          else (self.l2_next_words, *self.l2_next_meta))
+                                          self.group_size, self.out_features, self.bias, self._l2_next())
         return ops.w4a16_linear(x, self.weight_packed, self.weight_scale, self.weight_zero_point,
                                 self.group_size, self.bias, self.weight_g_idx)
 
-    def forward_gated(self, x: torch.Tensor) -> torch.Tensor:
+    def forward_gated(self, x: torch.Tensor, row_ss: tuple[torch.Tensor, float] | None = None) -> torch.Tensor:
         """``silu(gate) * up`` for a layer whose output rows interleave an MLP's gate and up projections (row 2j
         gate j, 2j+1 up j; ``reference.interleave_gate_up``): [..., out_features / 2]. In the kernel layout the
         tensor-core kernel's epilogue computes it from the float32 sums (one launch, one rounding); otherwise the
-        layer's output, then the gate in float32."""
+        layer's output, then the gate in float32. ``row_ss`` (kernel layout only): x is the first output of the
+        previous linear's :meth:`forward_res_norm`, and ``(ss, eps)`` finishes that RMSNorm here."""
         if self.kernel_layout:
             return ops.w4a16_linear_tiled(x, self.weight_tiled, self.weight_scale, self.weight_zero_point,
-                                          self.group_size, self.out_features, self.bias,
-                                          None if self.l2_next_words is None
-                                          else (self.l2_next_words, *self.l2_next_meta), gated=True)
+                                          self.group_size, self.out_features, self.bias, self._l2_next(),
+                                          gated=True, row_ss=row_ss)
+        if row_ss is not None:
+            raise ValueError("row_ss (the second half of a split RMSNorm) needs the kernel layout")
         return reference.silu_mul_interleaved(self(x)).to(x.dtype)
+
+    def forward_res_norm(self, x: torch.Tensor, residual: torch.Tensor,
+                         norm_weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """This layer's output added to ``residual``, with the first half of the RMSNorm that follows (kernel
+        layout only): ``(x_new * norm_weight, x_new, ss)``, ``ss`` the float32 squares of x_new per column tile.
+        The next W4A16 linear finishes the norm with ``row_ss=(ss, eps)`` (``ops.w4a16_res_norm_linear_tiled``)."""
+        if not self.kernel_layout:
+            raise ValueError("forward_res_norm needs the kernel layout (to_kernel_layout())")
+        return ops.w4a16_res_norm_linear_tiled(x, residual, norm_weight, self.weight_tiled, self.weight_scale,
+                                               self.weight_zero_point, self.group_size, self.out_features, self.bias,
+                                               self._l2_next())
+
+    def _l2_next(self) -> tuple | None:
+        """The next linear's weight and plan for the L2 chain (see :func:`chain_l2_prefetch`), or None."""
+        return None if self.l2_next_words is None else (self.l2_next_words, *self.l2_next_meta)
 
     def forward_normed(self, x: torch.Tensor, delta: torch.Tensor | None, norm_weight: torch.Tensor,
                        eps: float = 1e-5, gated: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
@@ -182,8 +197,7 @@ class W4A16Linear(QuantLinearBase):
         if self.kernel_layout:
             return ops.w4a16_norm_linear_tiled(x, delta, norm_weight, eps, self.weight_tiled, self.weight_scale,
                                                self.weight_zero_point, self.group_size, self.out_features, self.bias,
-                                               None if self.l2_next_words is None
-                                               else (self.l2_next_words, *self.l2_next_meta), gated=gated)
+                                               self._l2_next(), gated=gated)
         y, x = reference.add_rms_norm(x, delta, norm_weight, eps)
         return (self.forward_gated(y) if gated else self(y)), x
 

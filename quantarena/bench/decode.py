@@ -36,6 +36,7 @@ SCHEMES = ("bf16", "w4a16", "w8a8-int8", "fp8")
 # its tile makes that pay (LeanLlama(norm_fold=True), W4A16Linear.norm_fold_pays; on the H100 the q/k/v linear at
 # batch 1 only)
 NORM_FOLD_MAX_BATCH = 16
+NORM_EPS = 1e-5   # the runner's RMSNorm epsilon (reference.rms_norm's default)
 ATTENTION = ("quantarena", "sdpa")  # decode attention: our split-KV kernel, or masked SDPA over the whole cache
 
 
@@ -91,7 +92,8 @@ class Block(nn.Module):
         self.norm2 = nn.Parameter(torch.ones(h, device=device, dtype=torch.bfloat16), requires_grad=False)
 
     def forward(self, x, delta, cos, sin, k_cache, v_cache, pos, mask, length=None, defer: bool = False,
-                rope_attention: bool = False, gated: bool = False, norm_fold: bool = False):
+                rope_attention: bool = False, gated: bool = False, norm_fold: bool = False,
+                norm_split: bool = False):
         """x: [B, T, H] residual stream, ``delta`` (or None) the previous block's MLP output still to be added.
         Writes this step's keys/values at positions pos[0] .. pos[0]+T-1 of the caches.
         Attention: ``length`` (decode, a 1-element device tensor) -> quantarena's split-KV kernel over the
@@ -99,8 +101,9 @@ class Block(nn.Module):
         writes the caches: one launch for what is otherwise four); else ``mask`` (decode) -> SDPA over the whole
         cache; neither -> causal prefill. ``gated`` (W4A16, fused gate/up): the SiLU gate in the gate/up kernel.
         ``norm_fold`` (W4A16 in the kernel layout, decode with the one-launch attention, batch up to
-        ``NORM_FOLD_MAX_BATCH``): a residual add + RMSNorm inside the next linear's kernel (``forward_normed``)
-        where that pays (``W4A16Linear.norm_fold_pays``: on the H100 the q/k/v linear's, not gate/up's).
+        ``NORM_FOLD_MAX_BATCH``): the first residual add + RMSNorm inside the q/k/v kernel (``forward_normed``)
+        where that pays (``W4A16Linear.norm_fold_pays``). ``norm_split`` (same conditions, with ``gated``): the
+        second split between the o kernel's epilogue (residual add, squares) and the gate/up kernel's (rsqrt).
         Returns ``(x, mlp_out)`` with ``defer`` (the next block adds it, where inductor fuses the add into its norm:
         one kernel fewer per block), else ``(x + mlp_out, None)``."""
         b, t, _ = x.shape
@@ -111,7 +114,9 @@ class Block(nn.Module):
                 x = x if delta is None else x + delta
                 qkv = self.qkv(reference.rms_norm(x, self.norm1))
             attn = ops.decode_rope_attention(qkv.reshape(b, -1), cos[0], sin[0], k_cache, v_cache, length, self.heads)
-            return self._rest(x, attn.unsqueeze(2), defer, gated, norm_fold and self.foldable(self.gate_up, x))
+            split = norm_split and gated and self.interleaved and b <= NORM_FOLD_MAX_BATCH \
+                and self.o.kernel_layout and self.gate_up.kernel_layout
+            return self._rest(x, attn.unsqueeze(2), defer, gated, split)
         if delta is not None:
             x = x + delta
         y = reference.rms_norm(x, self.norm1)
@@ -135,16 +140,15 @@ class Block(nn.Module):
         batch of at most ``NORM_FOLD_MAX_BATCH``, and a tile for which the fold pays (``norm_fold_pays``)."""
         return self.interleaved and x.shape[0] <= NORM_FOLD_MAX_BATCH and linear.norm_fold_pays(x)
 
-    def _rest(self, x, attn, defer: bool, gated: bool, norm_fold: bool = False):
-        """The block after attention (attn [B, Hq, T, D]): o projection, residual, MLP. ``norm_fold``: the
-        residual add and RMSNorm in the gate/up kernel."""
+    def _rest(self, x, attn, defer: bool, gated: bool, norm_split: bool = False):
+        """The block after attention (attn [B, Hq, T, D]): o projection, residual, MLP. ``norm_split``: the residual
+        add and the RMSNorm's squares in the o kernel's epilogue, the rsqrt in the gate/up kernel's."""
         b, t, _ = x.shape
-        o = self.o(attn.transpose(1, 2).reshape(b, t, -1))
-        if norm_fold:
-            h, x = self.gate_up.forward_normed(x, o, self.norm2, gated=gated)
-            out = self.down(h if gated else reference.silu_mul_interleaved(h).to(h.dtype))
+        if norm_split:
+            y, x, ss = self.o.forward_res_norm(attn.transpose(1, 2).reshape(b, t, -1), x, self.norm2)
+            out = self.down(self.gate_up.forward_gated(y, row_ss=(ss, NORM_EPS)))
             return (x, out) if defer else (x + out, None)
-        x = x + o
+        x = x + self.o(attn.transpose(1, 2).reshape(b, t, -1))
         y = reference.rms_norm(x, self.norm2)
         if self.fuse and hasattr(self.down, "forward_silu_mul"):  # 8-bit: SiLU-mul inside the activation quant
             out = self.down.forward_silu_mul(self.gate_up(y))
@@ -162,7 +166,8 @@ class Block(nn.Module):
 class LeanLlama(nn.Module):
     def __init__(self, shape: str, scheme: str, device: str = "cuda", max_len: int = 512, fuse: bool = False,
                  quantize_lm_head: bool = False, attention: str = "quantarena", defer_residual: bool = True,
-                 rope_attention: bool = True, gated_mlp: bool = True, norm_fold: bool = True):
+                 rope_attention: bool = True, gated_mlp: bool = True, norm_fold: bool = True,
+                 norm_split: bool = True):
         super().__init__()
         if attention not in ATTENTION:
             raise ValueError(f"unknown attention {attention!r}; use one of {', '.join(ATTENTION)}")
@@ -171,7 +176,8 @@ class LeanLlama(nn.Module):
         self.defer_residual = defer_residual   # each block's MLP residual added by the next block (Block.forward)
         self.rope_attention = rope_attention   # decode: RoPE + cache writes inside the attention kernel (fused q/k/v)
         self.gated_mlp = gated_mlp             # W4A16, fused gate/up: the SiLU gate in the gate/up kernel's epilogue
-        self.norm_fold = norm_fold             # W4A16 kernel layout, small decode batches: norms inside the linears
+        self.norm_fold = norm_fold             # W4A16 kernel layout, small decode batches: norm 1 inside q/k/v
+        self.norm_split = norm_split           # ... and norm 2 across the o and gate/up kernels' epilogues
         torch.manual_seed(0)
         self.embed = torch.randn(s["vocab"], s["hidden"], device=device, dtype=torch.bfloat16)
         self.blocks = nn.ModuleList(Block(s, scheme, device, fuse) for _ in range(s["layers"]))
@@ -219,7 +225,7 @@ class LeanLlama(nn.Module):
         delta = None
         for block, (kc, vc) in zip(self.blocks, cache):
             x, delta = self.block_fn(block, x, delta, cos, sin, kc, vc, pos, mask, length, self.defer_residual,
-                                     self.rope_attention, self.gated_mlp, self.norm_fold)
+                                     self.rope_attention, self.gated_mlp, self.norm_fold, self.norm_split)
         x, delta = x[:, -1], (None if delta is None else delta[:, -1])
         if (self.norm_fold and decode and isinstance(self.lm_head_q, qnn.W4A16Linear)
                 and x.shape[0] <= NORM_FOLD_MAX_BATCH and self.lm_head_q.norm_fold_pays(x)):
@@ -238,8 +244,9 @@ def serve_w4a16(model: LeanLlama, l2_prefetch_mb: float = DEFAULT_L2_PREFETCH_MB
 
 
 def _run_block(block: Block, x, delta, cos, sin, k_cache, v_cache, pos, mask, length, defer, rope_attention, gated,
-               norm_fold=False):
-    return block(x, delta, cos, sin, k_cache, v_cache, pos, mask, length, defer, rope_attention, gated, norm_fold)
+               norm_fold=False, norm_split=False):
+    return block(x, delta, cos, sin, k_cache, v_cache, pos, mask, length, defer, rope_attention, gated, norm_fold,
+                 norm_split)
 
 
 GREEDY_TWO_STAGE_MAX_BATCH = 32  # two-stage argmax up to this batch (H100, 128256 wide: h100-argmax.json)

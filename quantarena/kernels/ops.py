@@ -210,19 +210,30 @@ def w4a16_tiled_config(m: int, n: int, k: int, group_size: int, x: torch.Tensor)
 def _w4a16_tiled_op(x2: torch.Tensor, tiled: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None,
                     group_size: int, out_features: int, bias: torch.Tensor | None,
                     prefetch: torch.Tensor | None = None, prefetch_n: int = 0, prefetch_group: int = 0,
-                    prefetch_budget: int = 0, gated: bool = False) -> torch.Tensor:
+                    prefetch_budget: int = 0, gated: bool = False, row_ss: torch.Tensor | None = None,
+                    eps: float = 0.0) -> torch.Tensor:
     from . import triton_w4a16 as T, triton_w4a16_tc as TC
 
     w = T.StripedWeight.from_dot_tiled(tiled, out_features, scales, zeros, group_size)
     x2 = x2.contiguous()
     path, cfg = w4a16_tiled_config(x2.shape[0], out_features, w.in_features, group_size, x2)
     if path == "dequant":
-        out = torch.nn.functional.linear(x2, TC.w4a16_dequantize_tiled(w, x2.dtype), bias)
+        dense = TC.w4a16_dequantize_tiled(w, x2.dtype)
+        out = torch.nn.functional.linear(x2, dense, bias) if row_ss is None else \
+            _row_scaled(torch.nn.functional.linear(x2, dense), row_ss, eps, bias, w.in_features).to(x2.dtype)
         return reference.silu_mul_interleaved(out).to(x2.dtype) if gated else out
     plan = None
     if prefetch is not None and prefetch_budget > 0:
         plan = (prefetch, _next_tiled_plan(x2, prefetch, prefetch_n, prefetch_group, prefetch_budget))
-    return TC.w4a16_tc(x2, w, bias, cfg, plan, gated)
+    return TC.w4a16_tc(x2, w, bias, cfg, plan, gated, None if row_ss is None else (row_ss, eps))
+
+
+def _row_scaled(out: torch.Tensor, row_ss: torch.Tensor, eps: float, bias: torch.Tensor | None,
+                k: int) -> torch.Tensor:
+    """``out`` [M, N] (no bias yet) times each row's rsqrt(sum / k + eps) of the squares in ``row_ss`` [tiles, M]
+    (summed over the tiles), plus the bias, in float32: the tensor-core kernel's ROW_SS epilogue, in torch."""
+    out = out.float() * torch.rsqrt(row_ss.sum(0) / k + eps)[:, None]
+    return out if bias is None else out + bias.float()
 
 
 def _next_tiled_plan(x2: torch.Tensor, tiled: torch.Tensor, n: int, group_size: int, budget: int) -> dict:
@@ -237,14 +248,71 @@ def _next_tiled_plan(x2: torch.Tensor, tiled: torch.Tensor, n: int, group_size: 
 
 @_w4a16_tiled_op.register_fake
 def _(x2, tiled, scales, zeros, group_size, out_features, bias, prefetch=None, prefetch_n=0, prefetch_group=0,
-      prefetch_budget=0, gated=False):
+      prefetch_budget=0, gated=False, row_ss=None, eps=0.0):
     return x2.new_empty((x2.shape[0], out_features // 2 if gated else out_features))
+
+
+@torch.library.custom_op("quantarena::w4a16_res_norm_linear_tiled", mutates_args=())
+def _w4a16_res_norm_tiled_op(x2: torch.Tensor, residual: torch.Tensor, norm_weight: torch.Tensor,
+                             tiled: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None, group_size: int,
+                             out_features: int, bias: torch.Tensor | None, prefetch: torch.Tensor | None = None,
+                             prefetch_n: int = 0, prefetch_group: int = 0,
+                             prefetch_budget: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    from . import triton_w4a16 as T, triton_w4a16_tc as TC
+
+    w = T.StripedWeight.from_dot_tiled(tiled, out_features, scales, zeros, group_size)
+    x2, residual = x2.contiguous(), residual.contiguous()
+    path, cfg = w4a16_tiled_config(x2.shape[0], out_features, w.in_features, group_size, x2)
+    if path == "dequant":   # the same three outputs from the separate ops (one column tile of squares)
+        x_new = residual + torch.nn.functional.linear(x2, TC.w4a16_dequantize_tiled(w, x2.dtype), bias)
+        xf = x_new.float()
+        return (xf * norm_weight.float()).to(x2.dtype), x_new, xf.pow(2).sum(-1)[None, :]
+    plan = None
+    if prefetch is not None and prefetch_budget > 0:
+        plan = (prefetch, _next_tiled_plan(x2, prefetch, prefetch_n, prefetch_group, prefetch_budget))
+    return TC.w4a16_tc_res_norm(x2, residual, norm_weight, w, bias, cfg, plan)
+
+
+@_w4a16_res_norm_tiled_op.register_fake
+def _(x2, residual, norm_weight, tiled, scales, zeros, group_size, out_features, bias, prefetch=None, prefetch_n=0,
+      prefetch_group=0, prefetch_budget=0):
+    m = x2.shape[0]
+    path, cfg = w4a16_tiled_config(m, out_features, tiled.shape[1] * 8, group_size, x2)
+    tiles = 1 if path == "dequant" else -(-out_features // cfg["BLOCK_N"])
+    y = x2.new_empty((m, out_features))
+    return y, torch.empty_like(y), x2.new_empty((tiles, m), dtype=torch.float32)
+
+
+def w4a16_res_norm_linear_tiled(x: torch.Tensor, residual: torch.Tensor, norm_weight: torch.Tensor,
+                                tiled: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None,
+                                group_size: int, out_features: int, bias: torch.Tensor | None = None,
+                                prefetch: tuple[torch.Tensor, int, int, int] | None = None
+                                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The W4A16 linear of :func:`w4a16_linear_tiled` whose output is a residual delta, with the first half of the
+    next RMSNorm: returns ``(x * norm_weight, x, ss)`` for ``x = residual + linear(x)`` (x bit for bit as the
+    separate ops round it) and ``ss`` float32 [tiles, M], the squares of x summed per column tile. The next linear
+    finishes the norm: ``w4a16_linear_tiled(y, ..., row_ss=(ss, eps))``. On CUDA one launch
+    (:func:`.triton_w4a16_tc.w4a16_tc_res_norm`); elsewhere the same three outputs from the reference ops."""
+    in_features = tiled.shape[1] * 8
+    if residual.shape != (*x.shape[:-1], out_features) or norm_weight.shape != (out_features,):
+        raise ValueError(f"the residual must be {(*x.shape[:-1], out_features)} and the norm weight "
+                         f"({out_features},), got {tuple(residual.shape)} and {tuple(norm_weight.shape)}")
+    if not _triton_ok(x) or x.dtype != torch.bfloat16 or residual.dtype != x.dtype:
+        x_new = residual + w4a16_linear_tiled(x, tiled, scales, zeros, group_size, out_features, bias, prefetch)
+        xf = x_new.float()
+        return (xf * norm_weight.float()).to(x.dtype), x_new, xf.pow(2).sum(-1).reshape(1, -1)
+    lead = x.shape[:-1]
+    bias = None if bias is None else bias.to(torch.bfloat16)
+    y, x_new, ss = _w4a16_res_norm_tiled_op(x.reshape(-1, in_features), residual.reshape(-1, out_features),
+                                            norm_weight, tiled, scales.to(torch.bfloat16), zeros, group_size,
+                                            out_features, bias, *(prefetch or (None, 0, 0, 0)))
+    return y.reshape(*lead, out_features), x_new.reshape(*lead, out_features), ss
 
 
 def w4a16_linear_tiled(x: torch.Tensor, tiled: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None,
                        group_size: int, out_features: int, bias: torch.Tensor | None = None,
                        prefetch: tuple[torch.Tensor, int, int, int] | None = None,
-                       gated: bool = False) -> torch.Tensor:
+                       gated: bool = False, row_ss: tuple[torch.Tensor, float] | None = None) -> torch.Tensor:
     """``x @ dequant(W).T + bias`` for a weight held only in the tensor-core kernel's TILED layout
     (``w4a16_layout.dot_tiled_words``; K and the group size multiples of 128). On CUDA the tensor-core kernel
     or the tiled dequantize + cuBLAS, in bf16 (fp16 activations are computed in bf16 and cast back: the
@@ -252,19 +320,26 @@ def w4a16_linear_tiled(x: torch.Tensor, tiled: torch.Tensor, scales: torch.Tenso
     ``prefetch``: the next linear's TILED words, out_features, group size and an L2 byte budget (see
     :mod:`.l2_chain`); the tensor-core kernel asks the L2 for them once done. It changes no value.
     ``gated``: the rows interleave an MLP's gate and up projections (``reference.interleave_gate_up``); returns
-    ``silu(gate) * up`` [..., out_features / 2], in the tensor-core kernel's epilogue (float32, one rounding)."""
+    ``silu(gate) * up`` [..., out_features / 2], in the tensor-core kernel's epilogue (float32, one rounding).
+    ``row_ss``: ``(ss, eps)`` from :func:`w4a16_res_norm_linear_tiled`, whose output x is; each row's sums are
+    scaled by rsqrt(mean + eps) of those squares before the bias (the second half of the RMSNorm)."""
     in_features = tiled.shape[1] * 8
     n_out = out_features // 2 if gated else out_features
     if not _triton_ok(x):
         from .w4a16_layout import canonical_from_dot_tiled
 
-        out = reference.w4a16_linear(x, canonical_from_dot_tiled(tiled, out_features), scales, zeros, group_size,
-                                     bias)
+        packed = canonical_from_dot_tiled(tiled, out_features)
+        if row_ss is None:
+            out = reference.w4a16_linear(x, packed, scales, zeros, group_size, bias)
+        else:
+            out = reference.w4a16_linear(x.reshape(-1, in_features).float(), packed, scales, zeros, group_size)
+            out = _row_scaled(out, row_ss[0], row_ss[1], bias, in_features).to(x.dtype)
+            out = out.reshape(*x.shape[:-1], out_features)
         return reference.silu_mul_interleaved(out).to(x.dtype) if gated else out
     x2 = x.reshape(-1, in_features).to(torch.bfloat16)
     bias = None if bias is None else bias.to(torch.bfloat16)
     out = _w4a16_tiled_op(x2, tiled, scales.to(torch.bfloat16), zeros, group_size, out_features, bias,
-                          *(prefetch or (None, 0, 0, 0)), gated)
+                          *(prefetch or (None, 0, 0, 0)), gated, *((None, 0.0) if row_ss is None else row_ss))
     return out.to(x.dtype).reshape(*x.shape[:-1], n_out)
 
 

@@ -124,38 +124,19 @@ def _store_gated(total, bias_ptr, out_ptr, rm, rn, M, N, stride_om, HAS_BIAS: tl
 
 
 @triton.jit
-def _rstd(ss, K, eps):
-    """1 / sqrt(mean + eps) of rows whose squares sum to ``ss`` over K elements (float32)."""
-    return 1.0 / tl.sqrt_rn(ss / K + eps)
-
-
-@triton.jit
 def _split_k_finish(part, ws_ptr, cnt_ptr, bias_ptr, out_ptr, rm, rn, M, N, stride_om,
                     pid_k, tile_id, SPLIT_K, HAS_BIAS: tl.constexpr, ATOMIC: tl.constexpr = False,
-                    GATED: tl.constexpr = False, NORM: tl.constexpr = False, ss=None, ss_ptr=None, K=1,
-                    eps=0.0):
+                    GATED: tl.constexpr = False):
     """part: fp32 [BM, BN] partial sum of this program. Writes out (bf16/fp16) once all splits are in;
-    ``GATED``: the SiLU-gated half (:func:`_store_gated`). ``NORM``: ``ss`` [BM] is this program's share of
-    each row's sum of squares over K; the sums are scaled by the row's rsqrt(mean + eps) before the bias
-    (with split-K the shares meet in ``ss_ptr``'s slots of the tile, BM per tile, zero between launches:
-    the tile's last program reads and zeroes them, as it does the ATOMIC workspace)."""
+    ``GATED``: the SiLU-gated half (:func:`_store_gated`)."""
     if SPLIT_K == 1:
-        if NORM:
-            part = part * _rstd(ss, K, eps)[:, None]
         if GATED:
             _store_gated(part, bias_ptr, out_ptr, rm, rn, M, N, stride_om, HAS_BIAS)
         else:
             _store_out(part, bias_ptr, out_ptr, rm, rn, M, N, stride_om, HAS_BIAS)
     else:
-        if NORM:   # before split_k_reduce's barrier and release, as the partials are
-            ss_off = tile_id * part.shape[0] + tl.arange(0, part.shape[0])
-            tl.atomic_add(ss_ptr + ss_off, ss, sem="relaxed", scope="gpu")
         total, last = split_k_reduce(part, ws_ptr, cnt_ptr, rm, rn, M, N, pid_k, tile_id, SPLIT_K, ATOMIC)
         if last:
-            if NORM:
-                bits = tl.atomic_xchg(ss_ptr.to(tl.pointer_type(tl.int32)) + ss_off, tl.zeros_like(ss_off),
-                                      sem="relaxed", scope="gpu")
-                total = total * _rstd(bits.to(tl.float32, bitcast=True), K, eps)[:, None]
             if GATED:
                 _store_gated(total, bias_ptr, out_ptr, rm, rn, M, N, stride_om, HAS_BIAS)
             else:

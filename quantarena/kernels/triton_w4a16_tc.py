@@ -31,7 +31,8 @@ import triton
 import triton.language as tl
 
 from .triton_w4a16 import (INTERPRETING, MAX_TILES, NORM_SS_WORDS, StripedWeight, _dot, _sm_count, _split_for,
-                           _split_k_finish, norm_ss_pool, split_k_counters, split_k_workspace)
+                           _store_gated, _store_out, norm_ss_pool, split_k_counters, split_k_reduce,
+                           split_k_workspace)
 from .triton_pdl import pdl_ok, prefetch_items
 from .w4a16_layout import DOT_PAD_ROWS, DOT_TILE_ROWS, dot_layout_words, dot_tiled_words  # noqa: F401 (re-exported)
 
@@ -252,6 +253,80 @@ def _norm_step(xt, dt, nw, xo_ptr, ram, rm, M, k0, rk, stride_xm, pid_n, HAS_DEL
 
 
 @triton.jit
+def _rstd(ss, K, eps):
+    """1 / sqrt(mean + eps) of rows whose squares sum to ``ss`` over K elements (float32)."""
+    return 1.0 / tl.sqrt_rn(ss / K + eps)
+
+
+@triton.jit
+def _store_res_norm(total, bias_ptr, out_ptr, res_ptr, xo_ptr, nw_ptr, ssp_ptr, rm, rn, M, N, stride_om, pid_n,
+                    HAS_BIAS: tl.constexpr):
+    """The epilogue of a linear whose output is a residual delta (RES_NORM): ``x = res + out`` (the output and the
+    sum each rounded once, as the separate ops round them) stored at ``xo_ptr``; ``x * norm_weight`` (rounded
+    once) stored as this launch's output, the operand of the next linear; and the squares of x summed over this
+    tile's columns, per row, at ``ssp_ptr[pid_n, row]`` (the next linear adds the tiles up, ``ROW_SS``)."""
+    if HAS_BIAS:
+        total += tl.load(bias_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)[None, :]
+    mask = (rm[:, None] < M) & (rn[None, :] < N)
+    offs = rm[:, None] * stride_om + rn[None, :]
+    o = total.to(out_ptr.dtype.element_ty).to(tl.float32)
+    x = (tl.load(res_ptr + offs, mask=mask, other=0.0).to(tl.float32) + o).to(out_ptr.dtype.element_ty)
+    tl.store(xo_ptr + offs, x, mask=mask)
+    xf = x.to(tl.float32)
+    nw = tl.load(nw_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)
+    tl.store(out_ptr + offs, (xf * nw[None, :]).to(out_ptr.dtype.element_ty), mask=mask)
+    tl.store(ssp_ptr + pid_n * M + rm, tl.sum(xf * xf, axis=1), mask=rm < M)
+
+
+@triton.jit
+def _tc_store(total, bias_ptr, out_ptr, rm, rn, M, N, stride_om, pid_n, K, eps, GATED: tl.constexpr,
+              HAS_BIAS: tl.constexpr, ROW_SS: tl.constexpr, RES_NORM: tl.constexpr, ssp_ptr, ss_tiles,
+              SS_TILES: tl.constexpr, res_ptr, xo_ptr, nw_ptr):
+    """The tile's final sums -> out. ``ROW_SS``: first scaled by each row's rsqrt(mean + eps), from the squares a
+    RES_NORM launch left in ``ssp_ptr`` [ss_tiles, M] (added in tile order: deterministic)."""
+    if ROW_SS:
+        t = tl.arange(0, SS_TILES)[:, None]
+        parts = tl.load(ssp_ptr + t * M + rm[None, :], mask=(t < ss_tiles) & (rm[None, :] < M), other=0.0)
+        total = total * _rstd(tl.sum(parts, axis=0), K, eps)[:, None]
+    if RES_NORM:
+        _store_res_norm(total, bias_ptr, out_ptr, res_ptr, xo_ptr, nw_ptr, ssp_ptr, rm, rn, M, N, stride_om,
+                        pid_n, HAS_BIAS)
+    elif GATED:
+        _store_gated(total, bias_ptr, out_ptr, rm, rn, M, N, stride_om, HAS_BIAS)
+    else:
+        _store_out(total, bias_ptr, out_ptr, rm, rn, M, N, stride_om, HAS_BIAS)
+
+
+@triton.jit
+def _tc_finish(part, ws_ptr, cnt_ptr, bias_ptr, out_ptr, rm, rn, M, N, K, stride_om, pid_n, pid_k, tile_id,
+               SPLIT_K, HAS_BIAS: tl.constexpr, ATOMIC: tl.constexpr, GATED: tl.constexpr, NORM: tl.constexpr,
+               ss, ss_ptr, eps, ROW_SS: tl.constexpr, RES_NORM: tl.constexpr, ssp_ptr, ss_tiles,
+               SS_TILES: tl.constexpr, res_ptr, xo_ptr, nw_ptr):
+    """part: fp32 [BM, BN] partial sum of this program; out written once all splits are in (see
+    :func:`.triton_w4a16.split_k_reduce`). ``NORM``: ``ss`` [BM] is this program's share of each row's sum of
+    squares over K, and the sums are scaled by the row's rsqrt(mean + eps) (with split-K the shares meet in
+    ``ss_ptr``'s slots of the tile, BM per tile, zero between launches: the tile's last program reads and zeroes
+    them, as it does the ATOMIC workspace). ``ROW_SS`` / ``RES_NORM``: see :func:`_tc_store`."""
+    if SPLIT_K == 1:
+        if NORM:
+            part = part * _rstd(ss, K, eps)[:, None]
+        _tc_store(part, bias_ptr, out_ptr, rm, rn, M, N, stride_om, pid_n, K, eps, GATED, HAS_BIAS, ROW_SS,
+                  RES_NORM, ssp_ptr, ss_tiles, SS_TILES, res_ptr, xo_ptr, nw_ptr)
+    else:
+        if NORM:   # before split_k_reduce's barrier and release, as the partials are
+            ss_off = tile_id * part.shape[0] + tl.arange(0, part.shape[0])
+            tl.atomic_add(ss_ptr + ss_off, ss, sem="relaxed", scope="gpu")
+        total, last = split_k_reduce(part, ws_ptr, cnt_ptr, rm, rn, M, N, pid_k, tile_id, SPLIT_K, ATOMIC)
+        if last:
+            if NORM:
+                bits = tl.atomic_xchg(ss_ptr.to(tl.pointer_type(tl.int32)) + ss_off, tl.zeros_like(ss_off),
+                                      sem="relaxed", scope="gpu")
+                total = total * _rstd(bits.to(tl.float32, bitcast=True), K, eps)[:, None]
+            _tc_store(total, bias_ptr, out_ptr, rm, rn, M, N, stride_om, pid_n, K, eps, GATED, HAS_BIAS, ROW_SS,
+                      RES_NORM, ssp_ptr, ss_tiles, SS_TILES, res_ptr, xo_ptr, nw_ptr)
+
+
+@triton.jit
 def w4a16_tc_kernel(x_ptr, w_ptr, x_desc, w_desc, s_ptr, z_ptr, bias_ptr, out_ptr, ws_ptr, cnt_ptr,
                     M, N, K, KW, G, stride_xm, stride_om,
                     GROUP: tl.constexpr, HAS_ZERO: tl.constexpr, HAS_BIAS: tl.constexpr,
@@ -262,7 +337,9 @@ def w4a16_tc_kernel(x_ptr, w_ptr, x_desc, w_desc, s_ptr, z_ptr, bias_ptr, out_pt
                     ATOMIC: tl.constexpr = False, pf_ptr=None, pf_items=0, pf_chunks=1, pf_block_bytes=0,
                     pf_chunk_bytes=0, pf_bytes=0, PF: tl.constexpr = False, PF_LANES: tl.constexpr = 128,
                     GATED: tl.constexpr = False, NORM: tl.constexpr = False, HAS_DELTA: tl.constexpr = False,
-                    d_ptr=None, d_desc=None, nw_ptr=None, xo_ptr=None, ss_ptr=None, eps=1e-6):
+                    d_ptr=None, d_desc=None, nw_ptr=None, xo_ptr=None, ss_ptr=None, eps=1e-6,
+                    ROW_SS: tl.constexpr = False, RES_NORM: tl.constexpr = False, ssp_ptr=None, ss_tiles=0,
+                    SS_TILES: tl.constexpr = 1, res_ptr=None):
     """Needs GROUP % BLOCK_K == 0 and K % BLOCK_K == 0 (checked by the launcher). ``SPLIT_K`` is a run-time
     value (Triton specialises 1 by itself), so split choices share one compiled kernel. With ``TMA`` the word and
     activation tiles come through tensor descriptors (``w_desc`` [N, K/8] words in [BN, BK/8] boxes,
@@ -278,7 +355,10 @@ def w4a16_tc_kernel(x_ptr, w_ptr, x_desc, w_desc, s_ptr, z_ptr, bias_ptr, out_pt
     first column tile) and the product is ``rms_norm(x) @ W^T``: each K step feeds the dot ``x * nw`` (the norm
     weight), and the row's ``rsqrt(mean(x^2) + eps)`` scales the float32 sums before the store (see
     :func:`_norm_step`; with ``TMA`` the delta comes through ``d_desc`` as x does, and the norm weight's next
-    slice is requested one step ahead by hand)."""
+    slice is requested one step ahead by hand). The same norm split across two launches: ``RES_NORM`` (the linear
+    whose output is the delta) adds the residual ``res_ptr`` in its epilogue, stores x (``xo_ptr``), writes
+    ``x * nw`` as its output and each tile's squares of x (``ssp_ptr``); ``ROW_SS`` (the next linear, on that
+    output) scales its sums by the rsqrt of those squares summed over ``ss_tiles`` tiles (see :func:`_tc_store`)."""
     pid_n = tl.program_id(0)
     pid_m = tl.program_id(1)
     pid_k = tl.program_id(2)
@@ -386,8 +466,9 @@ def w4a16_tc_kernel(x_ptr, w_ptr, x_desc, w_desc, s_ptr, z_ptr, bias_ptr, out_pt
                 else:         # exact codes into the dot, the fp32 partial scaled per K step
                     acc += _dot(q.to(xt.dtype), xt, INTERPRET) * s.to(tl.float32)[:, None]
     tile_id = pid_m * num_n + pid_n
-    _split_k_finish(tl.trans(acc), ws_ptr, cnt_ptr, bias_ptr, out_ptr, rm, rn, M, N, stride_om,
-                    pid_k, tile_id, SPLIT_K, HAS_BIAS, ATOMIC, GATED, NORM, tl.sum(sq, axis=0), ss_ptr, K, eps)
+    _tc_finish(tl.trans(acc), ws_ptr, cnt_ptr, bias_ptr, out_ptr, rm, rn, M, N, K, stride_om, pid_n, pid_k, tile_id,
+               SPLIT_K, HAS_BIAS, ATOMIC, GATED, NORM, tl.sum(sq, axis=0), ss_ptr, eps, ROW_SS, RES_NORM, ssp_ptr,
+               ss_tiles, SS_TILES, res_ptr, xo_ptr, nw_ptr)
     if PF:   # programs start in launch order: n fastest, then m, then k
         num_m = tl.num_programs(1)
         prefetch_items(pf_ptr.to(tl.pointer_type(tl.int8)), pid_n + num_n * (pid_m + num_m * pid_k),
@@ -433,15 +514,44 @@ def tma_ok(x2: torch.Tensor, w: StripedWeight, cfg: dict) -> bool:
     return ok and w.canonical.is_contiguous() and w.canonical.data_ptr() % 16 == 0
 
 
+MAX_SS_TILES = 256   # column tiles of a RES_NORM launch whose squares a ROW_SS launch adds up in one load
+
+
 def w4a16_tc(x2: torch.Tensor, w: StripedWeight, bias: torch.Tensor | None = None,
              cfg: dict | None = None, prefetch: tuple[torch.Tensor, dict] | None = None,
-             gated: bool = False) -> torch.Tensor:
+             gated: bool = False, row_ss: tuple[torch.Tensor, float] | None = None) -> torch.Tensor:
     """x2: [M, K] contiguous -> [M, N] (tensor cores, the weight tile dequantized on the fly). ``prefetch``: the
     next linear's weight words and their plan (:func:`.l2_chain.tiled_plan`), asked of the L2 by each program
     once its work is done (Hopper, compiled kernels only; ignored elsewhere). ``gated``: the weight's rows
     interleave gate and up (row 2j gate j, 2j+1 up j); returns ``silu(gate) * up`` [M, N / 2], computed from
-    the float32 sums and rounded once."""
-    return _launch(x2, w, bias, cfg, prefetch, gated, None)[0]
+    the float32 sums and rounded once. ``row_ss``: ``(ss_parts, eps)`` from :func:`w4a16_tc_res_norm`, whose
+    output x2 is (x * norm weight); each row's sums are scaled by rsqrt(mean(x^2) + eps) before the bias: the
+    second half of an RMSNorm split across the two launches."""
+    if row_ss is not None:
+        parts = row_ss[0]
+        if parts.dim() != 2 or parts.shape[1] != x2.shape[0] or parts.dtype != torch.float32 \
+                or not parts.is_contiguous() or parts.shape[0] > MAX_SS_TILES:
+            raise ValueError(f"row_ss must be a contiguous float32 [tiles <= {MAX_SS_TILES}, {x2.shape[0]}] tensor of "
+                             f"squares, got {tuple(parts.shape)} {parts.dtype}")
+    return _launch(x2, w, bias, cfg, prefetch, gated, None, row_ss=row_ss)[0]
+
+
+def w4a16_tc_res_norm(x2: torch.Tensor, residual: torch.Tensor, norm_weight: torch.Tensor, w: StripedWeight,
+                      bias: torch.Tensor | None = None, cfg: dict | None = None,
+                      prefetch: tuple[torch.Tensor, dict] | None = None
+                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A linear whose output is a residual delta, with the first half of the next RMSNorm in its epilogue:
+    ``x = residual + (x2 @ W^T + bias)`` (each rounded once, bit for bit the separate ops' x), and returns
+    ``(x * norm_weight, x, ss_parts)``: the next linear's operand (rounded once), x, and float32 [tiles, M] sums
+    of squares of x per column tile. The next linear finishes the norm with ``w4a16_tc(..., row_ss=(ss_parts,
+    eps))``; the pair equals norm-then-linear up to where the 16-bit roundings fall."""
+    m, n = x2.shape[0], w.out_features
+    if residual.shape != (m, n) or residual.dtype != x2.dtype or not residual.is_contiguous():
+        raise ValueError(f"the residual must be a contiguous {(m, n)} {x2.dtype} tensor, got "
+                         f"{tuple(residual.shape)} {residual.dtype}")
+    if norm_weight.shape != (n,):
+        raise ValueError(f"the norm weight must have shape ({n},), got {tuple(norm_weight.shape)}")
+    return _launch(x2, w, bias, cfg, prefetch, False, None, res_norm=(residual, norm_weight.contiguous()))
 
 
 def w4a16_tc_norm(x2: torch.Tensor, delta: torch.Tensor | None, norm_weight: torch.Tensor, eps: float,
@@ -465,7 +575,10 @@ def w4a16_tc_norm(x2: torch.Tensor, delta: torch.Tensor | None, norm_weight: tor
 
 def _launch(x2: torch.Tensor, w: StripedWeight, bias: torch.Tensor | None, cfg: dict | None,
             prefetch: tuple[torch.Tensor, dict] | None, gated: bool,
-            norm: tuple[torch.Tensor | None, torch.Tensor, float] | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+            norm: tuple[torch.Tensor | None, torch.Tensor, float] | None,
+            row_ss: tuple[torch.Tensor, float] | None = None,
+            res_norm: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple:
+    """One launch of the kernel: ``(out, x_new)``, or with ``res_norm`` ``(out, x_new, ss_parts)``."""
     m, n, k = x2.shape[0], w.out_features, w.in_features
     if gated and n % 2:
         raise ValueError(f"a gated W4A16 linear needs an even number of outputs (gate and up rows), got {n}")
@@ -498,6 +611,14 @@ def _launch(x2: torch.Tensor, w: StripedWeight, bias: torch.Tensor | None, cfg: 
         x_new = None if delta is None else torch.empty_like(x2)
         nk = dict(NORM=True, HAS_DELTA=delta is not None, d_ptr=x2 if delta is None else delta, nw_ptr=nw,
                   xo_ptr=x2 if x_new is None else x_new, ss_ptr=norm_ss_pool(x2.device), eps=eps)
+    if row_ss is not None:
+        nk.update(ROW_SS=True, ssp_ptr=row_ss[0], ss_tiles=row_ss[0].shape[0],
+                  SS_TILES=triton.next_power_of_2(row_ss[0].shape[0]), eps=float(row_ss[1]))
+    ss_parts = None
+    if res_norm is not None:
+        x_new = torch.empty((m, n), dtype=x2.dtype, device=x2.device)
+        ss_parts = torch.empty((triton.cdiv(n, cfg["BLOCK_N"]), m), dtype=torch.float32, device=x2.device)
+        nk.update(RES_NORM=True, res_ptr=res_norm[0], nw_ptr=res_norm[1], xo_ptr=x_new, ssp_ptr=ss_parts)
     out = torch.empty((m, n // 2 if gated else n), dtype=x2.dtype, device=x2.device)
     split = cfg["SPLIT_K"]
     ws, cfg["ATOMIC"] = split_k_workspace(x2.device, m, n, split, torch.float32, bool(cfg.get("ATOMIC")))
@@ -527,7 +648,7 @@ def _launch(x2: torch.Tensor, w: StripedWeight, bias: torch.Tensor | None, cfg: 
                           m, n, k, k // 8, k // w.group_size, x2.stride(0), out.stride(0),
                           GROUP=w.group_size, HAS_ZERO=w.zeros is not None, HAS_BIAS=bias is not None,
                           INTERPRET=INTERPRETING, GATED=gated, **cfg, **pf, **nk)
-    return out, x_new
+    return (out, x_new) if res_norm is None else (out, x_new, ss_parts)
 
 
 # ----------------------------------------------------------------------------- dequantize from the TILED layout

@@ -214,26 +214,40 @@ def test_rel_err_is_relative_and_nan_for_an_unwritten_output():
     assert torch.isnan(torch.tensor(kernels.rel_err(torch.tensor([3.0, float("nan")]), ref)))
 
 @pytest.mark.parametrize("batch", [2, decode.NORM_FOLD_MAX_BATCH + 1])
-def test_norm_fold_is_the_same_step(batch, monkeypatch):
-    """W4A16 in the kernel layout: each residual add + RMSNorm handed to the next linear (forward_normed: the qkv
-    and gate/up linears of each block, and the quantized lm_head) gives the same step as the separate ops (on the
-    CPU both run the reference ops, so bit for bit); above NORM_FOLD_MAX_BATCH the separate ops run."""
-    calls = []
-    folded = decode.ops.w4a16_norm_linear_tiled
-    monkeypatch.setattr(decode.ops, "w4a16_norm_linear_tiled", lambda *a, **k: calls.append(1) or folded(*a, **k))
+def test_norm_fold_and_split_are_the_same_step(batch, monkeypatch):
+    """W4A16 in the kernel layout: the first norm of each block and the final one handed to the next linear
+    (forward_normed: bit for bit on the CPU, where both run the reference ops), the second split across the o and
+    gate/up linears (forward_res_norm + row_ss: the same step up to where the roundings fall). Above
+    NORM_FOLD_MAX_BATCH the separate ops run."""
+    calls = {"fold": 0, "split": 0}
+    fold, split = decode.ops.w4a16_norm_linear_tiled, decode.ops.w4a16_res_norm_linear_tiled
+
+    def counted(name, fn):
+        def wrapper(*a, **k):
+            calls[name] += 1
+            return fn(*a, **k)
+        return wrapper
+
+    monkeypatch.setattr(decode.ops, "w4a16_norm_linear_tiled", counted("fold", fold))
+    monkeypatch.setattr(decode.ops, "w4a16_res_norm_linear_tiled", counted("split", split))
     model = decode.LeanLlama("tiny", "w4a16", device="cpu", max_len=32, fuse=True, quantize_lm_head=True)
     qnn.to_kernel_layout(model)
-    out = []
-    for fold in (False, True):
-        model.norm_fold = fold
+    out = {}
+    small = batch <= decode.NORM_FOLD_MAX_BATCH
+    for variant, (norm_fold, norm_split) in {"separate": (False, False), "fold": (True, False),
+                                             "both": (True, True)}.items():
+        model.norm_fold, model.norm_split = norm_fold, norm_split
+        calls.update(fold=0, split=0)
         run = decode.DecodeRun(model, batch, 8)
         with torch.no_grad():
             run.prefill()
-            out.append((run.step(), run.cache))
-        assert len(calls) == (2 * 2 + 1 if fold and batch <= decode.NORM_FOLD_MAX_BATCH else 0)
-    assert torch.equal(out[0][0], out[1][0])
-    for (k0, v0), (k1, v1) in zip(out[0][1], out[1][1]):
-        assert torch.equal(k0, k1) and torch.equal(v0, v1)
+            out[variant] = (run.step().float(), run.cache)
+        assert calls == {"fold": 2 + 1 if norm_fold and small else 0, "split": 2 if norm_split and small else 0}
+    assert torch.equal(out["separate"][0], out["fold"][0])
+    err = ((out["both"][0] - out["separate"][0]).norm() / out["separate"][0].norm()).item()
+    assert err < (1e-2 if small else 0.0) or (not small and err == 0.0)
+    (k0, v0), (k1, v1) = out["separate"][1][0], out["both"][1][0]     # the first layer's step: the same input
+    assert torch.equal(k0, k1) and torch.equal(v0, v1)
 
 
 def test_w4a16_decode_model_in_the_kernel_layout_generates_the_same_tokens():

@@ -10,6 +10,7 @@ import os
 
 import pytest
 import torch
+import triton
 
 triton = pytest.importorskip("triton", reason="triton is not installed: the Triton kernel tests need it")
 
@@ -361,6 +362,43 @@ def check_norm_linear(out, x_new, x, d, nw, eps, weight, b, gated, scale_w: bool
     if DEVICE == "cuda":
         assert rel_err(out, exact) < max(REL_TOL, 1.5 * rel_err(to_bf16(ref), exact))
     assert x_new is x if d is None else same_bf16(x_new, ref_x)
+
+
+@pytest.mark.parametrize("m,split_o,split_g,block_n,bias", [
+    (1, 1, 1, 32, False),     # one row
+    (5, 2, 3, 16, True),      # split-K in both launches, bias on the delta's linear
+    (17, 1, 2, 32, False),    # ragged M over two row tiles
+])
+def test_w4a16_tc_norm_across_two_launches(m, split_o, split_g, block_n, bias):
+    """RES_NORM + ROW_SS: the delta's linear adds the residual and writes x * norm_weight and each column tile's
+    squares; the next linear scales its sums by the rows' rsqrt. x bit for bit as the separate ops round it, the
+    output as the fold's own arithmetic, every split-K slot left zero."""
+    k1, h, n2, group, eps = 256, 384, 96, 128, 1e-5
+    wo = T4.StripedWeight(*make_w4(h, k1, group, False), group)
+    wg_packed, wg_scales, wg_zeros = make_w4(n2, h, group, True, seed=4)
+    wg = T4.StripedWeight(wg_packed, wg_scales, wg_zeros, group)
+    attn, res = make_x(m, k1), (make_x(m, h, seed=6).float() * 4).to(torch.bfloat16)
+    nw = (1 + 0.5 * make_x(1, h, seed=3).float()[0]).to(torch.bfloat16)
+    b = torch.randn(h).to(torch.bfloat16).to(DEVICE) if bias else None
+    cfg = dict(BLOCK_M=16, BLOCK_N=block_n, BLOCK_K=128, UNPACK=3, SCALE_W=False, TMA=True, TILED=True,
+               num_warps=4, num_stages=1)   # split-K slots added in split order: the plain launch's o bit for bit
+    for _ in range(2):
+        y, x_new, parts = TC.w4a16_tc_res_norm(attn, res, nw, wo, b, dict(cfg, SPLIT_K=split_o))
+        out = TC.w4a16_tc(y, wg, None, dict(cfg, SPLIT_K=split_g), gated=True, row_ss=(parts, eps))
+        o = TC.w4a16_tc(attn, wo, b, dict(cfg, SPLIT_K=split_o))                  # the same linear, plain
+        assert torch.equal(x_new.float(), to_bf16(res.float() + o.float()))
+        assert parts.shape == (triton.cdiv(h, block_n), m)
+        xf = x_new.float()
+        assert torch.equal(y.float(), to_bf16(xf * nw.float()))
+        assert torch.allclose(parts.sum(0), xf.pow(2).sum(-1), rtol=1e-5)
+        rstd = torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+        fold = R.silu_mul_interleaved(y.float() @ R.w4a16_dequant(wg_packed, wg_scales, wg_zeros, group, h).t() * rstd)
+        assert out.shape == (m, n2 // 2) and rel_err(out, to_bf16(fold)) < 2e-3
+        assert_split_k_state_clean(attn.device)
+    with pytest.raises(ValueError, match="the residual must be"):
+        TC.w4a16_tc_res_norm(attn, res[:, :-1], nw, wo, b, dict(cfg, SPLIT_K=1))
+    with pytest.raises(ValueError, match="row_ss must be"):
+        TC.w4a16_tc(y, wg, None, dict(cfg, SPLIT_K=1), row_ss=(parts.double(), eps))
 
 
 def test_w4a16_norm_linear_op_matches_reference_and_fake():
