@@ -499,9 +499,10 @@ def run(shape: str, schemes: list[str], batches: list[int], prompt_len: int = 12
                               "canonical packed codes dropped; the GEMVs, which need layouts of their own, unused)"
                               if kernel_layout else "canonical packed codes plus the kernel layouts built from them"),
             "w4a16_l2_prefetch_mb": l2_prefetch_mb if kernel_layout and "w4a16" in schemes else 0.0,
-            "w4a16_norm_fold": "residual add + RMSNorm inside the W4A16 kernel where W4A16Linear.norm_fold_pays "
-                               f"(at most {ops.NORM_FOLD_MAX_STEPS} K steps per program, batch <= "
-                               f"{NORM_FOLD_MAX_BATCH})" if kernel_layout and "w4a16" in schemes else "off",
+            "w4a16_norm_fold": f"decode batch <= {NORM_FOLD_MAX_BATCH}: each block's first residual add + RMSNorm "
+                               "inside the q/k/v kernel where W4A16Linear.norm_fold_pays (at most "
+                               f"{ops.NORM_FOLD_MAX_STEPS} K steps per program), the second split across the o and "
+                               "gate/up kernels' epilogues" if kernel_layout and "w4a16" in schemes else "off",
             "memory": "gpu_mem_gb: peak allocated while serving that batch (KV cache, prefill, decode graph; "
                       "building, checking and compiling excluded); weights_gb: allocated after building the model "
                       "(for W4A16 in the kernel layout: after the conversion); resident_gb: allocated after that "
